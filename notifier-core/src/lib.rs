@@ -15,3 +15,5 @@ pub mod notifier;
 mod sync;
 
 pub use addr::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
+pub mod frame;
+pub mod primary;

@@ -1,0 +1,263 @@
+//! Frames that hold real bytes, behind the [`FrameStore`] seam.
+//!
+//! The primary address space allocates, copies and frees frames through a
+//! `FrameStore`. The default [`HeapFrames`] keeps them in process memory; a
+//! backend supplies its own (memfd-backed, so KVM and a NIC see the very
+//! same memory). Frames are named by a [`Pfn`]; `pfn_valid` tells frames the
+//! store manages (they get refcount and mapcount in the primary) from raw
+//! PFNs (device memory, foreign frames) that are never refcounted.
+//!
+//! Contents are accessed in 64-bit words (atomics), so CPU threads and
+//! device threads may touch a frame at once without undefined behaviour;
+//! byte-granular reads and writes are built on them.
+
+use crate::sync::{AtomicU64, Ordering};
+use crate::PAGE_SIZE;
+
+/// A page frame number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Pfn(pub u64);
+
+/// Words in a frame.
+pub const FRAME_WORDS: usize = (PAGE_SIZE / 8) as usize;
+
+/// A frame-store error.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// No free frame (the kernel's ENOMEM).
+    #[error("out of frames")]
+    OutOfMemory,
+    /// The PFN is not a frame of this store.
+    #[error("pfn {0:#x} is not a frame of this store")]
+    InvalidPfn(u64),
+    /// Offset plus length goes past the end of the frame.
+    #[error("access at offset {offset} of {len} bytes crosses the frame end")]
+    OutOfBounds {
+        /// Byte offset in the frame.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+    },
+}
+
+/// Where a primary's frames live.
+///
+/// # Contract
+/// `alloc` returns a zeroed frame that nobody else holds. `free` is called
+/// only when no PTE maps the frame and every invalidation that covered a
+/// mapping of it has ended. Word accesses are atomic per word.
+pub trait FrameStore: Send + Sync {
+    /// Allocate a zeroed frame.
+    fn alloc(&self) -> Result<Pfn, FrameError>;
+    /// Give a frame back.
+    fn free(&self, pfn: Pfn);
+    /// Whether `pfn` is a frame of this store (the kernel's `pfn_valid`).
+    fn pfn_valid(&self, pfn: Pfn) -> bool;
+    /// Load the word at byte offset `off` (8-aligned).
+    fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError>;
+    /// Store the word at byte offset `off` (8-aligned).
+    fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError>;
+    /// Atomically add to the word at `off`, returning the old value.
+    fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError>;
+    /// Frames currently allocated.
+    fn allocated(&self) -> usize;
+
+    /// Copy the whole frame `src` into `dst`.
+    fn copy(&self, src: Pfn, dst: Pfn) -> Result<(), FrameError> {
+        for w in 0..FRAME_WORDS {
+            let v = self.load(src, w * 8)?;
+            self.store(dst, w * 8, v)?;
+        }
+        Ok(())
+    }
+
+    /// Zero the frame.
+    fn zero(&self, pfn: Pfn) -> Result<(), FrameError> {
+        for w in 0..FRAME_WORDS {
+            self.store(pfn, w * 8, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Read bytes at `offset`.
+    fn read(&self, pfn: Pfn, offset: usize, buf: &mut [u8]) -> Result<(), FrameError> {
+        check_bounds(offset, buf.len())?;
+        let mut i = 0;
+        while i < buf.len() {
+            let pos = offset + i;
+            let word = pos & !7;
+            let within = pos - word;
+            let n = (8 - within).min(buf.len() - i);
+            let bytes = self.load(pfn, word)?.to_le_bytes();
+            buf[i..i + n].copy_from_slice(&bytes[within..within + n]);
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Write bytes at `offset` (partial words are read-modify-written; not
+    /// atomic against a concurrent writer of the same word).
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), FrameError> {
+        check_bounds(offset, data.len())?;
+        let mut i = 0;
+        while i < data.len() {
+            let pos = offset + i;
+            let word = pos & !7;
+            let within = pos - word;
+            let n = (8 - within).min(data.len() - i);
+            let mut bytes = if n == 8 { [0; 8] } else { self.load(pfn, word)?.to_le_bytes() };
+            bytes[within..within + n].copy_from_slice(&data[i..i + n]);
+            self.store(pfn, word, u64::from_le_bytes(bytes))?;
+            i += n;
+        }
+        Ok(())
+    }
+}
+
+/// Check that `[offset, offset + len)` lies inside one frame.
+pub fn check_bounds(offset: usize, len: usize) -> Result<(), FrameError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= PAGE_SIZE as usize => Ok(()),
+        _ => Err(FrameError::OutOfBounds { offset, len }),
+    }
+}
+
+impl<T: FrameStore + ?Sized> FrameStore for std::sync::Arc<T> {
+    fn alloc(&self) -> Result<Pfn, FrameError> {
+        (**self).alloc()
+    }
+    fn free(&self, pfn: Pfn) {
+        (**self).free(pfn)
+    }
+    fn pfn_valid(&self, pfn: Pfn) -> bool {
+        (**self).pfn_valid(pfn)
+    }
+    fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
+        (**self).load(pfn, off)
+    }
+    fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError> {
+        (**self).store(pfn, off, val)
+    }
+    fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError> {
+        (**self).fetch_add(pfn, off, val)
+    }
+    fn allocated(&self) -> usize {
+        (**self).allocated()
+    }
+    fn copy(&self, src: Pfn, dst: Pfn) -> Result<(), FrameError> {
+        (**self).copy(src, dst)
+    }
+    fn zero(&self, pfn: Pfn) -> Result<(), FrameError> {
+        (**self).zero(pfn)
+    }
+}
+
+type Frame = Box<[AtomicU64; FRAME_WORDS]>;
+
+/// Frames in process memory: a fixed pool of `capacity` frames starting at
+/// PFN `base`, with a free list. PFNs outside `[base, base + capacity)` are
+/// not `pfn_valid` and so can model device memory.
+pub struct HeapFrames {
+    base: u64,
+    frames: Vec<Frame>,
+    free: parking_lot::Mutex<Vec<u64>>,
+    allocated: std::sync::atomic::AtomicUsize,
+}
+
+impl HeapFrames {
+    /// A pool of `capacity` frames, PFNs `base..base + capacity`. Frame
+    /// memory is allocated up front.
+    pub fn new(base: u64, capacity: usize) -> Self {
+        let frames = (0..capacity).map(|_| Box::new(core::array::from_fn(|_| AtomicU64::new(0)))).collect();
+        let free = (0..capacity as u64).rev().map(|i| base + i).collect();
+        Self { base, frames, free: parking_lot::Mutex::new(free), allocated: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    #[inline]
+    fn word(&self, pfn: Pfn, off: usize) -> Result<&AtomicU64, FrameError> {
+        let i = pfn.0.wrapping_sub(self.base);
+        let frame = self.frames.get(i as usize).filter(|_| i < self.frames.len() as u64).ok_or(FrameError::InvalidPfn(pfn.0))?;
+        if off % 8 != 0 {
+            return Err(FrameError::OutOfBounds { offset: off, len: 8 });
+        }
+        frame.get(off / 8).ok_or(FrameError::OutOfBounds { offset: off, len: 8 })
+    }
+}
+
+impl core::fmt::Debug for HeapFrames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HeapFrames").field("base", &self.base).field("capacity", &self.frames.len()).field("allocated", &self.allocated()).finish()
+    }
+}
+
+impl FrameStore for HeapFrames {
+    fn alloc(&self) -> Result<Pfn, FrameError> {
+        let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
+        self.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pfn = Pfn(pfn);
+        self.zero(pfn)?;
+        Ok(pfn)
+    }
+
+    fn free(&self, pfn: Pfn) {
+        if self.pfn_valid(pfn) {
+            self.allocated.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.free.lock().push(pfn.0);
+        }
+    }
+
+    fn pfn_valid(&self, pfn: Pfn) -> bool {
+        pfn.0 >= self.base && pfn.0 - self.base < self.frames.len() as u64
+    }
+
+    #[inline]
+    fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
+        Ok(self.word(pfn, off)?.load(Ordering::Relaxed))
+    }
+
+    #[inline]
+    fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError> {
+        self.word(pfn, off)?.store(val, Ordering::Relaxed);
+        Ok(())
+    }
+
+    #[inline]
+    fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError> {
+        Ok(self.word(pfn, off)?.fetch_add(val, Ordering::Relaxed))
+    }
+
+    fn allocated(&self) -> usize {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip_across_words() {
+        let f = HeapFrames::new(100, 2);
+        let p = f.alloc().unwrap();
+        f.write(p, 5, b"hello, frames").unwrap();
+        let mut b = [0u8; 13];
+        f.read(p, 5, &mut b).unwrap();
+        assert_eq!(&b, b"hello, frames");
+        assert_eq!(f.write(p, 4090, b"too long"), Err(FrameError::OutOfBounds { offset: 4090, len: 8 }));
+        assert_eq!(f.load(Pfn(7), 0), Err(FrameError::InvalidPfn(7)));
+        assert!(!f.pfn_valid(Pfn(102)));
+    }
+
+    #[test]
+    fn alloc_zeroes_and_exhausts() {
+        let f = HeapFrames::new(0, 1);
+        let p = f.alloc().unwrap();
+        f.store(p, 8, 42).unwrap();
+        assert_eq!(f.alloc(), Err(FrameError::OutOfMemory));
+        f.free(p);
+        let q = f.alloc().unwrap();
+        assert_eq!(f.load(q, 8).unwrap(), 0);
+        assert_eq!(f.allocated(), 1);
+    }
+}
