@@ -11,7 +11,7 @@
 //! device threads may touch a frame at once without undefined behaviour;
 //! byte-granular reads and writes are built on them.
 
-use crate::sync::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use crate::PAGE_SIZE;
 
 /// A page frame number.
