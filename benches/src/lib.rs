@@ -1,0 +1,4 @@
+//! Benchmarks and the `notifier` CLI of the notifier workspace.
+//!
+//! The criterion benches live in `benches/`; `docs/BENCHMARKS.md` lists
+//! their figures with the commands that produced them.
