@@ -17,3 +17,4 @@ mod sync;
 pub use addr::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
 pub mod frame;
 pub mod primary;
+pub mod secondary;
