@@ -18,3 +18,5 @@ pub use addr::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
 pub mod frame;
 pub mod primary;
 pub mod secondary;
+#[cfg(feature = "verify")]
+pub mod verify;

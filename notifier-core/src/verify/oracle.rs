@@ -1,0 +1,207 @@
+//! The coherence oracle: at the moment of every secondary access it checks
+//! that the frame the device is about to touch is still mapped at that
+//! address, with that permission, in the primary.
+//!
+//! It is an [`AccessCheck`]: mirrors call it under the device lock, so the
+//! answer is exact — an invalidation of that page cannot complete while the
+//! check and the access run, and the primary changes a PTE only after the
+//! invalidation's callbacks returned. Any mismatch is therefore a real
+//! protocol violation (a skipped invalidation, a missing `read_retry`, a
+//! late TLB flush, ...), never a benign race.
+//!
+//! A violation carries the page's recent history from a ring of events
+//! (primary operations reported by the driver, invalidations, fills).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::frame::Pfn;
+use crate::notifier::Event;
+use crate::primary::{Primary, Translation};
+use crate::secondary::AccessCheck;
+
+/// One event in the history ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryEvent {
+    /// A primary operation over `[start, end)`, named by the driver.
+    Op {
+        /// Global order.
+        seq: u64,
+        /// Operation name (`munmap`, `migrate`, ...).
+        op: &'static str,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+    /// A mirror's invalidate callback ran.
+    Invalidate {
+        /// Global order.
+        seq: u64,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// Why.
+        event: Event,
+    },
+    /// A mirror wrote an external entry.
+    Fill {
+        /// Global order.
+        seq: u64,
+        /// The page.
+        addr: u64,
+        /// The frame.
+        pfn: Pfn,
+        /// Whether writable.
+        writable: bool,
+    },
+}
+
+impl HistoryEvent {
+    fn covers(&self, addr: u64) -> bool {
+        match *self {
+            HistoryEvent::Op { start, end, .. } | HistoryEvent::Invalidate { start, end, .. } => start <= addr && addr < end,
+            HistoryEvent::Fill { addr: a, .. } => a == addr,
+        }
+    }
+}
+
+/// A stale access found by the oracle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The device that accessed.
+    pub device: usize,
+    /// The page (primary address).
+    pub addr: u64,
+    /// The frame the device used.
+    pub used: Pfn,
+    /// Whether it was a write.
+    pub write: bool,
+    /// What the primary maps there now (`None`: nothing present).
+    pub primary: Option<Translation>,
+    /// The page's recent history, oldest first.
+    pub history: Vec<HistoryEvent>,
+}
+
+impl core::fmt::Display for Violation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        writeln!(
+            f,
+            "stale {} by device {} at {:#x}: used pfn {:#x}, primary maps {}",
+            if self.write { "write" } else { "read" },
+            self.device,
+            self.addr,
+            self.used.0,
+            match self.primary {
+                None => "nothing".to_string(),
+                Some(t) => format!("pfn {:#x} {}", t.pfn.0, if t.writable { "rw" } else { "ro" }),
+            }
+        )?;
+        for h in &self.history {
+            writeln!(f, "    {h:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How many violations keep their full report.
+const KEEP: usize = 16;
+/// Events kept in the history ring.
+const RING: usize = 1 << 14;
+
+/// The coherence oracle over one primary.
+pub struct Oracle {
+    primary: Arc<dyn Primary>,
+    checks: AtomicU64,
+    violations: AtomicU64,
+    first: Mutex<Vec<Violation>>,
+    history: Mutex<VecDeque<HistoryEvent>>,
+    seq: AtomicU64,
+}
+
+impl core::fmt::Debug for Oracle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Oracle").field("checks", &self.checks()).field("violations", &self.violation_count()).finish()
+    }
+}
+
+impl Oracle {
+    /// An oracle that checks accesses against `primary`.
+    pub fn new(primary: Arc<dyn Primary>) -> Arc<Self> {
+        Arc::new(Self {
+            primary,
+            checks: AtomicU64::new(0),
+            violations: AtomicU64::new(0),
+            first: Mutex::new(Vec::new()),
+            history: Mutex::new(VecDeque::with_capacity(RING)),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn push(&self, make: impl FnOnce(u64) -> HistoryEvent) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.history.lock();
+        if h.len() == RING {
+            h.pop_front();
+        }
+        h.push_back(make(seq));
+    }
+
+    /// Record a primary operation for the history.
+    pub fn record_op(&self, op: &'static str, start: u64, end: u64) {
+        self.push(|seq| HistoryEvent::Op { seq, op, start, end });
+    }
+
+    /// Number of accesses checked.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// Number of violations found.
+    pub fn violation_count(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+
+    /// The first violations, with their histories.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.first.lock().clone()
+    }
+
+    /// Check one access directly (what [`AccessCheck::check_access`] does);
+    /// returns the violation, if any.
+    pub fn check(&self, device: usize, addr: u64, pfn: Pfn, write: bool) -> Option<Violation> {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let now = self.primary.lookup_page(addr);
+        match now {
+            Some(t) if t.pfn == pfn && (t.writable || !write) => None,
+            _ => {
+                self.violations.fetch_add(1, Ordering::Relaxed);
+                let history: Vec<HistoryEvent> = self.history.lock().iter().filter(|e| e.covers(addr)).cloned().collect();
+                let tail = history.len().saturating_sub(12);
+                let v = Violation { device, addr, used: pfn, write, primary: now, history: history[tail..].to_vec() };
+                let mut first = self.first.lock();
+                if first.len() < KEEP {
+                    first.push(v.clone());
+                }
+                Some(v)
+            }
+        }
+    }
+}
+
+impl AccessCheck for Oracle {
+    #[inline]
+    fn check_access(&self, device: usize, addr: u64, pfn: Pfn, write: bool) {
+        self.check(device, addr, pfn, write);
+    }
+    fn on_fill(&self, addr: u64, pfn: Pfn, writable: bool) {
+        self.push(|seq| HistoryEvent::Fill { seq, addr, pfn, writable });
+    }
+    fn on_invalidate(&self, start: u64, end: u64, event: Event) {
+        self.push(|seq| HistoryEvent::Invalidate { seq, start, end, event });
+    }
+}
