@@ -11,8 +11,8 @@
 //! device threads may touch a frame at once without undefined behaviour;
 //! byte-granular reads and writes are built on them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use crate::PAGE_SIZE;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A page frame number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -106,7 +106,11 @@ pub trait FrameStore: Send + Sync {
             let word = pos & !7;
             let within = pos - word;
             let n = (8 - within).min(data.len() - i);
-            let mut bytes = if n == 8 { [0; 8] } else { self.load(pfn, word)?.to_le_bytes() };
+            let mut bytes = if n == 8 {
+                [0; 8]
+            } else {
+                self.load(pfn, word)?.to_le_bytes()
+            };
             bytes[within..within + n].copy_from_slice(&data[i..i + n]);
             self.store(pfn, word, u64::from_le_bytes(bytes))?;
             i += n;
@@ -169,32 +173,54 @@ impl HeapFrames {
     /// A pool of `capacity` frames, PFNs `base..base + capacity`. Frame
     /// memory is allocated up front.
     pub fn new(base: u64, capacity: usize) -> Self {
-        let frames = (0..capacity).map(|_| Box::new(core::array::from_fn(|_| AtomicU64::new(0)))).collect();
+        let frames = (0..capacity)
+            .map(|_| Box::new(core::array::from_fn(|_| AtomicU64::new(0))))
+            .collect();
         let free = (0..capacity as u64).rev().map(|i| base + i).collect();
-        Self { base, frames, free: parking_lot::Mutex::new(free), allocated: std::sync::atomic::AtomicUsize::new(0) }
+        Self {
+            base,
+            frames,
+            free: parking_lot::Mutex::new(free),
+            allocated: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 
     #[inline]
     fn word(&self, pfn: Pfn, off: usize) -> Result<&AtomicU64, FrameError> {
         let i = pfn.0.wrapping_sub(self.base);
-        let frame = self.frames.get(i as usize).filter(|_| i < self.frames.len() as u64).ok_or(FrameError::InvalidPfn(pfn.0))?;
+        let frame = self
+            .frames
+            .get(i as usize)
+            .filter(|_| i < self.frames.len() as u64)
+            .ok_or(FrameError::InvalidPfn(pfn.0))?;
         if off % 8 != 0 {
-            return Err(FrameError::OutOfBounds { offset: off, len: 8 });
+            return Err(FrameError::OutOfBounds {
+                offset: off,
+                len: 8,
+            });
         }
-        frame.get(off / 8).ok_or(FrameError::OutOfBounds { offset: off, len: 8 })
+        frame.get(off / 8).ok_or(FrameError::OutOfBounds {
+            offset: off,
+            len: 8,
+        })
     }
 }
 
 impl core::fmt::Debug for HeapFrames {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("HeapFrames").field("base", &self.base).field("capacity", &self.frames.len()).field("allocated", &self.allocated()).finish()
+        f.debug_struct("HeapFrames")
+            .field("base", &self.base)
+            .field("capacity", &self.frames.len())
+            .field("allocated", &self.allocated())
+            .finish()
     }
 }
 
 impl FrameStore for HeapFrames {
     fn alloc(&self) -> Result<Pfn, FrameError> {
         let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
-        self.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.allocated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pfn = Pfn(pfn);
         self.zero(pfn)?;
         Ok(pfn)
@@ -202,7 +228,8 @@ impl FrameStore for HeapFrames {
 
     fn free(&self, pfn: Pfn) {
         if self.pfn_valid(pfn) {
-            self.allocated.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.allocated
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.free.lock().push(pfn.0);
         }
     }
@@ -244,7 +271,13 @@ mod tests {
         let mut b = [0u8; 13];
         f.read(p, 5, &mut b).unwrap();
         assert_eq!(&b, b"hello, frames");
-        assert_eq!(f.write(p, 4090, b"too long"), Err(FrameError::OutOfBounds { offset: 4090, len: 8 }));
+        assert_eq!(
+            f.write(p, 4090, b"too long"),
+            Err(FrameError::OutOfBounds {
+                offset: 4090,
+                len: 8
+            })
+        );
         assert_eq!(f.load(Pfn(7), 0), Err(FrameError::InvalidPfn(7)));
         assert!(!f.pfn_valid(Pfn(102)));
     }

@@ -19,7 +19,12 @@ struct Driver {
 }
 
 impl IntervalNotifierOps for Driver {
-    fn invalidate(&self, sub: &IntervalNotifier, _: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        _: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         let mut g = self.entry.lock().unwrap();
         sub.set_seq(cur_seq);
         *g = None;
@@ -36,7 +41,16 @@ fn inv_range() -> InvalidateRange {
 fn model(check: bool) {
     loom::model(move || {
         let subs = NotifierSubscriptions::new();
-        let sub = Arc::new(subs.interval_subscribe(0, 0x1000, Driver { entry: Mutex::new(None) }).unwrap());
+        let sub = Arc::new(
+            subs.interval_subscribe(
+                0,
+                0x1000,
+                Driver {
+                    entry: Mutex::new(None),
+                },
+            )
+            .unwrap(),
+        );
         let pte = Arc::new(AtomicU64::new(1));
 
         let reader = {
@@ -61,7 +75,10 @@ fn model(check: bool) {
         reader.join().unwrap();
         // Coherence: whatever is cached matches the primary's PTE now.
         let cached = *sub.ops().entry.lock().unwrap();
-        assert!(cached.is_none() || cached == Some(pte.load(Ordering::SeqCst)), "stale translation {cached:?}");
+        assert!(
+            cached.is_none() || cached == Some(pte.load(Ordering::SeqCst)),
+            "stale translation {cached:?}"
+        );
     });
 }
 
@@ -79,7 +96,10 @@ fn skipping_read_retry_is_caught() {
         Ok(()) => panic!("loom found no stale translation although read_retry was skipped"),
         Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
     };
-    assert!(msg.contains("stale translation"), "failed for another reason: {msg}");
+    assert!(
+        msg.contains("stale translation"),
+        "failed for another reason: {msg}"
+    );
 }
 
 /// A subscription added while an invalidation runs is deferred, applied at
@@ -88,11 +108,27 @@ fn skipping_read_retry_is_caught() {
 fn deferred_insert_and_remove() {
     loom::model(|| {
         let subs = NotifierSubscriptions::new();
-        let a = subs.interval_subscribe(0, 0x1000, Driver { entry: Mutex::new(None) }).unwrap();
+        let a = subs
+            .interval_subscribe(
+                0,
+                0x1000,
+                Driver {
+                    entry: Mutex::new(None),
+                },
+            )
+            .unwrap();
         let t = {
             let subs = subs.clone();
             loom::thread::spawn(move || {
-                let b = subs.interval_subscribe(0, 0x1000, Driver { entry: Mutex::new(None) }).unwrap();
+                let b = subs
+                    .interval_subscribe(
+                        0,
+                        0x1000,
+                        Driver {
+                            entry: Mutex::new(None),
+                        },
+                    )
+                    .unwrap();
                 let s = b.read_begin();
                 // After read_begin no invalidation of b is in progress that
                 // began before it, unless one is running now.
@@ -117,7 +153,16 @@ fn deferred_insert_and_remove() {
 fn overlapping_invalidations_keep_sequence_odd_until_last_end() {
     loom::model(|| {
         let subs = NotifierSubscriptions::new();
-        let sub = Arc::new(subs.interval_subscribe(0, 0x1000, Driver { entry: Mutex::new(None) }).unwrap());
+        let sub = Arc::new(
+            subs.interval_subscribe(
+                0,
+                0x1000,
+                Driver {
+                    entry: Mutex::new(None),
+                },
+            )
+            .unwrap(),
+        );
         let other = {
             let subs = subs.clone();
             loom::thread::spawn(move || {

@@ -24,10 +24,18 @@ struct Recorder {
 
 impl Recorder {
     fn new(hooks: Hooks) -> Arc<Self> {
-        Arc::new(Self { hooks, refuse: false, log: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            hooks,
+            refuse: false,
+            log: Mutex::new(Vec::new()),
+        })
     }
     fn refusing(hooks: Hooks) -> Arc<Self> {
-        Arc::new(Self { hooks, refuse: true, log: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            hooks,
+            refuse: true,
+            log: Mutex::new(Vec::new()),
+        })
     }
     fn take(&self) -> Vec<Call> {
         std::mem::take(&mut self.log.lock().unwrap())
@@ -42,7 +50,10 @@ impl MmuNotifierOps for Recorder {
         if self.refuse && !r.blockable {
             return Err(Again);
         }
-        self.log.lock().unwrap().push(Call::Start(r.start, r.end, r.event));
+        self.log
+            .lock()
+            .unwrap()
+            .push(Call::Start(r.start, r.end, r.event));
         Ok(())
     }
     fn invalidate_range_end(&self, r: &InvalidateRange) {
@@ -75,20 +86,30 @@ fn range(start: u64, len: u64, ev: Event) -> InvalidateRange {
     InvalidateRange::new(PageRange::new(start, len).unwrap(), ev)
 }
 
-const ALL: Hooks = Hooks::START_END.union(Hooks::CLEAR).union(Hooks::AGING).union(Hooks::RELEASE);
+const ALL: Hooks = Hooks::START_END
+    .union(Hooks::CLEAR)
+    .union(Hooks::AGING)
+    .union(Hooks::RELEASE);
 
 #[test]
 fn bracket_clear_and_end_in_order() {
     let subs = NotifierSubscriptions::new();
     let rec = Recorder::new(ALL);
     let _h = subs.register(rec.clone()).unwrap();
-    let inv = subs.invalidate_range_start(&range(0x1000, 0x3000, Event::Clear)).unwrap();
+    let inv = subs
+        .invalidate_range_start(&range(0x1000, 0x3000, Event::Clear))
+        .unwrap();
     inv.clear(0x1000);
     inv.clear(0x3000);
     inv.end();
     assert_eq!(
         rec.take(),
-        vec![Call::Start(0x1000, 0x4000, Event::Clear), Call::Clear(0x1000), Call::Clear(0x3000), Call::End(0x1000, 0x4000)]
+        vec![
+            Call::Start(0x1000, 0x4000, Event::Clear),
+            Call::Clear(0x1000),
+            Call::Clear(0x3000),
+            Call::End(0x1000, 0x4000)
+        ]
     );
 }
 
@@ -97,8 +118,14 @@ fn dropping_the_bracket_ends_it() {
     let subs = NotifierSubscriptions::new();
     let rec = Recorder::new(Hooks::START_END);
     let _h = subs.register(rec.clone()).unwrap();
-    drop(subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap());
-    assert_eq!(rec.take(), vec![Call::Start(0, 0x1000, Event::Unmap), Call::End(0, 0x1000)]);
+    drop(
+        subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+            .unwrap(),
+    );
+    assert_eq!(
+        rec.take(),
+        vec![Call::Start(0, 0x1000, Event::Unmap), Call::End(0, 0x1000)]
+    );
 }
 
 #[test]
@@ -106,7 +133,9 @@ fn only_declared_hooks_are_called() {
     let subs = NotifierSubscriptions::new();
     let rec = Recorder::new(Hooks::END);
     let _h = subs.register(rec.clone()).unwrap();
-    let inv = subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap();
+    let inv = subs
+        .invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap();
     inv.clear(0);
     inv.end();
     assert!(!subs.clear_young(0, 0x1000));
@@ -130,23 +159,36 @@ fn tlb_only_hook_is_called_at_flush() {
     let subs = NotifierSubscriptions::new();
     let rec = Recorder::new(Hooks::TLB);
     let _h = subs.register(rec.clone()).unwrap();
-    let inv = subs.invalidate_range_start(&range(0x2000, 0x1000, Event::Clear)).unwrap();
+    let inv = subs
+        .invalidate_range_start(&range(0x2000, 0x1000, Event::Clear))
+        .unwrap();
     inv.invalidate_secondary_tlbs(0x2000, 0x3000);
     inv.end();
     subs.invalidate_secondary_tlbs(0x8000, 0x9000);
-    assert_eq!(rec.take(), vec![Call::Tlb(0x2000, 0x3000), Call::Tlb(0x8000, 0x9000)]);
+    assert_eq!(
+        rec.take(),
+        vec![Call::Tlb(0x2000, 0x3000), Call::Tlb(0x8000, 0x9000)]
+    );
 }
 
 #[test]
 fn contradictory_hooks_are_rejected() {
     let subs = NotifierSubscriptions::new();
-    let e = subs.register(Recorder::new(Hooks::TLB | Hooks::START)).unwrap_err();
+    let e = subs
+        .register(Recorder::new(Hooks::TLB | Hooks::START))
+        .unwrap_err();
     assert_eq!(e, NotifierError::TlbHookWithStartEnd);
-    let e = subs.register(Recorder::new(Hooks::TLB | Hooks::END)).unwrap_err();
+    let e = subs
+        .register(Recorder::new(Hooks::TLB | Hooks::END))
+        .unwrap_err();
     assert_eq!(e, NotifierError::TlbHookWithStartEnd);
-    let e = subs.register(Recorder::new(Hooks::MAY_REFUSE | Hooks::START_END)).unwrap_err();
+    let e = subs
+        .register(Recorder::new(Hooks::MAY_REFUSE | Hooks::START_END))
+        .unwrap_err();
     assert_eq!(e, NotifierError::RefusingSubscriberWithEnd);
-    assert!(subs.register(Recorder::new(Hooks::MAY_REFUSE | Hooks::START)).is_ok());
+    assert!(subs
+        .register(Recorder::new(Hooks::MAY_REFUSE | Hooks::START))
+        .is_ok());
 }
 
 #[test]
@@ -159,14 +201,25 @@ fn refusal_in_non_blockable_context_ends_those_that_accepted() {
     let _b = subs.register(refuser.clone()).unwrap();
     let _c = subs.register(last.clone()).unwrap();
     let r = range(0, 0x1000, Event::Unmap).non_blocking();
-    assert!(matches!(subs.invalidate_range_start(&r), Err(NotifierError::Again)));
-    assert_eq!(first.take(), vec![Call::Start(0, 0x1000, Event::Unmap), Call::End(0, 0x1000)]);
+    assert!(matches!(
+        subs.invalidate_range_start(&r),
+        Err(NotifierError::Again)
+    ));
+    assert_eq!(
+        first.take(),
+        vec![Call::Start(0, 0x1000, Event::Unmap), Call::End(0, 0x1000)]
+    );
     assert!(refuser.take().is_empty());
-    assert!(last.take().is_empty(), "a subscriber after the refusal must see neither start nor end");
+    assert!(
+        last.take().is_empty(),
+        "a subscriber after the refusal must see neither start nor end"
+    );
     // Nothing is left half done: the sequence is idle again.
     assert_eq!(subs.seq() & 1, 0);
     // A blockable invalidation goes through.
-    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap().end();
+    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap()
+        .end();
     assert_eq!(last.take().len(), 2);
 }
 
@@ -177,7 +230,9 @@ fn unregister_stops_callbacks_and_double_unregister_is_an_error() {
     let h = subs.register(rec.clone()).unwrap();
     h.unregister().unwrap();
     assert_eq!(h.unregister(), Err(NotifierError::NotSubscribed));
-    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap().end();
+    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap()
+        .end();
     assert!(!subs.clear_young(0, 0x1000));
     assert!(rec.take().is_empty());
 }
@@ -194,9 +249,14 @@ fn release_calls_each_subscriber_once_and_blocks_new_subscriptions() {
     assert_eq!(a.take(), vec![Call::Release]);
     assert_eq!(b.take(), vec![Call::Release]);
     // Nothing runs after release.
-    subs.invalidate_range_start(&range(0, 0x1000, Event::Release)).unwrap().end();
+    subs.invalidate_range_start(&range(0, 0x1000, Event::Release))
+        .unwrap()
+        .end();
     assert!(a.take().is_empty());
-    assert_eq!(subs.register(Recorder::new(ALL)).unwrap_err(), NotifierError::Released);
+    assert_eq!(
+        subs.register(Recorder::new(ALL)).unwrap_err(),
+        NotifierError::Released
+    );
     assert_eq!(ha.unregister(), Err(NotifierError::Released));
 }
 
@@ -225,13 +285,20 @@ impl MmuNotifierOps for SelfRemover {
 #[test]
 fn unregister_from_inside_a_callback_does_not_deadlock() {
     let subs = NotifierSubscriptions::new();
-    let s = Arc::new(SelfRemover { me: Mutex::new(None), calls: AtomicUsize::new(0) });
+    let s = Arc::new(SelfRemover {
+        me: Mutex::new(None),
+        calls: AtomicUsize::new(0),
+    });
     let h = subs.register(s.clone()).unwrap();
     *s.me.lock().unwrap() = Some(h);
-    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap().end();
+    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap()
+        .end();
     // Start ran; the end of the same bracket is not delivered after unregister.
     assert_eq!(s.calls.load(Ordering::SeqCst), 1);
-    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap().end();
+    subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap()
+        .end();
     assert_eq!(s.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -240,7 +307,9 @@ fn unregister_from_inside_a_callback_does_not_deadlock() {
 #[test]
 fn register_waits_for_in_flight_invalidations() {
     let subs = NotifierSubscriptions::new();
-    let inv = subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap();
+    let inv = subs
+        .invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+        .unwrap();
     let rec = Recorder::new(Hooks::START_END);
     let (tx, rx) = std::sync::mpsc::channel();
     let t = {
@@ -252,7 +321,11 @@ fn register_waits_for_in_flight_invalidations() {
             h
         })
     };
-    assert!(rx.recv_timeout(std::time::Duration::from_millis(100)).is_err(), "register returned during an invalidation");
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(100))
+            .is_err(),
+        "register returned during an invalidation"
+    );
     inv.end();
     rx.recv().unwrap();
     let _h = t.join().unwrap();
@@ -283,7 +356,11 @@ fn unregister_waits_for_a_running_callback() {
     let h = subs.register(slow.clone()).unwrap();
     let t = {
         let subs = subs.clone();
-        std::thread::spawn(move || subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap)).unwrap().end())
+        std::thread::spawn(move || {
+            subs.invalidate_range_start(&range(0, 0x1000, Event::Unmap))
+                .unwrap()
+                .end()
+        })
     };
     barrier.wait();
     h.unregister().unwrap();

@@ -66,7 +66,12 @@ fn skipping_an_event_kind_is_caught() {
     assert!(m.oracle.violation_count() >= 1);
     let v = &m.oracle.violations()[0];
     assert_eq!(v.addr, BASE);
-    assert!(v.history.iter().any(|h| matches!(h, HistoryEvent::Fill { .. })), "history names the fill: {v}");
+    assert!(
+        v.history
+            .iter()
+            .any(|h| matches!(h, HistoryEvent::Fill { .. })),
+        "history names the fill: {v}"
+    );
 }
 
 #[test]
@@ -117,16 +122,27 @@ impl Primary for RacyPrimary {
 fn skipping_read_retry_is_caught() {
     for inject in [false, true] {
         let inner = TestPrimary::new(PageRange::new(BASE, LEN).unwrap(), 1024);
-        let p = Arc::new(RacyPrimary { inner, armed: AtomicBool::new(true) });
+        let p = Arc::new(RacyPrimary {
+            inner,
+            armed: AtomicBool::new(true),
+        });
         let oracle = Oracle::new(p.clone());
-        let m: Mirror<RacyPrimary, Va> = Mirror::new(p.clone(), MirrorConfig::identity(BASE, LEN), Some(oracle.clone())).unwrap();
+        let m: Mirror<RacyPrimary, Va> = Mirror::new(
+            p.clone(),
+            MirrorConfig::identity(BASE, LEN),
+            Some(oracle.clone()),
+        )
+        .unwrap();
         m.inject().set_skip_read_retry(inject);
         let _ = m.read_u64(0, BASE).unwrap();
         if inject {
             assert!(oracle.violation_count() >= 1, "stale fill not caught");
         } else {
             assert_eq!(oracle.violation_count(), 0);
-            assert!(m.stats().retries >= 1, "the collision must have been retried");
+            assert!(
+                m.stats().retries >= 1,
+                "the collision must have been retried"
+            );
         }
     }
 }
@@ -135,12 +151,18 @@ fn skipping_read_retry_is_caught() {
 fn snapshot_mode_maps_only_present_pages() {
     let (p, m) = setup();
     p.cpu_write(BASE + PAGE_SIZE, 5);
-    let n = m.mirror.prefetch(BASE, 4 * PAGE_SIZE, false, FaultMode::Snapshot).unwrap();
+    let n = m
+        .mirror
+        .prefetch(BASE, 4 * PAGE_SIZE, false, FaultMode::Snapshot)
+        .unwrap();
     assert_eq!(n, 1);
     assert_eq!(p.mapped(), 1, "snapshot mode must not fault pages in");
     assert!(m.mirror.ept().lookup(Va(BASE + PAGE_SIZE)).is_some());
     assert!(m.mirror.ept().lookup(Va(BASE)).is_none());
-    assert_eq!(m.mirror.fault_in(BASE, false, FaultMode::Snapshot), Err(MirrorError::Primary(PrimaryFault::NotPresent(BASE))));
+    assert_eq!(
+        m.mirror.fault_in(BASE, false, FaultMode::Snapshot),
+        Err(MirrorError::Primary(PrimaryFault::NotPresent(BASE)))
+    );
 }
 
 #[test]
@@ -161,12 +183,21 @@ fn read_only_entries_upgrade_through_a_write_fault() {
 #[test]
 fn bad_addresses_and_devices_are_typed_errors() {
     let (_p, m) = setup();
-    assert_eq!(m.mirror.read_u64(0, BASE - PAGE_SIZE), Err(MirrorError::OutOfRange(BASE - PAGE_SIZE)));
-    assert_eq!(m.mirror.read_u64(0, BASE + LEN), Err(MirrorError::OutOfRange(BASE + LEN)));
+    assert_eq!(
+        m.mirror.read_u64(0, BASE - PAGE_SIZE),
+        Err(MirrorError::OutOfRange(BASE - PAGE_SIZE))
+    );
+    assert_eq!(
+        m.mirror.read_u64(0, BASE + LEN),
+        Err(MirrorError::OutOfRange(BASE + LEN))
+    );
     assert_eq!(m.mirror.read_u64(3, BASE), Err(MirrorError::NoDevice(3)));
     let p = TestPrimary::new(PageRange::new(BASE, PAGE_SIZE).unwrap(), 4);
     let m2 = CheckedMirror::<_, Va>::new(p, MirrorConfig::identity(BASE, 2 * PAGE_SIZE)).unwrap();
-    assert!(matches!(m2.mirror.read_u64(0, BASE + PAGE_SIZE), Err(MirrorError::Primary(PrimaryFault::NoMapping(_)))));
+    assert!(matches!(
+        m2.mirror.read_u64(0, BASE + PAGE_SIZE),
+        Err(MirrorError::Primary(PrimaryFault::NoMapping(_)))
+    ));
     m2.mirror.detach().unwrap();
     assert!(m2.mirror.detach().is_err());
 }
@@ -174,7 +205,10 @@ fn bad_addresses_and_devices_are_typed_errors() {
 #[test]
 fn external_addresses_are_offset() {
     let p = TestPrimary::new(PageRange::new(BASE, LEN).unwrap(), 64);
-    let cfg = MirrorConfig { ext_base: 0x10_0000, ..MirrorConfig::identity(BASE, LEN) };
+    let cfg = MirrorConfig {
+        ext_base: 0x10_0000,
+        ..MirrorConfig::identity(BASE, LEN)
+    };
     let m = Mirror::<_, Iova>::new(p.clone(), cfg, None).unwrap();
     m.write_u64(0, BASE + 8, 3).unwrap();
     assert!(m.ept().lookup(Iova(0x10_0000)).is_some());
@@ -185,10 +219,17 @@ fn external_addresses_are_offset() {
 #[test]
 fn multi_threaded_million_accesses_zero_violations() {
     // Release builds run a million accesses; debug builds a tenth.
-    let target: u64 = if cfg!(debug_assertions) { 100_000 } else { 1_000_000 };
+    let target: u64 = if cfg!(debug_assertions) {
+        100_000
+    } else {
+        1_000_000
+    };
     let p = TestPrimary::new(PageRange::new(BASE, LEN).unwrap(), 4096);
     let oracle = Oracle::new(p.clone());
-    let cfg = MirrorConfig { devices: 2, ..MirrorConfig::identity(BASE, LEN) };
+    let cfg = MirrorConfig {
+        devices: 2,
+        ..MirrorConfig::identity(BASE, LEN)
+    };
     let m = Arc::new(Mirror::<_, Va>::new(p.clone(), cfg, Some(oracle.clone())).unwrap());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -221,5 +262,10 @@ fn multi_threaded_million_accesses_zero_violations() {
         }
     });
     assert!(oracle.checks() >= target);
-    assert_eq!(oracle.violation_count(), 0, "{:?}", oracle.violations().first().map(|v| v.to_string()));
+    assert_eq!(
+        oracle.violation_count(),
+        0,
+        "{:?}",
+        oracle.violations().first().map(|v| v.to_string())
+    );
 }

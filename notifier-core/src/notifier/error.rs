@@ -8,7 +8,11 @@ use crate::addr::RangeError;
 pub enum NotifierError {
     /// The range argument is bad.
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// A subscriber refused a non-blockable invalidation; subscribers that
     /// had accepted were ended, nothing is half done.
     #[error("a subscriber refused a non-blockable invalidation")]

@@ -50,7 +50,7 @@ use std::sync::Arc;
 use super::ops::IntervalNotifierOps;
 use super::subscriptions::NotifierSubscriptions;
 use super::NotifierError;
-use crate::sync::{AtomicU32, AtomicU8, AtomicU64, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 pub(crate) const NOT_IN_TREE: u32 = u32::MAX;
 pub(crate) const LIVE: u8 = 0;

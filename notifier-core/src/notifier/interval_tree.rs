@@ -40,7 +40,14 @@ struct Node {
 
 impl Node {
     fn new(leaf: bool) -> Self {
-        Self { leaf, n: 0, start: [0; CAP + 1], max: [0; CAP + 1], id: [0; CAP + 1], child: [0; CAP + 1] }
+        Self {
+            leaf,
+            n: 0,
+            start: [0; CAP + 1],
+            max: [0; CAP + 1],
+            id: [0; CAP + 1],
+            child: [0; CAP + 1],
+        }
     }
     #[inline]
     fn len(&self) -> usize {
@@ -122,7 +129,15 @@ impl<V> Default for IntervalTree<V> {
 impl<V> IntervalTree<V> {
     /// An empty tree.
     pub(crate) const fn new() -> Self {
-        Self { nodes: Vec::new(), free_nodes: Vec::new(), starts: Vec::new(), vals: Vec::new(), free_ids: Vec::new(), root: NIL, len: 0 }
+        Self {
+            nodes: Vec::new(),
+            free_nodes: Vec::new(),
+            starts: Vec::new(),
+            vals: Vec::new(),
+            free_ids: Vec::new(),
+            root: NIL,
+            len: 0,
+        }
     }
 
     /// Number of intervals.
@@ -232,7 +247,10 @@ impl<V> IntervalTree<V> {
     /// Remove the interval `id` (returned by [`Self::insert`]) and return its value.
     pub(crate) fn remove(&mut self, id: u32) -> V {
         let key = (self.starts[id as usize], id);
-        assert!(self.root != NIL, "interval tree: removing from an empty tree");
+        assert!(
+            self.root != NIL,
+            "interval tree: removing from an empty tree"
+        );
         self.remove_rec(self.root, key);
         let r = self.root as usize;
         if !self.nodes[r].leaf && self.nodes[r].len() == 1 {
@@ -242,14 +260,18 @@ impl<V> IntervalTree<V> {
         }
         self.len -= 1;
         self.free_ids.push(id);
-        self.vals[id as usize].take().expect("interval tree: handle holds a value")
+        self.vals[id as usize]
+            .take()
+            .expect("interval tree: handle holds a value")
     }
 
     fn remove_rec(&mut self, x: u32, key: (u64, u32)) {
         let xi = x as usize;
         if self.nodes[xi].leaf {
             let n = &mut self.nodes[xi];
-            let pos = (0..n.len()).find(|&j| n.key(j) == key).expect("interval tree: handle not found");
+            let pos = (0..n.len())
+                .find(|&j| n.key(j) == key)
+                .expect("interval tree: handle not found");
             n.remove_at(pos);
             return;
         }
@@ -259,8 +281,15 @@ impl<V> IntervalTree<V> {
         if self.nodes[c as usize].len() < MIN && self.nodes[xi].len() > 1 {
             // Rebalance child i with a sibling: merge when both fit in one
             // node, otherwise split their entries evenly.
-            let (l, r) = if i + 1 < self.nodes[xi].len() { (i, i + 1) } else { (i - 1, i) };
-            let (lc, rc) = (self.nodes[xi].child[l] as usize, self.nodes[xi].child[r] as usize);
+            let (l, r) = if i + 1 < self.nodes[xi].len() {
+                (i, i + 1)
+            } else {
+                (i - 1, i)
+            };
+            let (lc, rc) = (
+                self.nodes[xi].child[l] as usize,
+                self.nodes[xi].child[r] as usize,
+            );
             let total = self.nodes[lc].len() + self.nodes[rc].len();
             if total <= CAP {
                 let mut right = core::mem::replace(&mut self.nodes[rc], Node::new(true));

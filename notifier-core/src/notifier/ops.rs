@@ -58,7 +58,15 @@ impl core::ops::BitOr for Hooks {
 
 impl core::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        const NAMES: [&str; 7] = ["START", "END", "CLEAR", "AGING", "TLB", "RELEASE", "MAY_REFUSE"];
+        const NAMES: [&str; 7] = [
+            "START",
+            "END",
+            "CLEAR",
+            "AGING",
+            "TLB",
+            "RELEASE",
+            "MAY_REFUSE",
+        ];
         let mut first = true;
         for (i, n) in NAMES.iter().enumerate() {
             if self.0 & (1 << i) != 0 {

@@ -84,7 +84,12 @@ impl InvalidateRange {
     /// A blockable invalidation of `range`.
     #[inline]
     pub const fn new(range: PageRange, event: Event) -> Self {
-        Self { start: range.start(), end: range.end(), event, blockable: true }
+        Self {
+            start: range.start(),
+            end: range.end(),
+            event,
+            blockable: true,
+        }
     }
 
     /// The same invalidation in a context that may not sleep (the OOM
@@ -103,7 +108,8 @@ impl InvalidateRange {
 
     /// The range as a checked [`PageRange`].
     pub fn page_range(&self) -> PageRange {
-        PageRange::from_bounds(self.start, self.end).expect("InvalidateRange is built from a PageRange")
+        PageRange::from_bounds(self.start, self.end)
+            .expect("InvalidateRange is built from a PageRange")
     }
 }
 

@@ -40,13 +40,18 @@
 
 use std::sync::Arc;
 
-use super::interval::{DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, LIVE, NOT_IN_TREE};
+use super::interval::{
+    DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, LIVE, NOT_IN_TREE,
+};
 use super::interval_tree::IntervalTree;
 use super::ops::{Hooks, IntervalNotifierOps, MmuNotifierOps};
 use super::range::{Again, InvalidateRange};
 use super::NotifierError;
 use crate::addr::PageRange;
-use crate::sync::{self, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{
+    self, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex,
+    MutexGuard, Ordering,
+};
 
 /// The initial `S`: even, and `S - 1` is a valid odd start for new entries.
 const INITIAL_SEQ: u64 = 2;
@@ -125,7 +130,11 @@ struct Hits {
 impl Hits {
     #[inline]
     fn new() -> Self {
-        Self { inline: [None, None, None, None], n: 0, spill: Vec::new() }
+        Self {
+            inline: [None, None, None, None],
+            n: 0,
+            spill: Vec::new(),
+        }
     }
     #[inline]
     fn push(&mut self, e: Arc<DynEntry>) {
@@ -142,7 +151,10 @@ impl Hits {
     }
     #[inline]
     fn iter(&self) -> impl Iterator<Item = &Arc<DynEntry>> {
-        self.inline[..self.n].iter().flatten().chain(self.spill.iter())
+        self.inline[..self.n]
+            .iter()
+            .flatten()
+            .chain(self.spill.iter())
     }
 }
 
@@ -172,7 +184,11 @@ impl NotifierSubscriptions {
     // Waiting.
 
     /// Sleep until `cond(state)` holds.
-    fn wait_until<'a>(&'a self, mut st: MutexGuard<'a, State>, mut cond: impl FnMut(&State) -> bool) -> MutexGuard<'a, State> {
+    fn wait_until<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        mut cond: impl FnMut(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
         if cond(&st) {
             return st;
         }
@@ -237,7 +253,10 @@ impl NotifierSubscriptions {
     /// # Pairing
     /// The returned [`Invalidation`] ends the bracket when `end` is called
     /// or when it is dropped.
-    pub fn invalidate_range_start(&self, range: &InvalidateRange) -> Result<Invalidation<'_>, NotifierError> {
+    pub fn invalidate_range_start(
+        &self,
+        range: &InvalidateRange,
+    ) -> Result<Invalidation<'_>, NotifierError> {
         debug_assert!(range.start < range.end);
         let mut hits = Hits::new();
         let (cur_seq, ranges, phase, counted);
@@ -248,7 +267,8 @@ impl NotifierSubscriptions {
                 st.active += 1;
                 phase = st.phase;
                 st.inflight[phase] += 1;
-                st.itree.for_each_overlap(range.start, range.end - 1, |_, e| hits.push(e.clone()));
+                st.itree
+                    .for_each_overlap(range.start, range.end - 1, |_, e| hits.push(e.clone()));
                 if !hits.is_empty() && !st.invalidating() {
                     st.seq |= 1;
                     self.seq.store(st.seq, Ordering::Release);
@@ -260,7 +280,15 @@ impl NotifierSubscriptions {
             }
             cur_seq = st.seq;
         }
-        let mut inv = Invalidation { subs: self, range: *range, ranges, started: 0, phase, counted, ended: false };
+        let mut inv = Invalidation {
+            subs: self,
+            range: *range,
+            ranges,
+            started: 0,
+            phase,
+            counted,
+            ended: false,
+        };
         let _scope = CallbackScope::enter();
         for e in hits.iter() {
             if e.hdr.state.load(Ordering::Acquire) != LIVE {
@@ -391,7 +419,10 @@ impl NotifierSubscriptions {
     /// # Locking
     /// Takes the subscriptions lock; may sleep for the grace period (not
     /// from inside a callback, where it does not wait).
-    pub fn register(self: &Arc<Self>, ops: Arc<dyn MmuNotifierOps>) -> Result<MmuNotifier, NotifierError> {
+    pub fn register(
+        self: &Arc<Self>,
+        ops: Arc<dyn MmuNotifierOps>,
+    ) -> Result<MmuNotifier, NotifierError> {
         let hooks = ops.hooks();
         if hooks.contains(Hooks::TLB) && hooks.intersects(Hooks::START_END) {
             return Err(NotifierError::TlbHookWithStartEnd);
@@ -399,13 +430,18 @@ impl NotifierSubscriptions {
         if hooks.contains(Hooks::MAY_REFUSE) && hooks.contains(Hooks::END) {
             return Err(NotifierError::RefusingSubscriberWithEnd);
         }
-        let entry = Arc::new(RangeEntry { ops, hooks, dead: AtomicBool::new(false) });
+        let entry = Arc::new(RangeEntry {
+            ops,
+            hooks,
+            dead: AtomicBool::new(false),
+        });
         {
             let mut st = sync::lock(&self.state);
             if st.released {
                 return Err(NotifierError::Released);
             }
-            let mut v: Vec<Arc<RangeEntry>> = st.ranges.as_deref().map_or_else(Vec::new, <[_]>::to_vec);
+            let mut v: Vec<Arc<RangeEntry>> =
+                st.ranges.as_deref().map_or_else(Vec::new, <[_]>::to_vec);
             v.push(entry.clone());
             st.ranges = Some(v.into());
             self.nr_ranges.fetch_add(1, Ordering::Release);
@@ -413,14 +449,21 @@ impl NotifierSubscriptions {
         if !sync::in_callback() {
             self.synchronize();
         }
-        Ok(MmuNotifier { subs: self.clone(), entry })
+        Ok(MmuNotifier {
+            subs: self.clone(),
+            entry,
+        })
     }
 
     fn unregister(&self, entry: &Arc<RangeEntry>) -> Result<(), NotifierError> {
         {
             let mut st = sync::lock(&self.state);
             if entry.dead.swap(true, Ordering::AcqRel) {
-                return Err(if st.released { NotifierError::Released } else { NotifierError::NotSubscribed });
+                return Err(if st.released {
+                    NotifierError::Released
+                } else {
+                    NotifierError::NotSubscribed
+                });
             }
             let v: Vec<Arc<RangeEntry>> = st
                 .ranges
@@ -501,12 +544,17 @@ impl NotifierSubscriptions {
         let wait_for = {
             let mut st = sync::lock(&self.state);
             if e.hdr.state.swap(DEAD, Ordering::AcqRel) != LIVE {
-                return Err(if st.released { NotifierError::Released } else { NotifierError::NotSubscribed });
+                return Err(if st.released {
+                    NotifierError::Released
+                } else {
+                    NotifierError::NotSubscribed
+                });
             }
             if st.invalidating() {
                 if e.hdr.node.load(Ordering::Relaxed) == NOT_IN_TREE {
                     // Inserted during this invalidation, not applied yet.
-                    st.deferred.retain(|d| !matches!(d, Deferred::Insert(x) if Arc::ptr_eq(x, e)));
+                    st.deferred
+                        .retain(|d| !matches!(d, Deferred::Insert(x) if Arc::ptr_eq(x, e)));
                     None
                 } else {
                     st.deferred.push(Deferred::Remove(e.clone()));
@@ -741,14 +789,21 @@ impl MmuNotifier {
 
 impl core::fmt::Debug for MmuNotifier {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MmuNotifier").field("hooks", &self.entry.hooks).field("registered", &self.is_registered()).finish()
+        f.debug_struct("MmuNotifier")
+            .field("hooks", &self.entry.hooks)
+            .field("registered", &self.is_registered())
+            .finish()
     }
 }
 
 /// Convenience: run `f` between start and end of a blockable invalidation.
 impl NotifierSubscriptions {
     /// Bracket `f` with a blockable invalidation of `range` for `event`.
-    pub fn with_invalidation<R>(&self, range: &InvalidateRange, f: impl FnOnce(&Invalidation<'_>) -> R) -> Result<R, NotifierError> {
+    pub fn with_invalidation<R>(
+        &self,
+        range: &InvalidateRange,
+        f: impl FnOnce(&Invalidation<'_>) -> R,
+    ) -> Result<R, NotifierError> {
         let inv = self.invalidate_range_start(range)?;
         let r = f(&inv);
         inv.end();

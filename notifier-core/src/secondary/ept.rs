@@ -47,7 +47,10 @@ pub struct ExtEntry {
 
 #[inline]
 fn encode(pfn: Pfn, perm: Perm, huge: bool) -> u64 {
-    VALID | ((perm.bits() as u64) << PERM_SHIFT) | if huge { HUGE } else { 0 } | (pfn.0 << PFN_SHIFT)
+    VALID
+        | ((perm.bits() as u64) << PERM_SHIFT)
+        | if huge { HUGE } else { 0 }
+        | (pfn.0 << PFN_SHIFT)
 }
 
 #[inline]
@@ -55,7 +58,11 @@ fn decode(e: u64) -> Option<(Pfn, Perm, bool)> {
     if e & VALID == 0 {
         return None;
     }
-    Some((Pfn(e >> PFN_SHIFT), Perm::from_bits((e >> PERM_SHIFT) as u8), e & HUGE != 0))
+    Some((
+        Pfn(e >> PFN_SHIFT),
+        Perm::from_bits((e >> PERM_SHIFT) as u8),
+        e & HUGE != 0,
+    ))
 }
 
 struct Leaf {
@@ -74,7 +81,9 @@ struct Upper<T> {
 
 impl<T> Upper<T> {
     fn new() -> Self {
-        Self { next: core::array::from_fn(|_| OnceLock::new()) }
+        Self {
+            next: core::array::from_fn(|_| OnceLock::new()),
+        }
     }
 }
 
@@ -106,7 +115,10 @@ impl<A: ExternalAddress> Default for ExternalPageTable<A> {
 
 impl<A: ExternalAddress> core::fmt::Debug for ExternalPageTable<A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("ExternalPageTable").field("mapped_pages", &self.mapped_pages()).field("tables", &self.tables.load(Ordering::Relaxed)).finish()
+        f.debug_struct("ExternalPageTable")
+            .field("mapped_pages", &self.mapped_pages())
+            .field("tables", &self.tables.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -118,7 +130,12 @@ fn idx(raw: u64, level: u32) -> usize {
 impl<A: ExternalAddress> ExternalPageTable<A> {
     /// An empty table.
     pub fn new() -> Self {
-        Self { root: Upper::new(), mapped: AtomicU64::new(0), tables: AtomicU64::new(1), _a: core::marker::PhantomData }
+        Self {
+            root: Upper::new(),
+            mapped: AtomicU64::new(0),
+            tables: AtomicU64::new(1),
+            _a: core::marker::PhantomData,
+        }
     }
 
     #[inline]
@@ -143,7 +160,10 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
         });
         l3.next[idx(raw, 2)].get_or_init(|| {
             self.tables.fetch_add(1, Ordering::Relaxed);
-            Box::new(Pmd { huge: core::array::from_fn(|_| AtomicU64::new(0)), leaves: core::array::from_fn(|_| OnceLock::new()) })
+            Box::new(Pmd {
+                huge: core::array::from_fn(|_| AtomicU64::new(0)),
+                leaves: core::array::from_fn(|_| OnceLock::new()),
+            })
         })
     }
 
@@ -154,10 +174,18 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
         let pmd = self.pmd(raw)?;
         let i1 = idx(raw, 1);
         if let Some((pfn, perm, true)) = decode(pmd.huge[i1].load(Ordering::Acquire)) {
-            return Some(ExtEntry { pfn: Pfn(pfn.0 + idx(raw, 0) as u64), perm, huge: true });
+            return Some(ExtEntry {
+                pfn: Pfn(pfn.0 + idx(raw, 0) as u64),
+                perm,
+                huge: true,
+            });
         }
         let leaf = pmd.leaves[i1].get()?;
-        decode(leaf.ptes[idx(raw, 0)].load(Ordering::Acquire)).map(|(pfn, perm, _)| ExtEntry { pfn, perm, huge: false })
+        decode(leaf.ptes[idx(raw, 0)].load(Ordering::Acquire)).map(|(pfn, perm, _)| ExtEntry {
+            pfn,
+            perm,
+            huge: false,
+        })
     }
 
     /// Map the 4 KiB page at `addr`. Replaces a previous 4 KiB entry; a huge
@@ -173,7 +201,9 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
         self.split_huge(pmd, i1);
         let leaf = pmd.leaves[i1].get_or_init(|| {
             self.tables.fetch_add(1, Ordering::Relaxed);
-            Box::new(Leaf { ptes: core::array::from_fn(|_| AtomicU64::new(0)) })
+            Box::new(Leaf {
+                ptes: core::array::from_fn(|_| AtomicU64::new(0)),
+            })
         });
         let old = leaf.ptes[idx(raw, 0)].swap(encode(pfn, perm, false), Ordering::Release);
         if old & VALID == 0 {
@@ -213,13 +243,20 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
 
     /// Replace a huge entry by 512 equivalent 4 KiB entries.
     fn split_huge(&self, pmd: &Pmd, i1: usize) {
-        let Some((pfn, perm, true)) = decode(pmd.huge[i1].load(Ordering::Acquire)) else { return };
+        let Some((pfn, perm, true)) = decode(pmd.huge[i1].load(Ordering::Acquire)) else {
+            return;
+        };
         let leaf = pmd.leaves[i1].get_or_init(|| {
             self.tables.fetch_add(1, Ordering::Relaxed);
-            Box::new(Leaf { ptes: core::array::from_fn(|_| AtomicU64::new(0)) })
+            Box::new(Leaf {
+                ptes: core::array::from_fn(|_| AtomicU64::new(0)),
+            })
         });
         for (i, p) in leaf.ptes.iter().enumerate() {
-            p.store(encode(Pfn(pfn.0 + i as u64), perm, false), Ordering::Release);
+            p.store(
+                encode(Pfn(pfn.0 + i as u64), perm, false),
+                Ordering::Release,
+            );
         }
         pmd.huge[i1].store(0, Ordering::Release);
     }
@@ -231,7 +268,13 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
     ///
     /// # Locking
     /// Writers must be serialised by the caller.
-    pub fn unmap_range(&self, start: A, end: A, keep_readable: bool, mut flushed: impl FnMut(u64, u64)) -> u64 {
+    pub fn unmap_range(
+        &self,
+        start: A,
+        end: A,
+        keep_readable: bool,
+        mut flushed: impl FnMut(u64, u64),
+    ) -> u64 {
         let (mut raw, end) = (start.raw() & !0xfff, end.raw());
         let mut n = 0;
         while raw < end {
@@ -253,7 +296,10 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
                     let e = pmd.huge[i1].load(Ordering::Acquire);
                     if keep_readable {
                         let (pfn, perm, _) = decode(e).expect("valid");
-                        pmd.huge[i1].store(encode(pfn, Perm::from_bits(perm.bits() & 1), true), Ordering::Release);
+                        pmd.huge[i1].store(
+                            encode(pfn, Perm::from_bits(perm.bits() & 1), true),
+                            Ordering::Release,
+                        );
                     } else {
                         pmd.huge[i1].store(0, Ordering::Release);
                         self.mapped.fetch_sub(HUGE_PAGES, Ordering::Relaxed);
@@ -318,38 +364,77 @@ mod tests {
         let t = ExternalPageTable::<Iova>::new();
         assert_eq!(t.lookup(Iova(0x1000)), None);
         t.map(Iova(0x1000), Pfn(7), Perm::READ_WRITE).unwrap();
-        assert_eq!(t.lookup(Iova(0x1000)), Some(ExtEntry { pfn: Pfn(7), perm: Perm::READ_WRITE, huge: false }));
+        assert_eq!(
+            t.lookup(Iova(0x1000)),
+            Some(ExtEntry {
+                pfn: Pfn(7),
+                perm: Perm::READ_WRITE,
+                huge: false
+            })
+        );
         let mut seen = vec![];
-        assert_eq!(t.unmap_range(Iova(0), Iova(0x10000), true, |a, _| seen.push(a)), 1);
+        assert_eq!(
+            t.unmap_range(Iova(0), Iova(0x10000), true, |a, _| seen.push(a)),
+            1
+        );
         assert_eq!(t.lookup(Iova(0x1000)).unwrap().perm, Perm::READ);
-        assert_eq!(t.unmap_range(Iova(0), Iova(0x10000), false, |a, _| seen.push(a)), 1);
+        assert_eq!(
+            t.unmap_range(Iova(0), Iova(0x10000), false, |a, _| seen.push(a)),
+            1
+        );
         assert_eq!(t.lookup(Iova(0x1000)), None);
         assert_eq!(seen, vec![0x1000, 0x1000]);
         assert_eq!(t.mapped_pages(), 0);
-        assert_eq!(t.map(Iova(1 << 48), Pfn(1), Perm::READ), Err(EptError::OutOfRange(1 << 48)));
+        assert_eq!(
+            t.map(Iova(1 << 48), Pfn(1), Perm::READ),
+            Err(EptError::OutOfRange(1 << 48))
+        );
     }
 
     #[test]
     fn huge_entries_split_on_partial_unmap() {
         let t = ExternalPageTable::<Iova>::new();
-        assert_eq!(t.map_huge(Iova(0x1000), Pfn(0), Perm::READ), Err(EptError::Misaligned(0x1000)));
-        t.map_huge(Iova(HUGE_SIZE), Pfn(1024), Perm::READ_WRITE).unwrap();
-        assert_eq!(t.lookup(Iova(HUGE_SIZE + 0x5000)).unwrap(), ExtEntry { pfn: Pfn(1029), perm: Perm::READ_WRITE, huge: true });
+        assert_eq!(
+            t.map_huge(Iova(0x1000), Pfn(0), Perm::READ),
+            Err(EptError::Misaligned(0x1000))
+        );
+        t.map_huge(Iova(HUGE_SIZE), Pfn(1024), Perm::READ_WRITE)
+            .unwrap();
+        assert_eq!(
+            t.lookup(Iova(HUGE_SIZE + 0x5000)).unwrap(),
+            ExtEntry {
+                pfn: Pfn(1029),
+                perm: Perm::READ_WRITE,
+                huge: true
+            }
+        );
         assert_eq!(t.mapped_pages(), 512);
-        let n = t.unmap_range(Iova(HUGE_SIZE + 0x5000), Iova(HUGE_SIZE + 0x7000), false, |_, _| {});
+        let n = t.unmap_range(
+            Iova(HUGE_SIZE + 0x5000),
+            Iova(HUGE_SIZE + 0x7000),
+            false,
+            |_, _| {},
+        );
         assert_eq!(n, 2);
         assert_eq!(t.lookup(Iova(HUGE_SIZE + 0x5000)), None);
         assert_eq!(t.lookup(Iova(HUGE_SIZE + 0x7000)).unwrap().pfn, Pfn(1031));
         assert_eq!(t.mapped_pages(), 510);
         // Whole-entry unmap of a huge mapping counts 512 pages at once.
-        t.map_huge(Iova(2 * HUGE_SIZE), Pfn(2048), Perm::READ).unwrap();
-        assert_eq!(t.unmap_range(Iova(2 * HUGE_SIZE), Iova(3 * HUGE_SIZE), false, |_, _| {}), 512);
+        t.map_huge(Iova(2 * HUGE_SIZE), Pfn(2048), Perm::READ)
+            .unwrap();
+        assert_eq!(
+            t.unmap_range(Iova(2 * HUGE_SIZE), Iova(3 * HUGE_SIZE), false, |_, _| {}),
+            512
+        );
     }
 
     #[test]
     fn empty_regions_are_skipped() {
         let t = ExternalPageTable::<Iova>::new();
         t.map(Iova(0x7fff_0000_0000), Pfn(1), Perm::READ).unwrap();
-        assert_eq!(t.unmap_range(Iova(0), Iova(0x7fff_ffff_f000), false, |_, _| {}), 1);
+        assert_eq!(
+            t.unmap_range(Iova(0), Iova(0x7fff_ffff_f000), false, |_, _| {}),
+            1
+        );
     }
 }

@@ -41,7 +41,10 @@ use super::ept::ExternalPageTable;
 use super::ext_addr::{ExternalAddress, Perm};
 use super::tlb::{FlushBatch, Tlb, TlbConfig, TlbStats};
 use crate::frame::{FrameStore, Pfn};
-use crate::notifier::{Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange, NotifierError};
+use crate::notifier::{
+    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
+    NotifierError,
+};
 use crate::primary::{Primary, PrimaryFault, Translation};
 use crate::PAGE_SIZE;
 
@@ -66,7 +69,14 @@ impl MirrorConfig {
     /// Mirror `[start, start + len)` 1:1 (external = primary address), one
     /// device, default TLB.
     pub fn identity(start: u64, len: u64) -> Self {
-        Self { start, len, ext_base: start, devices: 1, tlb: TlbConfig::default(), flush_batch: 64 }
+        Self {
+            start,
+            len,
+            ext_base: start,
+            devices: 1,
+            tlb: TlbConfig::default(),
+            flush_batch: 64,
+        }
     }
 }
 
@@ -93,13 +103,25 @@ pub enum MirrorError {
     NoDevice(usize),
     /// The primary could not provide the page.
     #[error("primary fault")]
-    Primary(#[from] #[source] PrimaryFault),
+    Primary(
+        #[from]
+        #[source]
+        PrimaryFault,
+    ),
     /// Subscribing to the primary failed.
     #[error("subscribing to the primary failed")]
-    Notifier(#[from] #[source] NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        NotifierError,
+    ),
     /// The frame access failed.
     #[error("frame access failed")]
-    Frame(#[from] #[source] crate::frame::FrameError),
+    Frame(
+        #[from]
+        #[source]
+        crate::frame::FrameError,
+    ),
 }
 
 /// A hook called at the moment of every device access, under the device
@@ -137,7 +159,9 @@ pub struct MirrorInject {
 impl MirrorInject {
     /// Skip the invalidate callback for `event` (or stop skipping: `None`).
     pub fn set_skip_event(&self, event: Option<Event>) {
-        let v = event.map_or(0, |e| Event::ALL.iter().position(|x| *x == e).unwrap_or(0) as u8 + 1);
+        let v = event.map_or(0, |e| {
+            Event::ALL.iter().position(|x| *x == e).unwrap_or(0) as u8 + 1
+        });
         self.skip_event.store(v, Ordering::Relaxed);
     }
     /// Accept fault-ins without `read_retry`.
@@ -223,11 +247,20 @@ impl<A: ExternalAddress> MirrorShared<A> {
 }
 
 impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
-    fn invalidate(&self, sub: &IntervalNotifier, range: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        range: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         if self.inject.skips(range.event) {
             return Ok(());
         }
-        let _g = if range.blockable { self.lock.lock() } else { self.lock.try_lock().ok_or(Again)? };
+        let _g = if range.blockable {
+            self.lock.lock()
+        } else {
+            self.lock.try_lock().ok_or(Again)?
+        };
         sub.set_seq(cur_seq);
         let start = range.start.max(self.cfg.start);
         let end = range.end.min(self.cfg.start + self.cfg.len);
@@ -235,12 +268,17 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
             return Ok(());
         }
         let mut batch = FlushBatch::new(self.cfg.flush_batch);
-        let n = self.ept.unmap_range(A::from_raw(self.ext(start)), A::from_raw(self.ext(end)), range.event.keeps_readable(), |a, len| {
-            batch.add(a, len, |p| self.shootdown(p))
-        });
+        let n = self.ept.unmap_range(
+            A::from_raw(self.ext(start)),
+            A::from_raw(self.ext(end)),
+            range.event.keeps_readable(),
+            |a, len| batch.add(a, len, |p| self.shootdown(p)),
+        );
         batch.finish(|p| self.shootdown(p));
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.counters.invalidated_pages.fetch_add(n, Ordering::Relaxed);
+        self.counters
+            .invalidated_pages
+            .fetch_add(n, Ordering::Relaxed);
         if let Some(c) = &self.check {
             c.on_invalidate(start, end, range.event);
         }
@@ -256,7 +294,10 @@ pub struct Mirror<P: Primary + ?Sized, A: ExternalAddress> {
 
 impl<P: Primary + ?Sized, A: ExternalAddress> core::fmt::Debug for Mirror<P, A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Mirror").field("cfg", &self.sub.ops().cfg).field("stats", &self.stats()).finish()
+        f.debug_struct("Mirror")
+            .field("cfg", &self.sub.ops().cfg)
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -266,9 +307,19 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     ///
     /// # Errors
     /// [`MirrorError::Notifier`] for a bad range or a released primary.
-    pub fn new(primary: Arc<P>, cfg: MirrorConfig, check: Option<Arc<dyn AccessCheck>>) -> Result<Self, MirrorError> {
+    pub fn new(
+        primary: Arc<P>,
+        cfg: MirrorConfig,
+        check: Option<Arc<dyn AccessCheck>>,
+    ) -> Result<Self, MirrorError> {
         let devices = (0..cfg.devices.max(1))
-            .map(|_| crossbeam_utils::CachePadded::new(Mutex::new(Device { tlb: Tlb::new(cfg.tlb), deferred: Vec::new(), accesses: 0 })))
+            .map(|_| {
+                crossbeam_utils::CachePadded::new(Mutex::new(Device {
+                    tlb: Tlb::new(cfg.tlb),
+                    deferred: Vec::new(),
+                    accesses: 0,
+                }))
+            })
             .collect();
         let shared = MirrorShared {
             cfg,
@@ -279,7 +330,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             inject: MirrorInject::default(),
             check,
         };
-        let sub = primary.notifiers().interval_subscribe(cfg.start, cfg.len, shared)?;
+        let sub = primary
+            .notifiers()
+            .interval_subscribe(cfg.start, cfg.len, shared)?;
         Ok(Self { primary, sub })
     }
 
@@ -324,14 +377,22 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// # Locking
     /// Takes the mirror lock; may sleep in `read_begin` and in the primary's
     /// fault path. Must not be called with a device lock held.
-    pub fn fault_in(&self, addr: u64, write: bool, mode: FaultMode) -> Result<Translation, MirrorError> {
+    pub fn fault_in(
+        &self,
+        addr: u64,
+        write: bool,
+        mode: FaultMode,
+    ) -> Result<Translation, MirrorError> {
         let page = self.check_addr(addr)?;
         let sh = self.sub.ops();
         loop {
             let seq = self.sub.read_begin();
             let t = match mode {
                 FaultMode::Fault => self.primary.fault_page(page, write)?,
-                FaultMode::Snapshot => self.primary.lookup_page(page).ok_or(PrimaryFault::NotPresent(page))?,
+                FaultMode::Snapshot => self
+                    .primary
+                    .lookup_page(page)
+                    .ok_or(PrimaryFault::NotPresent(page))?,
             };
             let g = sh.lock.lock();
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.read_retry(seq) {
@@ -339,7 +400,13 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 sh.counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            sh.ept.map(A::from_raw(sh.ext(page)), t.pfn, Perm::from_writable(t.writable)).map_err(|_| MirrorError::OutOfRange(page))?;
+            sh.ept
+                .map(
+                    A::from_raw(sh.ext(page)),
+                    t.pfn,
+                    Perm::from_writable(t.writable),
+                )
+                .map_err(|_| MirrorError::OutOfRange(page))?;
             drop(g);
             sh.counters.faults.fetch_add(1, Ordering::Relaxed);
             if let Some(c) = &sh.check {
@@ -352,14 +419,21 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// Fault in every page of `[start, start + len)` (clipped to the
     /// mirror). With `Snapshot`, pages not present are skipped. Returns the
     /// number of pages mapped.
-    pub fn prefetch(&self, start: u64, len: u64, write: bool, mode: FaultMode) -> Result<u64, MirrorError> {
+    pub fn prefetch(
+        &self,
+        start: u64,
+        len: u64,
+        write: bool,
+        mode: FaultMode,
+    ) -> Result<u64, MirrorError> {
         let mut n = 0;
         let mut a = start & !(PAGE_SIZE - 1);
         let end = start.saturating_add(len);
         while a < end {
             match self.fault_in(a, write, mode) {
                 Ok(_) => n += 1,
-                Err(MirrorError::Primary(PrimaryFault::NotPresent(_))) if mode == FaultMode::Snapshot => {}
+                Err(MirrorError::Primary(PrimaryFault::NotPresent(_)))
+                    if mode == FaultMode::Snapshot => {}
                 Err(e) => return Err(e),
             }
             a += PAGE_SIZE;
@@ -375,7 +449,13 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// # Locking
     /// Takes device `dev`'s lock around the operation, and the mirror lock
     /// on a miss (after dropping the device lock).
-    pub fn access<R>(&self, dev: usize, addr: u64, write: bool, op: impl FnOnce(&dyn FrameStore, Pfn) -> R) -> Result<R, MirrorError> {
+    pub fn access<R>(
+        &self,
+        dev: usize,
+        addr: u64,
+        write: bool,
+        op: impl FnOnce(&dyn FrameStore, Pfn) -> R,
+    ) -> Result<R, MirrorError> {
         let page = self.check_addr(addr)?;
         let sh = self.sub.ops();
         let dev_lock = sh.devices.get(dev).ok_or(MirrorError::NoDevice(dev))?;
@@ -418,13 +498,15 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// Read the 64-bit word at `addr` (8-aligned) through device `dev`.
     pub fn read_u64(&self, dev: usize, addr: u64) -> Result<u64, MirrorError> {
         let off = (addr & (PAGE_SIZE - 1)) as usize & !7;
-        self.access(dev, addr, false, |f, pfn| f.load(pfn, off))?.map_err(MirrorError::from)
+        self.access(dev, addr, false, |f, pfn| f.load(pfn, off))?
+            .map_err(MirrorError::from)
     }
 
     /// Write the 64-bit word at `addr` (8-aligned) through device `dev`.
     pub fn write_u64(&self, dev: usize, addr: u64, val: u64) -> Result<(), MirrorError> {
         let off = (addr & (PAGE_SIZE - 1)) as usize & !7;
-        self.access(dev, addr, true, |f, pfn| f.store(pfn, off, val))?.map_err(MirrorError::from)
+        self.access(dev, addr, true, |f, pfn| f.store(pfn, off, val))?
+            .map_err(MirrorError::from)
     }
 
     /// Translate `addr` through device `dev`'s TLB and the external table

@@ -90,7 +90,11 @@ pub struct Tlb {
 
 impl core::fmt::Debug for Tlb {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Tlb").field("sets", &(self.set_mask + 1)).field("ways", &self.ways).field("stats", &self.stats).finish()
+        f.debug_struct("Tlb")
+            .field("sets", &(self.set_mask + 1))
+            .field("ways", &self.ways)
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -123,7 +127,10 @@ impl Tlb {
         for e in &self.entries[base..base + self.ways] {
             if e.tag == vpn + 1 {
                 self.stats.hits += 1;
-                return Some(TlbEntry { pfn: Pfn(e.pfn), perm: e.perm });
+                return Some(TlbEntry {
+                    pfn: Pfn(e.pfn),
+                    perm: e.perm,
+                });
             }
         }
         self.stats.misses += 1;
@@ -145,7 +152,11 @@ impl Tlb {
                 i
             }
         };
-        ways[slot] = Entry { tag: vpn + 1, pfn: pfn.0, perm };
+        ways[slot] = Entry {
+            tag: vpn + 1,
+            pfn: pfn.0,
+            perm,
+        };
     }
 
     /// Remove the page of `addr`.
@@ -226,7 +237,10 @@ pub struct FlushBatch {
 impl FlushBatch {
     /// A batch that flushes when it holds `cap` separate spans.
     pub fn new(cap: usize) -> Self {
-        Self { spans: Vec::new(), cap: cap.max(1) }
+        Self {
+            spans: Vec::new(),
+            cap: cap.max(1),
+        }
     }
 
     /// Collect `[addr, addr + len)`; when the batch is full, hand it to
@@ -264,7 +278,13 @@ mod tests {
         let mut t = Tlb::new(TlbConfig { sets: 2, ways: 2 });
         assert_eq!(t.lookup(0x1000), None);
         t.fill(0x1000, Pfn(1), Perm::READ);
-        assert_eq!(t.lookup(0x1000), Some(TlbEntry { pfn: Pfn(1), perm: Perm::READ }));
+        assert_eq!(
+            t.lookup(0x1000),
+            Some(TlbEntry {
+                pfn: Pfn(1),
+                perm: Perm::READ
+            })
+        );
         // Fill more pages than the TLB holds: something gets evicted.
         for i in 2..10u64 {
             t.fill(i << 12, Pfn(i), Perm::READ);
@@ -302,6 +322,12 @@ mod tests {
             b.add(a << 12, 4096, |p| flushed.push(p.to_vec()));
         }
         b.finish(|p| flushed.push(p.to_vec()));
-        assert_eq!(flushed, vec![vec![(0, 3 << 12), (5 << 12, 7 << 12)], vec![(9 << 12, 10 << 12), (12 << 12, 13 << 12)]]);
+        assert_eq!(
+            flushed,
+            vec![
+                vec![(0, 3 << 12), (5 << 12, 7 << 12)],
+                vec![(9 << 12, 10 << 12), (12 << 12, 13 << 12)]
+            ]
+        );
     }
 }

@@ -47,7 +47,9 @@ fn expect(what: &str, addr: u64, got: u64, want: u64) -> Result<(), String> {
     if got == want {
         Ok(())
     } else {
-        Err(format!("{what} at {addr:#x}: secondary saw {got:#x}, primary holds {want:#x}"))
+        Err(format!(
+            "{what} at {addr:#x}: secondary saw {got:#x}, primary holds {want:#x}"
+        ))
     }
 }
 
@@ -92,19 +94,32 @@ pub fn check_secondary<P: ConformancePrimary + ?Sized, S: SecondaryUnderTest + ?
             r.migrated = true;
             expect("migrate -> device read", a, secondary.read(a)?, tag + 2)?;
             secondary.write(a, tag + 3)?;
-            expect("migrate -> device write -> cpu read", a, primary.cpu_read(a), tag + 3)?;
+            expect(
+                "migrate -> device write -> cpu read",
+                a,
+                primary.cpu_read(a),
+                tag + 3,
+            )?;
             r.checks += 2;
         }
 
         if primary.write_protect(page) {
             r.protected = true;
             secondary.write(a, tag + 4)?;
-            expect("write-protect -> device write -> cpu read", a, primary.cpu_read(a), tag + 4)?;
+            expect(
+                "write-protect -> device write -> cpu read",
+                a,
+                primary.cpu_read(a),
+                tag + 4,
+            )?;
             r.checks += 1;
         }
     }
     if secondary.violations() != 0 {
-        return Err(format!("oracle found {} stale accesses", secondary.violations()));
+        return Err(format!(
+            "oracle found {} stale accesses",
+            secondary.violations()
+        ));
     }
     Ok(r)
 }
@@ -112,7 +127,12 @@ pub fn check_secondary<P: ConformancePrimary + ?Sized, S: SecondaryUnderTest + ?
 /// Run device accesses on `pages` from one thread while another mutates
 /// the primary (`rounds` zaps, migrations and write-protections), then
 /// require zero oracle violations. Returns the number of device accesses.
-pub fn check_concurrent<P, S>(primary: &P, secondary: &S, pages: &[u64], rounds: u64) -> Result<u64, String>
+pub fn check_concurrent<P, S>(
+    primary: &P,
+    secondary: &S,
+    pages: &[u64],
+    rounds: u64,
+) -> Result<u64, String>
 where
     P: ConformancePrimary + ?Sized + Sync,
     S: SecondaryUnderTest + ?Sized + Sync,
@@ -125,7 +145,11 @@ where
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let a = pages[i % pages.len()];
-                let r = if i % 3 == 0 { secondary.write(a, i as u64).map(|_| 0) } else { secondary.read(a) };
+                let r = if i % 3 == 0 {
+                    secondary.write(a, i as u64).map(|_| 0)
+                } else {
+                    secondary.read(a)
+                };
                 if let Err(e) = r {
                     return Some(e);
                 }
@@ -154,7 +178,10 @@ where
         return Err(e);
     }
     if secondary.violations() != 0 {
-        return Err(format!("oracle found {} stale accesses", secondary.violations()));
+        return Err(format!(
+            "oracle found {} stale accesses",
+            secondary.violations()
+        ));
     }
     Ok(accesses.load(Ordering::Relaxed))
 }

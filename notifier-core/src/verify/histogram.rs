@@ -33,7 +33,9 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     /// An empty histogram.
     pub fn new() -> Self {
-        Self { h: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds") }
+        Self {
+            h: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+        }
     }
 
     /// Record one sample (clamped into range).
@@ -74,6 +76,9 @@ impl LatencyHistogram {
     /// `(bucket upper bound in ns, count)` pairs over logarithmic buckets,
     /// for plotting.
     pub fn buckets(&self) -> Vec<(u64, u64)> {
-        self.h.iter_log(1, 2.0).map(|v| (v.value_iterated_to(), v.count_since_last_iteration())).collect()
+        self.h
+            .iter_log(1, 2.0)
+            .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+            .collect()
     }
 }

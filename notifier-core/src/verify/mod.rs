@@ -10,7 +10,9 @@ mod histogram;
 mod oracle;
 mod test_primary;
 
-pub use conformance::{check_concurrent, check_secondary, ConformancePrimary, ConformanceReport, SecondaryUnderTest};
+pub use conformance::{
+    check_concurrent, check_secondary, ConformancePrimary, ConformanceReport, SecondaryUnderTest,
+};
 pub use histogram::{LatencyHistogram, Percentiles};
 pub use oracle::{HistoryEvent, Oracle, Violation};
 pub use test_primary::TestPrimary;
@@ -22,12 +24,20 @@ use crate::secondary::{ExternalAddress, Mirror, MirrorError};
 
 impl ConformancePrimary for TestPrimary {
     fn cpu_read(&self, addr: u64) -> u64 {
-        let t = self.fault_page(addr & !0xfff, false).expect("cpu read fault");
-        self.frames().load(t.pfn, (addr & 0xff8) as usize).expect("frame")
+        let t = self
+            .fault_page(addr & !0xfff, false)
+            .expect("cpu read fault");
+        self.frames()
+            .load(t.pfn, (addr & 0xff8) as usize)
+            .expect("frame")
     }
     fn cpu_write(&self, addr: u64, val: u64) {
-        let t = self.fault_page(addr & !0xfff, true).expect("cpu write fault");
-        self.frames().store(t.pfn, (addr & 0xff8) as usize, val).expect("frame")
+        let t = self
+            .fault_page(addr & !0xfff, true)
+            .expect("cpu write fault");
+        self.frames()
+            .store(t.pfn, (addr & 0xff8) as usize, val)
+            .expect("frame")
     }
     fn zap(&self, addr: u64) {
         self.unmap(addr, addr + crate::PAGE_SIZE);
@@ -51,7 +61,10 @@ pub struct CheckedMirror<P: Primary + ?Sized, A: ExternalAddress> {
 
 impl<P: Primary + ?Sized, A: ExternalAddress> core::fmt::Debug for CheckedMirror<P, A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("CheckedMirror").field("mirror", &self.mirror).field("oracle", &self.oracle).finish()
+        f.debug_struct("CheckedMirror")
+            .field("mirror", &self.mirror)
+            .field("oracle", &self.oracle)
+            .finish()
     }
 }
 
@@ -66,10 +79,14 @@ impl<P: Primary + 'static, A: ExternalAddress> CheckedMirror<P, A> {
 
 impl<P: Primary + ?Sized, A: ExternalAddress> SecondaryUnderTest for CheckedMirror<P, A> {
     fn read(&self, addr: u64) -> Result<u64, String> {
-        self.mirror.read_u64(0, addr).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+        self.mirror
+            .read_u64(0, addr)
+            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
     }
     fn write(&self, addr: u64, val: u64) -> Result<(), String> {
-        self.mirror.write_u64(0, addr, val).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+        self.mirror
+            .write_u64(0, addr, val)
+            .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
     }
     fn violations(&self) -> u64 {
         self.oracle.violation_count()

@@ -64,7 +64,9 @@ pub enum HistoryEvent {
 impl HistoryEvent {
     fn covers(&self, addr: u64) -> bool {
         match *self {
-            HistoryEvent::Op { start, end, .. } | HistoryEvent::Invalidate { start, end, .. } => start <= addr && addr < end,
+            HistoryEvent::Op { start, end, .. } | HistoryEvent::Invalidate { start, end, .. } => {
+                start <= addr && addr < end
+            }
             HistoryEvent::Fill { addr: a, .. } => a == addr,
         }
     }
@@ -98,7 +100,11 @@ impl core::fmt::Display for Violation {
             self.used.0,
             match self.primary {
                 None => "nothing".to_string(),
-                Some(t) => format!("pfn {:#x} {}", t.pfn.0, if t.writable { "rw" } else { "ro" }),
+                Some(t) => format!(
+                    "pfn {:#x} {}",
+                    t.pfn.0,
+                    if t.writable { "rw" } else { "ro" }
+                ),
             }
         )?;
         for h in &self.history {
@@ -125,7 +131,10 @@ pub struct Oracle {
 
 impl core::fmt::Debug for Oracle {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Oracle").field("checks", &self.checks()).field("violations", &self.violation_count()).finish()
+        f.debug_struct("Oracle")
+            .field("checks", &self.checks())
+            .field("violations", &self.violation_count())
+            .finish()
     }
 }
 
@@ -153,7 +162,12 @@ impl Oracle {
 
     /// Record a primary operation for the history.
     pub fn record_op(&self, op: &'static str, start: u64, end: u64) {
-        self.push(|seq| HistoryEvent::Op { seq, op, start, end });
+        self.push(|seq| HistoryEvent::Op {
+            seq,
+            op,
+            start,
+            end,
+        });
     }
 
     /// Number of accesses checked.
@@ -180,9 +194,22 @@ impl Oracle {
             Some(t) if t.pfn == pfn && (t.writable || !write) => None,
             _ => {
                 self.violations.fetch_add(1, Ordering::Relaxed);
-                let history: Vec<HistoryEvent> = self.history.lock().iter().filter(|e| e.covers(addr)).cloned().collect();
+                let history: Vec<HistoryEvent> = self
+                    .history
+                    .lock()
+                    .iter()
+                    .filter(|e| e.covers(addr))
+                    .cloned()
+                    .collect();
                 let tail = history.len().saturating_sub(12);
-                let v = Violation { device, addr, used: pfn, write, primary: now, history: history[tail..].to_vec() };
+                let v = Violation {
+                    device,
+                    addr,
+                    used: pfn,
+                    write,
+                    primary: now,
+                    history: history[tail..].to_vec(),
+                };
                 let mut first = self.first.lock();
                 if first.len() < KEEP {
                     first.push(v.clone());
@@ -199,9 +226,19 @@ impl AccessCheck for Oracle {
         self.check(device, addr, pfn, write);
     }
     fn on_fill(&self, addr: u64, pfn: Pfn, writable: bool) {
-        self.push(|seq| HistoryEvent::Fill { seq, addr, pfn, writable });
+        self.push(|seq| HistoryEvent::Fill {
+            seq,
+            addr,
+            pfn,
+            writable,
+        });
     }
     fn on_invalidate(&self, start: u64, end: u64, event: Event) {
-        self.push(|seq| HistoryEvent::Invalidate { seq, start, end, event });
+        self.push(|seq| HistoryEvent::Invalidate {
+            seq,
+            start,
+            end,
+            event,
+        });
     }
 }

@@ -36,7 +36,10 @@ pub struct TestPrimary {
 
 impl core::fmt::Debug for TestPrimary {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("TestPrimary").field("window", &self.window).field("mapped", &self.table.lock().len()).finish()
+        f.debug_struct("TestPrimary")
+            .field("window", &self.window)
+            .field("mapped", &self.table.lock().len())
+            .finish()
     }
 }
 
@@ -49,7 +52,13 @@ impl TestPrimary {
 
     /// The same over a given frame store.
     pub fn with_frames(window: PageRange, frames: Arc<dyn FrameStore>) -> Arc<Self> {
-        Arc::new(Self { notifiers: NotifierSubscriptions::new(), frames, window, table: Mutex::new(HashMap::new()), read_only_first: false })
+        Arc::new(Self {
+            notifiers: NotifierSubscriptions::new(),
+            frames,
+            window,
+            table: Mutex::new(HashMap::new()),
+            read_only_first: false,
+        })
     }
 
     /// Like [`Self::new`], but read faults map pages read-only and a write
@@ -69,9 +78,21 @@ impl TestPrimary {
         self.window
     }
 
-    fn bracket(&self, start: u64, end: u64, event: Event, f: impl FnOnce(&mut HashMap<u64, Pte>) -> Vec<Pfn>) {
-        let r = InvalidateRange::new(PageRange::from_bounds(start, end).expect("page range"), event);
-        let inv = self.notifiers.invalidate_range_start(&r).expect("blockable");
+    fn bracket(
+        &self,
+        start: u64,
+        end: u64,
+        event: Event,
+        f: impl FnOnce(&mut HashMap<u64, Pte>) -> Vec<Pfn>,
+    ) {
+        let r = InvalidateRange::new(
+            PageRange::from_bounds(start, end).expect("page range"),
+            event,
+        );
+        let inv = self
+            .notifiers
+            .invalidate_range_start(&r)
+            .expect("blockable");
         let freed = {
             let mut t = self.table.lock();
             f(&mut t)
@@ -101,15 +122,17 @@ impl TestPrimary {
     pub fn migrate(&self, addr: u64) -> Result<(), PrimaryFault> {
         let new = self.frames.alloc().map_err(|_| PrimaryFault::OutOfMemory)?;
         let mut unused = Some(new);
-        self.bracket(addr, addr + PAGE_SIZE, Event::Migrate, |t| match t.get_mut(&addr) {
-            Some(p) => {
-                let _ = self.frames.copy(p.pfn, new);
-                let old = p.pfn;
-                p.pfn = new;
-                unused = None;
-                vec![old]
+        self.bracket(addr, addr + PAGE_SIZE, Event::Migrate, |t| {
+            match t.get_mut(&addr) {
+                Some(p) => {
+                    let _ = self.frames.copy(p.pfn, new);
+                    let old = p.pfn;
+                    p.pfn = new;
+                    unused = None;
+                    vec![old]
+                }
+                None => vec![],
             }
-            None => vec![],
         });
         if let Some(n) = unused {
             self.frames.free(n);
@@ -154,7 +177,10 @@ impl Primary for TestPrimary {
             let t = self.table.lock();
             if let Some(p) = t.get(&addr) {
                 if p.writable || !write {
-                    return Ok(Translation { pfn: p.pfn, writable: p.writable });
+                    return Ok(Translation {
+                        pfn: p.pfn,
+                        writable: p.writable,
+                    });
                 }
             }
         }
@@ -169,7 +195,10 @@ impl Primary for TestPrimary {
                         let p = *p;
                         drop(t);
                         self.frames.free(new);
-                        Ok(Translation { pfn: p.pfn, writable: p.writable })
+                        Ok(Translation {
+                            pfn: p.pfn,
+                            writable: p.writable,
+                        })
                     }
                     Some(_) => {
                         drop(t);
@@ -186,15 +215,23 @@ impl Primary for TestPrimary {
             Some(_) => {
                 // Write to a read-only page: break COW into the new frame.
                 let mut out = None;
-                self.bracket(addr, addr + PAGE_SIZE, Event::Clear, |t| match t.get_mut(&addr) {
-                    Some(p) if !p.writable => {
-                        let _ = self.frames.copy(p.pfn, new);
-                        let old = p.pfn;
-                        *p = Pte { pfn: new, writable: true };
-                        out = Some(Translation { pfn: new, writable: true });
-                        vec![old]
+                self.bracket(addr, addr + PAGE_SIZE, Event::Clear, |t| {
+                    match t.get_mut(&addr) {
+                        Some(p) if !p.writable => {
+                            let _ = self.frames.copy(p.pfn, new);
+                            let old = p.pfn;
+                            *p = Pte {
+                                pfn: new,
+                                writable: true,
+                            };
+                            out = Some(Translation {
+                                pfn: new,
+                                writable: true,
+                            });
+                            vec![old]
+                        }
+                        _ => vec![],
                     }
-                    _ => vec![],
                 });
                 match out {
                     Some(t) => Ok(t),
@@ -208,6 +245,9 @@ impl Primary for TestPrimary {
     }
 
     fn lookup_page(&self, addr: u64) -> Option<Translation> {
-        self.table.lock().get(&addr).map(|p| Translation { pfn: p.pfn, writable: p.writable })
+        self.table.lock().get(&addr).map(|p| Translation {
+            pfn: p.pfn,
+            writable: p.writable,
+        })
     }
 }
