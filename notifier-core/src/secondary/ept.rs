@@ -277,6 +277,7 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
     ) -> u64 {
         let (mut raw, end) = (start.raw() & !0xfff, end.raw());
         let mut n = 0;
+        let mut removed = 0;
         while raw < end {
             let next_pmd_entry = (raw | (HUGE_SIZE - 1)).saturating_add(1);
             let Some(l3) = self.root.next[idx(raw, 3)].get() else {
@@ -302,7 +303,7 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
                         );
                     } else {
                         pmd.huge[i1].store(0, Ordering::Release);
-                        self.mapped.fetch_sub(HUGE_PAGES, Ordering::Relaxed);
+                        removed += HUGE_PAGES;
                     }
                     flushed(raw, HUGE_SIZE);
                     n += HUGE_PAGES;
@@ -321,7 +322,7 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
                             p.store(e & !(2 << PERM_SHIFT), Ordering::Release);
                         } else {
                             p.store(0, Ordering::Release);
-                            self.mapped.fetch_sub(1, Ordering::Relaxed);
+                            removed += 1;
                         }
                         flushed(raw, 4096);
                         n += 1;
@@ -330,6 +331,9 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
                 }
             }
             raw = stop;
+        }
+        if removed != 0 {
+            self.mapped.fetch_sub(removed, Ordering::Relaxed);
         }
         n
     }

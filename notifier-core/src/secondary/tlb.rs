@@ -62,14 +62,6 @@ impl TlbStats {
     }
 }
 
-#[derive(Clone, Copy, Default)]
-struct Entry {
-    /// Virtual page number + 1; 0 means empty.
-    tag: u64,
-    pfn: u64,
-    perm: Perm,
-}
-
 /// One cached translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TlbEntry {
@@ -80,8 +72,14 @@ pub struct TlbEntry {
 }
 
 /// A set-associative TLB.
+///
+/// Tags and data live in separate arrays: the ways of a set share one
+/// cache line of tags (8 ways x 8 bytes), which is all a lookup scans.
 pub struct Tlb {
-    entries: Box<[Entry]>,
+    /// Virtual page number + 1 per way; 0 means empty.
+    tags: Box<[u64]>,
+    /// `pfn << 2 | perm` per way.
+    data: Box<[u64]>,
     victim: Box<[u8]>,
     set_mask: u64,
     ways: usize,
@@ -105,7 +103,8 @@ impl Tlb {
         let sets = cfg.sets.max(1).next_power_of_two();
         let ways = cfg.ways.clamp(1, 255);
         Self {
-            entries: vec![Entry::default(); sets * ways].into_boxed_slice(),
+            tags: vec![0; sets * ways].into_boxed_slice(),
+            data: vec![0; sets * ways].into_boxed_slice(),
             victim: vec![0; sets].into_boxed_slice(),
             set_mask: sets as u64 - 1,
             ways,
@@ -119,95 +118,84 @@ impl Tlb {
         ((vpn ^ (vpn >> 9)) & self.set_mask) as usize * self.ways
     }
 
+    #[inline]
+    fn find(&self, base: usize, tag: u64) -> Option<usize> {
+        self.tags[base..base + self.ways].iter().position(|&t| t == tag).map(|i| base + i)
+    }
+
     /// Look up the page of `addr`.
     #[inline]
     pub fn lookup(&mut self, addr: u64) -> Option<TlbEntry> {
         let vpn = addr >> 12;
-        let base = self.set_of(vpn);
-        for e in &self.entries[base..base + self.ways] {
-            if e.tag == vpn + 1 {
+        match self.find(self.set_of(vpn), vpn + 1) {
+            Some(i) => {
                 self.stats.hits += 1;
-                return Some(TlbEntry {
-                    pfn: Pfn(e.pfn),
-                    perm: e.perm,
-                });
+                let d = self.data[i];
+                Some(TlbEntry { pfn: Pfn(d >> 2), perm: Perm::from_bits(d as u8) })
+            }
+            None => {
+                self.stats.misses += 1;
+                None
             }
         }
-        self.stats.misses += 1;
-        None
     }
 
     /// Insert a translation for the page of `addr`, evicting round-robin.
     #[inline]
     pub fn fill(&mut self, addr: u64, pfn: Pfn, perm: Perm) {
         let vpn = addr >> 12;
-        let set = self.set_of(vpn);
-        let ways = &mut self.entries[set..set + self.ways];
-        let slot = match ways.iter().position(|e| e.tag == vpn + 1 || e.tag == 0) {
-            Some(i) => i,
+        let base = self.set_of(vpn);
+        let slot = match self.tags[base..base + self.ways].iter().position(|&t| t == vpn + 1 || t == 0) {
+            Some(i) => base + i,
             None => {
-                let v = &mut self.victim[set / self.ways];
+                let v = &mut self.victim[base / self.ways];
                 let i = *v as usize % self.ways;
                 *v = v.wrapping_add(1);
-                i
+                base + i
             }
         };
-        ways[slot] = Entry {
-            tag: vpn + 1,
-            pfn: pfn.0,
-            perm,
-        };
+        self.tags[slot] = vpn + 1;
+        self.data[slot] = pfn.0 << 2 | perm.bits() as u64;
     }
 
     /// Remove the page of `addr`.
     pub fn flush_page(&mut self, addr: u64) {
         self.stats.flushes += 1;
         let vpn = addr >> 12;
-        let base = self.set_of(vpn);
-        for e in &mut self.entries[base..base + self.ways] {
-            if e.tag == vpn + 1 {
-                e.tag = 0;
-                self.stats.shootdowns += 1;
-            }
+        if let Some(i) = self.find(self.set_of(vpn), vpn + 1) {
+            self.tags[i] = 0;
+            self.stats.shootdowns += 1;
         }
     }
 
     /// Remove every page of `[start, end)`.
     pub fn flush_range(&mut self, start: u64, end: u64) {
-        let pages = (end.saturating_sub(start)) >> 12;
-        if pages > self.entries.len() as u64 {
-            // Cheaper to scan every entry once.
-            self.stats.flushes += 1;
-            let (lo, hi) = (start >> 12, end >> 12);
-            for e in self.entries.iter_mut() {
-                if e.tag != 0 && (lo..hi).contains(&(e.tag - 1)) {
-                    e.tag = 0;
+        self.stats.flushes += 1;
+        let (lo, hi) = (start >> 12, end.saturating_add(0xfff) >> 12);
+        if hi - lo > (self.tags.len() / 4) as u64 {
+            // Cheaper to scan every tag once.
+            for t in self.tags.iter_mut() {
+                if *t != 0 && (lo..hi).contains(&(*t - 1)) {
+                    *t = 0;
                     self.stats.shootdowns += 1;
                 }
             }
             return;
         }
-        self.stats.flushes += 1;
-        let mut a = start & !0xfff;
-        while a < end {
-            let vpn = a >> 12;
-            let base = self.set_of(vpn);
-            for e in &mut self.entries[base..base + self.ways] {
-                if e.tag == vpn + 1 {
-                    e.tag = 0;
-                    self.stats.shootdowns += 1;
-                }
+        for vpn in lo..hi {
+            if let Some(i) = self.find(self.set_of(vpn), vpn + 1) {
+                self.tags[i] = 0;
+                self.stats.shootdowns += 1;
             }
-            a += 4096;
         }
     }
 
     /// Remove everything.
     pub fn flush_all(&mut self) {
         self.stats.flushes += 1;
-        for e in self.entries.iter_mut() {
-            if e.tag != 0 {
-                e.tag = 0;
+        for t in self.tags.iter_mut() {
+            if *t != 0 {
+                *t = 0;
                 self.stats.shootdowns += 1;
             }
         }
@@ -220,7 +208,7 @@ impl Tlb {
 
     /// Number of entries.
     pub fn capacity(&self) -> usize {
-        self.entries.len()
+        self.tags.len()
     }
 }
 
