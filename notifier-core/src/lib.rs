@@ -16,4 +16,6 @@ mod sync;
 
 pub use addr::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
 pub mod frame;
+#[cfg(not(loom))]
+pub mod mm;
 pub mod primary;
