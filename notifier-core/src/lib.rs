@@ -16,6 +16,8 @@ mod sync;
 
 pub use addr::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
 pub mod frame;
+#[cfg(not(loom))]
+pub mod mm;
 pub mod primary;
 pub mod secondary;
 #[cfg(feature = "verify")]
