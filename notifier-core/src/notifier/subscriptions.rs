@@ -787,6 +787,16 @@ impl MmuNotifier {
     }
 }
 
+impl Drop for MmuNotifier {
+    /// Dropping the handle unregisters the subscriber (errors ignored: it
+    /// may already be unregistered or released).
+    fn drop(&mut self) {
+        if self.is_registered() {
+            let _ = self.subs.unregister(&self.entry);
+        }
+    }
+}
+
 impl core::fmt::Debug for MmuNotifier {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("MmuNotifier")

@@ -42,8 +42,8 @@ use super::ext_addr::{ExternalAddress, Perm};
 use super::tlb::{FlushBatch, Tlb, TlbConfig, TlbStats};
 use crate::frame::{FrameStore, Pfn};
 use crate::notifier::{
-    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
-    NotifierError,
+    Again, Event, Hooks, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange, MmuNotifier,
+    MmuNotifierOps, NotifierError,
 };
 use crate::primary::{Primary, PrimaryFault, Translation};
 use crate::PAGE_SIZE;
@@ -61,8 +61,27 @@ pub struct MirrorConfig {
     pub devices: usize,
     /// TLB geometry of each device.
     pub tlb: TlbConfig,
-    /// Pages collected before an invalidation flushes TLBs early.
+    /// Spans collected before an invalidation flushes TLBs early.
     pub flush_batch: usize,
+    /// When device TLBs are flushed.
+    pub flush: FlushPolicy,
+}
+
+/// When an invalidation flushes the devices' TLBs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FlushPolicy {
+    /// In the invalidate callback, before the primary changes any PTE
+    /// (what ODP and HMM mirrors do): a device never sees a translation
+    /// the primary has already changed.
+    #[default]
+    InCallback,
+    /// The external table is cleared in the callback (no new TLB fills),
+    /// but device TLBs are flushed only at the bracket's end, in one batch
+    /// (what an IOMMU that batches invalidations does). Devices may use a
+    /// stale translation until the end, which is safe only because the
+    /// primary frees no frame before the end; check such mirrors with the
+    /// oracle's liveness mode.
+    AtEnd,
 }
 
 impl MirrorConfig {
@@ -76,6 +95,7 @@ impl MirrorConfig {
             devices: 1,
             tlb: TlbConfig::default(),
             flush_batch: 64,
+            flush: FlushPolicy::InCallback,
         }
     }
 }
@@ -130,11 +150,16 @@ pub trait AccessCheck: Send + Sync {
     /// A device is about to touch `pfn` as the page at primary address
     /// `addr`.
     fn check_access(&self, device: usize, addr: u64, pfn: Pfn, write: bool);
+    /// A mirror's invalidate callback starts working on `[start, end)`.
+    fn on_invalidate_begin(&self, start: u64, end: u64, event: Event) {
+        let _ = (start, end, event);
+    }
     /// The mirror wrote an external entry for `addr`.
     fn on_fill(&self, addr: u64, pfn: Pfn, writable: bool) {
         let _ = (addr, pfn, writable);
     }
-    /// The mirror's invalidate callback ran for `range` (clipped).
+    /// The mirror's invalidate callback finished `[start, end)` (clipped),
+    /// its TLB shootdowns done (or queued, with [`FlushPolicy::AtEnd`]).
     fn on_invalidate(&self, start: u64, end: u64, event: Event) {
         let _ = (start, end, event);
     }
@@ -220,6 +245,8 @@ pub struct MirrorShared<A: ExternalAddress> {
     counters: Counters,
     inject: MirrorInject,
     check: Option<Arc<dyn AccessCheck>>,
+    /// Spans waiting for the bracket's end ([`FlushPolicy::AtEnd`]).
+    at_end: Mutex<Vec<(u64, u64)>>,
 }
 
 impl<A: ExternalAddress> MirrorShared<A> {
@@ -232,6 +259,14 @@ impl<A: ExternalAddress> MirrorShared<A> {
     /// each device's lock: when this returns no device is mid-access with
     /// one of these translations.
     fn shootdown(&self, spans: &[(u64, u64)]) {
+        if self.cfg.flush == FlushPolicy::AtEnd {
+            self.at_end.lock().extend_from_slice(spans);
+            return;
+        }
+        self.flush_devices(spans);
+    }
+
+    fn flush_devices(&self, spans: &[(u64, u64)]) {
         let defer = self.inject.flush_after_end.load(Ordering::Relaxed) != 0;
         for d in self.devices.iter() {
             let mut d = d.lock();
@@ -267,6 +302,9 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
         if start >= end {
             return Ok(());
         }
+        if let Some(c) = &self.check {
+            c.on_invalidate_begin(start, end, range.event);
+        }
         let mut batch = FlushBatch::new(self.cfg.flush_batch);
         let n = self.ept.unmap_range(
             A::from_raw(self.ext(start)),
@@ -286,16 +324,39 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
     }
 }
 
+/// The range subscriber of a [`FlushPolicy::AtEnd`] mirror: flushes the
+/// queued spans at every bracket's end, before the primary frees frames.
+struct EndFlusher<A: ExternalAddress>(std::sync::Weak<IntervalSubscriptionHolder<A>>);
+
+/// Shared ownership of the subscription so the end hook can reach it.
+struct IntervalSubscriptionHolder<A: ExternalAddress>(IntervalSubscription<MirrorShared<A>>);
+
+impl<A: ExternalAddress> MmuNotifierOps for EndFlusher<A> {
+    fn hooks(&self) -> Hooks {
+        Hooks::END
+    }
+    fn invalidate_range_end(&self, _range: &InvalidateRange) {
+        if let Some(h) = self.0.upgrade() {
+            let sh = h.0.ops();
+            let spans = core::mem::take(&mut *sh.at_end.lock());
+            if !spans.is_empty() {
+                sh.flush_devices(&spans);
+            }
+        }
+    }
+}
+
 /// A secondary MMU mirroring a range of a primary.
 pub struct Mirror<P: Primary + ?Sized, A: ExternalAddress> {
     primary: Arc<P>,
-    sub: IntervalSubscription<MirrorShared<A>>,
+    sub: Arc<IntervalSubscriptionHolder<A>>,
+    end_hook: Option<MmuNotifier>,
 }
 
 impl<P: Primary + ?Sized, A: ExternalAddress> core::fmt::Debug for Mirror<P, A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Mirror")
-            .field("cfg", &self.sub.ops().cfg)
+            .field("cfg", &self.sub.0.ops().cfg)
             .field("stats", &self.stats())
             .finish()
     }
@@ -329,26 +390,33 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             counters: Counters::default(),
             inject: MirrorInject::default(),
             check,
+            at_end: Mutex::new(Vec::new()),
         };
-        let sub = primary
-            .notifiers()
-            .interval_subscribe(cfg.start, cfg.len, shared)?;
-        Ok(Self { primary, sub })
+        let sub = primary.notifiers().interval_subscribe(cfg.start, cfg.len, shared)?;
+        let sub = Arc::new(IntervalSubscriptionHolder(sub));
+        let end_hook = match cfg.flush {
+            FlushPolicy::InCallback => None,
+            FlushPolicy::AtEnd => {
+                let flusher = Arc::new(EndFlusher(Arc::downgrade(&sub)));
+                Some(primary.notifiers().register(flusher)?)
+            }
+        };
+        Ok(Self { primary, sub, end_hook })
     }
 
     /// The configuration.
     pub fn config(&self) -> &MirrorConfig {
-        &self.sub.ops().cfg
+        &self.sub.0.ops().cfg
     }
 
     /// The fault-injection switches.
     pub fn inject(&self) -> &MirrorInject {
-        &self.sub.ops().inject
+        &self.sub.0.ops().inject
     }
 
     /// The external page table (read-only view).
     pub fn ept(&self) -> &ExternalPageTable<A> {
-        &self.sub.ops().ept
+        &self.sub.0.ops().ept
     }
 
     /// The primary.
@@ -358,12 +426,12 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
 
     /// The interval subscription.
     pub fn subscription(&self) -> &IntervalNotifier {
-        &self.sub
+        &self.sub.0
     }
 
     #[inline]
     fn check_addr(&self, addr: u64) -> Result<u64, MirrorError> {
-        let c = &self.sub.ops().cfg;
+        let c = &self.sub.0.ops().cfg;
         if addr < c.start || addr - c.start >= c.len {
             return Err(MirrorError::OutOfRange(addr));
         }
@@ -384,9 +452,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
         mode: FaultMode,
     ) -> Result<Translation, MirrorError> {
         let page = self.check_addr(addr)?;
-        let sh = self.sub.ops();
+        let sh = self.sub.0.ops();
         loop {
-            let seq = self.sub.read_begin();
+            let seq = self.sub.0.read_begin();
             let t = match mode {
                 FaultMode::Fault => self.primary.fault_page(page, write)?,
                 FaultMode::Snapshot => self
@@ -395,23 +463,19 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                     .ok_or(PrimaryFault::NotPresent(page))?,
             };
             let g = sh.lock.lock();
-            if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.read_retry(seq) {
+            if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq) {
                 drop(g);
                 sh.counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            sh.ept
-                .map(
-                    A::from_raw(sh.ext(page)),
-                    t.pfn,
-                    Perm::from_writable(t.writable),
-                )
-                .map_err(|_| MirrorError::OutOfRange(page))?;
-            drop(g);
-            sh.counters.faults.fetch_add(1, Ordering::Relaxed);
+            // Tell the checker before the entry becomes visible to devices.
             if let Some(c) = &sh.check {
                 c.on_fill(page, t.pfn, t.writable);
             }
+            let perm = Perm::from_writable(t.writable);
+            sh.ept.map(A::from_raw(sh.ext(page)), t.pfn, perm).map_err(|_| MirrorError::OutOfRange(page))?;
+            drop(g);
+            sh.counters.faults.fetch_add(1, Ordering::Relaxed);
             return Ok(t);
         }
     }
@@ -457,7 +521,7 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
         op: impl FnOnce(&dyn FrameStore, Pfn) -> R,
     ) -> Result<R, MirrorError> {
         let page = self.check_addr(addr)?;
-        let sh = self.sub.ops();
+        let sh = self.sub.0.ops();
         let dev_lock = sh.devices.get(dev).ok_or(MirrorError::NoDevice(dev))?;
         let ext = sh.ext(page);
         let mut op = Some(op);
@@ -514,7 +578,7 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// does before it decides to fault.
     pub fn translate(&self, dev: usize, addr: u64) -> Option<(Pfn, Perm)> {
         let page = self.check_addr(addr).ok()?;
-        let sh = self.sub.ops();
+        let sh = self.sub.0.ops();
         let ext = sh.ext(page);
         let mut d = sh.devices.get(dev)?.lock();
         if let Some(e) = d.tlb.lookup(ext) {
@@ -527,7 +591,7 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
 
     /// Counters, with TLB counters summed over devices.
     pub fn stats(&self) -> MirrorStats {
-        let sh = self.sub.ops();
+        let sh = self.sub.0.ops();
         let mut tlb = TlbStats::default();
         let mut accesses = 0;
         for d in sh.devices.iter() {
@@ -552,6 +616,10 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// # Errors
     /// [`MirrorError::Notifier`] if already detached.
     pub fn detach(&self) -> Result<(), MirrorError> {
-        Ok(self.sub.unsubscribe()?)
+        self.sub.0.unsubscribe()?;
+        if let Some(h) = &self.end_hook {
+            h.unregister()?;
+        }
+        Ok(())
     }
 }

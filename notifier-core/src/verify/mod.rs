@@ -8,13 +8,17 @@
 mod conformance;
 mod histogram;
 mod oracle;
+mod shadow;
 mod test_primary;
+mod tracked_frames;
 
 pub use conformance::{
     check_concurrent, check_secondary, ConformancePrimary, ConformanceReport, SecondaryUnderTest,
 };
 pub use histogram::{LatencyHistogram, Percentiles};
-pub use oracle::{HistoryEvent, Oracle, Violation};
+pub use oracle::{HistoryEvent, Oracle, OracleMode, Violation};
+pub use shadow::MmShadow;
+pub use tracked_frames::TrackedFrames;
 pub use test_primary::TestPrimary;
 
 use std::sync::Arc;
@@ -51,6 +55,25 @@ impl ConformancePrimary for TestPrimary {
     }
 }
 
+impl ConformancePrimary for crate::mm::Mm {
+    fn cpu_read(&self, addr: u64) -> u64 {
+        self.read_u64(addr).expect("cpu read")
+    }
+    fn cpu_write(&self, addr: u64, val: u64) {
+        self.write_u64(addr, val).expect("cpu write")
+    }
+    fn zap(&self, addr: u64) {
+        self.madvise(addr, crate::PAGE_SIZE, crate::mm::Advice::DontNeed).expect("madvise")
+    }
+    fn migrate(&self, addr: u64) -> bool {
+        crate::mm::Mm::migrate(self, addr, crate::PAGE_SIZE).is_ok()
+    }
+    fn write_protect(&self, addr: u64) -> bool {
+        self.mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::READ).is_ok()
+            && self.mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::RW).is_ok()
+    }
+}
+
 /// A mirror with its oracle, as a [`SecondaryUnderTest`] on device 0.
 pub struct CheckedMirror<P: Primary + ?Sized, A: ExternalAddress> {
     /// The mirror.
@@ -69,9 +92,19 @@ impl<P: Primary + ?Sized, A: ExternalAddress> core::fmt::Debug for CheckedMirror
 }
 
 impl<P: Primary + 'static, A: ExternalAddress> CheckedMirror<P, A> {
-    /// Build a mirror of `cfg` over `primary` with a fresh oracle.
+    /// Build a mirror of `cfg` over `primary` with a fresh oracle reading
+    /// `primary.lookup_page` (see [`Oracle::new`] for when that is safe).
     pub fn new(primary: Arc<P>, cfg: crate::secondary::MirrorConfig) -> Result<Self, MirrorError> {
         let oracle = Oracle::new(primary.clone());
+        Self::with_oracle(primary, cfg, oracle)
+    }
+
+    /// Build a mirror of `cfg` over `primary` checked by `oracle`.
+    pub fn with_oracle(
+        primary: Arc<P>,
+        cfg: crate::secondary::MirrorConfig,
+        oracle: Arc<Oracle>,
+    ) -> Result<Self, MirrorError> {
         let mirror = Mirror::new(primary, cfg, Some(oracle.clone()))?;
         Ok(Self { mirror, oracle })
     }

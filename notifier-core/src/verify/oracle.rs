@@ -119,9 +119,26 @@ const KEEP: usize = 16;
 /// Events kept in the history ring.
 const RING: usize = 1 << 14;
 
+/// Which invariant the oracle checks.
+pub enum OracleMode {
+    /// The primary maps the page to that frame with that permission now
+    /// (for mirrors that flush in the invalidate callback).
+    Strict,
+    /// The frame has not been freed since the translation was filled (for
+    /// [`FlushPolicy::AtEnd`](crate::secondary::FlushPolicy) mirrors, which
+    /// may legitimately use a translation until the bracket ends).
+    Liveness(Arc<dyn Fn(Pfn) -> u64 + Send + Sync>),
+}
+
+/// Where the oracle reads what the primary maps now.
+type Source = Box<dyn Fn(u64) -> Option<Translation> + Send + Sync>;
+
 /// The coherence oracle over one primary.
 pub struct Oracle {
-    primary: Arc<dyn Primary>,
+    source: Source,
+    mode: OracleMode,
+    /// Liveness mode: frame generation at the last fill of each page.
+    filled: Mutex<std::collections::HashMap<(u64, u64), u64>>,
     checks: AtomicU64,
     violations: AtomicU64,
     first: Mutex<Vec<Violation>>,
@@ -140,9 +157,39 @@ impl core::fmt::Debug for Oracle {
 
 impl Oracle {
     /// An oracle that checks accesses against `primary`.
+    ///
+    /// It calls `primary.lookup_page` under device locks: use it only with
+    /// primaries whose lookup takes no lock that their invalidation path
+    /// holds (the test primary); for `mm::Mm` use [`Oracle::for_mm`].
     pub fn new(primary: Arc<dyn Primary>) -> Arc<Self> {
+        Self::with_mode(Box::new(move |a| primary.lookup_page(a)), OracleMode::Strict)
+    }
+
+    /// A strict oracle over a software primary, reading a shadow of its
+    /// page table (see [`super::MmShadow`]). Create it before mapping.
+    pub fn for_mm(mm: &crate::mm::Mm) -> Arc<Self> {
+        let shadow = super::MmShadow::attach(mm);
+        Self::with_mode(Box::new(move |a| shadow.lookup(a)), OracleMode::Strict)
+    }
+
+    /// An oracle in liveness mode over `frames` (see [`OracleMode::Liveness`]).
+    /// The software primary `mm` must use `frames` as its frame store;
+    /// create the oracle before mapping.
+    pub fn liveness<F: crate::frame::FrameStore + 'static>(
+        mm: &crate::mm::Mm,
+        frames: Arc<super::TrackedFrames<F>>,
+    ) -> Arc<Self> {
+        let shadow = super::MmShadow::attach(mm);
+        let source: Source = Box::new(move |a| shadow.lookup(a));
+        Self::with_mode(source, OracleMode::Liveness(Arc::new(move |pfn| frames.generation(pfn))))
+    }
+
+    /// An oracle checking `mode`'s invariant.
+    pub fn with_mode(source: Source, mode: OracleMode) -> Arc<Self> {
         Arc::new(Self {
-            primary,
+            source,
+            mode,
+            filled: Mutex::new(std::collections::HashMap::new()),
             checks: AtomicU64::new(0),
             violations: AtomicU64::new(0),
             first: Mutex::new(Vec::new()),
@@ -189,10 +236,16 @@ impl Oracle {
     /// returns the violation, if any.
     pub fn check(&self, device: usize, addr: u64, pfn: Pfn, write: bool) -> Option<Violation> {
         self.checks.fetch_add(1, Ordering::Relaxed);
-        let now = self.primary.lookup_page(addr);
-        match now {
-            Some(t) if t.pfn == pfn && (t.writable || !write) => None,
-            _ => {
+        let ok = match &self.mode {
+            OracleMode::Strict => {
+                matches!((self.source)(addr), Some(t) if t.pfn == pfn && (t.writable || !write))
+            }
+            OracleMode::Liveness(gen) => self.filled.lock().get(&(addr, pfn.0)).is_some_and(|g| *g == gen(pfn)),
+        };
+        let now = if ok { None } else { (self.source)(addr) };
+        match ok {
+            true => None,
+            false => {
                 self.violations.fetch_add(1, Ordering::Relaxed);
                 let history: Vec<HistoryEvent> = self
                     .history
