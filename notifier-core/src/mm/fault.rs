@@ -159,8 +159,7 @@ impl Mm {
             p.dirty = write;
             self.install_existing(vma, addr, e, old, p);
         } else if write {
-            let new = self.mem.alloc_page(true)?;
-            self.mem.frames.copy(page, new)?;
+            let new = self.mem.alloc_copy(page)?;
             self.install_new(vma, addr, e, old, PresentPte::new(new, true, false));
         } else {
             self.install_existing(vma, addr, e, old, PresentPte::new(page, false, false));
@@ -204,11 +203,13 @@ impl Mm {
         }
         // wp_page_copy: copy the old contents (nothing to copy from the zero
         // page; a raw PFN is read from device memory when there is some).
-        let new = self.mem.alloc_page(true)?;
-        if p.pfn != self.mem.zero {
-            let r = if self.mem.frames.pfn_valid(p.pfn) {
-                self.mem.frames.copy(p.pfn, new)
-            } else if let Some(io) = self.mem.store_for(p.pfn) {
+        let new = if p.pfn != self.mem.zero && self.mem.frames.pfn_valid(p.pfn) {
+            self.mem.alloc_copy(p.pfn)?
+        } else {
+            self.mem.alloc_page(true)?
+        };
+        if p.pfn != self.mem.zero && !self.mem.frames.pfn_valid(p.pfn) {
+            let r = if let Some(io) = self.mem.store_for(p.pfn) {
                 (0..FRAME_WORDS).try_for_each(|w| self.mem.frames.store(new, w * 8, io.load(p.pfn, w * 8)?))
             } else {
                 Ok(())

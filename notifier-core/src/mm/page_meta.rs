@@ -102,6 +102,13 @@ impl Memory {
         Ok(pfn)
     }
 
+    /// Allocate an anonymous frame holding a copy of `src`, with one reference.
+    pub(crate) fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
+        let pfn = self.frames.alloc_copy(src)?;
+        self.shard(pfn).lock().insert(pfn.0, PageInfo { refcount: 1, mapcount: 0, anon: true });
+        Ok(pfn)
+    }
+
     /// Drop a reference (`put_page`); the frame goes back to the store at
     /// zero. The caller guarantees every invalidation that covered a
     /// mapping of this reference has ended.

