@@ -66,7 +66,10 @@ fn cow_write_fault(c: &mut Criterion) {
     });
     // The copy's source pages are cold (16 MiB working set) or cache-warm
     // (1 MiB): the 4 KiB copy from DRAM dominates the cold case.
-    for (name, chunk) in [("after_fork_copy_cold_16MiB", CHUNK), ("after_fork_copy_warm_1MiB", 256)] {
+    for (name, chunk) in [
+        ("after_fork_copy_cold_16MiB", CHUNK),
+        ("after_fork_copy_warm_1MiB", 256),
+    ] {
         let m = mm(2 * chunk as usize + 16);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {

@@ -32,7 +32,14 @@ fn measure(len: u64, stride: u64) -> Figures {
     let touched_2m = (len.div_ceil(LEAF_SPAN)).min(mapped) as f64;
     let leaf_bytes = m.leaf_bytes;
     let budget = 1.1 * 8.0 * mapped as f64 + 4096.0 * touched_2m;
-    let f = Figures { mapped, leaves: m.leaves, dirs: m.dirs, bytes: m.bytes, leaf_bytes, budget };
+    let f = Figures {
+        mapped,
+        leaves: m.leaves,
+        dirs: m.dirs,
+        bytes: m.bytes,
+        leaf_bytes,
+        budget,
+    };
     eprintln!(
         "len {len:#x} stride {stride:#x}: mapped {} pages, {} leaves, {} dirs, {} B total, {} B in leaves, budget {:.0} B (+ dirs)",
         f.mapped, f.leaves, f.dirs, f.bytes, f.leaf_bytes, f.budget
@@ -51,7 +58,12 @@ fn page_table_memory_dense_is_within_budget_including_directories() {
 fn page_table_memory_one_page_per_2mib_leaves_within_budget() {
     let f = measure(64 << 20, LEAF_SPAN);
     assert_eq!(f.leaves, 32);
-    assert!((f.leaf_bytes as f64) <= f.budget, "{} > {}", f.leaf_bytes, f.budget);
+    assert!(
+        (f.leaf_bytes as f64) <= f.budget,
+        "{} > {}",
+        f.leaf_bytes,
+        f.budget
+    );
     // Directories: PGD, one PUD, one PMD for a 64 MiB region.
     assert_eq!(f.dirs, 3);
 }
