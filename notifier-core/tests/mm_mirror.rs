@@ -147,7 +147,7 @@ fn skipping_an_invalidation_leaves_the_mirror_stale() {
         .notifiers()
         .interval_subscribe(a, 2 * PAGE, MirrorOps(mirror.clone()))
         .unwrap();
-    let mut fill = |addr: u64| {
+    let fill = |addr: u64| {
         let seq = sub.notifier().read_begin();
         let t = mm.fault_page(addr, true).unwrap();
         let mut tab = mirror.table.lock();
