@@ -27,8 +27,8 @@ impl Mm {
     /// # Errors
     /// Range errors; [`MmError::NoVma`]; [`MmError::MremapSpansVmas`] when
     /// the old range is not inside one VMA; [`MmError::CannotGrow`];
-    /// [`MmError::WrongVmaKind`] when growing a PFN, mixed or special
-    /// mapping; [`MmError::Busy`] for a fixed destination overlapping the
+    /// [`MmError::WrongVmaKind`] when growing a PFN, mixed, special or
+    /// shared anonymous mapping; [`MmError::Busy`] for a fixed destination overlapping the
     /// source or without `may_move`; [`MmError::NoSpace`].
     ///
     /// # Locking
