@@ -63,6 +63,18 @@ pub trait FrameStore: Send + Sync {
     /// Frames currently allocated.
     fn allocated(&self) -> usize;
 
+    /// Allocate a frame holding a copy of `src` (copy-on-write). The
+    /// default allocates a zeroed frame and copies; a store may skip the
+    /// zeroing.
+    fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
+        let dst = self.alloc()?;
+        if let Err(e) = self.copy(src, dst) {
+            self.free(dst);
+            return Err(e);
+        }
+        Ok(dst)
+    }
+
     /// Copy the whole frame `src` into `dst`.
     fn copy(&self, src: Pfn, dst: Pfn) -> Result<(), FrameError> {
         for w in 0..FRAME_WORDS {
@@ -152,6 +164,9 @@ impl<T: FrameStore + ?Sized> FrameStore for std::sync::Arc<T> {
     fn copy(&self, src: Pfn, dst: Pfn) -> Result<(), FrameError> {
         (**self).copy(src, dst)
     }
+    fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
+        (**self).alloc_copy(src)
+    }
     fn zero(&self, pfn: Pfn) -> Result<(), FrameError> {
         (**self).zero(pfn)
     }
@@ -183,6 +198,12 @@ impl HeapFrames {
             free: parking_lot::Mutex::new(free),
             allocated: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    #[inline]
+    fn frame(&self, pfn: Pfn) -> Result<&Frame, FrameError> {
+        let i = pfn.0.wrapping_sub(self.base);
+        self.frames.get(i as usize).filter(|_| i < self.frames.len() as u64).ok_or(FrameError::InvalidPfn(pfn.0))
     }
 
     #[inline]
@@ -256,6 +277,35 @@ impl FrameStore for HeapFrames {
 
     fn allocated(&self) -> usize {
         self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Pop a frame and fill it from `src` directly (no zeroing first).
+    fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
+        let s = self.frame(src)?;
+        let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
+        self.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = self.frame(Pfn(pfn))?;
+        for (a, b) in s.iter().zip(d.iter()) {
+            b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        Ok(Pfn(pfn))
+    }
+
+    /// Whole-frame copy without per-word dispatch and bounds checks.
+    fn copy(&self, src: Pfn, dst: Pfn) -> Result<(), FrameError> {
+        let (s, d) = (self.frame(src)?, self.frame(dst)?);
+        for (a, b) in s.iter().zip(d.iter()) {
+            b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whole-frame zeroing without per-word dispatch and bounds checks.
+    fn zero(&self, pfn: Pfn) -> Result<(), FrameError> {
+        for w in self.frame(pfn)?.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 

@@ -71,8 +71,13 @@ fn munmap_partial_splits_and_keeps_the_rest() {
     assert_eq!(v, vec![(a, a + PAGE), (a + 3 * PAGE, a + 4 * PAGE)]);
     assert_eq!(mm.read_u64(a).unwrap(), 1);
     assert_eq!(mm.read_u64(a + 3 * PAGE).unwrap(), 4);
-    assert_eq!(mm.read_u64(a + PAGE), Err(MmError::NoVma { addr: a + PAGE }));
-    assert!(rec.starts().contains(&(a + PAGE, a + 3 * PAGE, Event::Unmap)));
+    assert_eq!(
+        mm.read_u64(a + PAGE),
+        Err(MmError::NoVma { addr: a + PAGE })
+    );
+    assert!(rec
+        .starts()
+        .contains(&(a + PAGE, a + 3 * PAGE, Event::Unmap)));
     assert_eq!(rec.clears(), vec![a + PAGE, a + 2 * PAGE]);
     check_discipline(&rec.events()).unwrap();
 }
@@ -85,7 +90,10 @@ fn mprotect_downgrade_invalidates_with_protection_vma() {
     mm.write_u64(a + PAGE, 5).unwrap();
     rec.take();
     mm.mprotect(a + PAGE, PAGE, Prot::READ).unwrap();
-    assert_eq!(rec.starts(), vec![(a + PAGE, a + 2 * PAGE, Event::ProtectionVma)]);
+    assert_eq!(
+        rec.starts(),
+        vec![(a + PAGE, a + 2 * PAGE, Event::ProtectionVma)]
+    );
     assert_eq!(mm.vmas().len(), 3);
     assert!(!mm.lookup_page(a + PAGE).unwrap().writable);
     check_discipline(&rec.events()).unwrap();
@@ -96,16 +104,26 @@ fn mprotect_downgrade_invalidates_with_protection_vma() {
     // PROT_NONE: lookups stop answering.
     mm.mprotect(a + PAGE, PAGE, Prot::NONE).unwrap();
     assert!(mm.lookup_page(a + PAGE).is_none());
-    assert_eq!(mm.read_u64(a + PAGE), Err(MmError::Permission { addr: a + PAGE }));
+    assert_eq!(
+        mm.read_u64(a + PAGE),
+        Err(MmError::Permission { addr: a + PAGE })
+    );
     mm.mprotect(a + PAGE, PAGE, Prot::READ).unwrap();
-    assert_eq!(mm.read_u64(a + PAGE).unwrap(), 5, "contents survive PROT_NONE");
+    assert_eq!(
+        mm.read_u64(a + PAGE).unwrap(),
+        5,
+        "contents survive PROT_NONE"
+    );
 }
 
 #[test]
 fn mprotect_over_a_hole_changes_nothing() {
     let mm = new_mm();
     let a = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
-    assert_eq!(mm.mprotect(a, 2 * PAGE, Prot::READ), Err(MmError::NoVma { addr: a + PAGE }));
+    assert_eq!(
+        mm.mprotect(a, 2 * PAGE, Prot::READ),
+        Err(MmError::NoVma { addr: a + PAGE })
+    );
     assert!(mm.vma_at(a).unwrap().flags.contains(VmFlags::WRITE));
 }
 
@@ -114,7 +132,9 @@ fn madvise_dontneed_zeroes_private_and_keeps_shared() {
     let mm = new_mm();
     let (rec, _h) = attach(&mm);
     let p = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
-    let s = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).shared()).unwrap();
+    let s = mm
+        .mmap(&MmapRequest::anon(PAGE, Prot::RW).shared())
+        .unwrap();
     mm.write_u64(p, 1).unwrap();
     mm.write_u64(s, 2).unwrap();
     mm.madvise(p, PAGE, Advice::DontNeed).unwrap();
@@ -138,8 +158,13 @@ fn madvise_free_discards_clean_pages_on_reclaim_and_keeps_rewritten_ones() {
     assert_eq!(mm.read_u64(a).unwrap(), 0);
     assert_eq!(mm.read_u64(a + PAGE).unwrap(), 3);
     let f = mm.create_file(FileOptions::new(1));
-    let m = mm.mmap(&MmapRequest::file(f, 0, PAGE, Prot::RW).shared()).unwrap();
-    assert!(matches!(mm.madvise(m, PAGE, Advice::Free), Err(MmError::WrongVmaKind { .. })));
+    let m = mm
+        .mmap(&MmapRequest::file(f, 0, PAGE, Prot::RW).shared())
+        .unwrap();
+    assert!(matches!(
+        mm.madvise(m, PAGE, Advice::Free),
+        Err(MmError::WrongVmaKind { .. })
+    ));
 }
 
 #[test]
@@ -147,8 +172,12 @@ fn shared_file_mapping_sees_the_page_cache_and_private_copies_on_write() {
     let mm = new_mm();
     let f = mm.create_file(FileOptions::new(2));
     f.write(PAGE + 3, b"file!").unwrap();
-    let sh = mm.mmap(&MmapRequest::file(f.clone(), 0, 2 * PAGE, Prot::RW).shared()).unwrap();
-    let pr = mm.mmap(&MmapRequest::file(f.clone(), 0, 2 * PAGE, Prot::RW)).unwrap();
+    let sh = mm
+        .mmap(&MmapRequest::file(f.clone(), 0, 2 * PAGE, Prot::RW).shared())
+        .unwrap();
+    let pr = mm
+        .mmap(&MmapRequest::file(f.clone(), 0, 2 * PAGE, Prot::RW))
+        .unwrap();
     let mut b = [0u8; 5];
     mm.read(pr + PAGE + 3, &mut b).unwrap();
     assert_eq!(&b, b"file!");
@@ -161,8 +190,15 @@ fn shared_file_mapping_sees_the_page_cache_and_private_copies_on_write() {
     mm.read(pr + PAGE + 3, &mut b).unwrap();
     assert_eq!(&b, b"priv!");
     // Beyond the file: SIGBUS.
-    let big = mm.mmap(&MmapRequest::file(f, 0, 3 * PAGE, Prot::READ).shared()).unwrap();
-    assert_eq!(mm.read_u64(big + 2 * PAGE), Err(MmError::Bus { addr: big + 2 * PAGE }));
+    let big = mm
+        .mmap(&MmapRequest::file(f, 0, 3 * PAGE, Prot::READ).shared())
+        .unwrap();
+    assert_eq!(
+        mm.read_u64(big + 2 * PAGE),
+        Err(MmError::Bus {
+            addr: big + 2 * PAGE
+        })
+    );
 }
 
 #[test]
@@ -172,19 +208,46 @@ fn mremap_shrinks_grows_in_place_and_moves() {
     let a = mm.mmap(&MmapRequest::anon(2 * PAGE, Prot::RW)).unwrap();
     mm.write_u64(a, 11).unwrap();
     mm.write_u64(a + PAGE, 12).unwrap();
-    assert_eq!(mm.mremap(a, 2 * PAGE, PAGE, MremapFlags::default()).unwrap(), a);
+    assert_eq!(
+        mm.mremap(a, 2 * PAGE, PAGE, MremapFlags::default())
+            .unwrap(),
+        a
+    );
     assert!(mm.vma_at(a + PAGE).is_none());
-    assert_eq!(mm.mremap(a, PAGE, 3 * PAGE, MremapFlags::default()).unwrap(), a);
+    assert_eq!(
+        mm.mremap(a, PAGE, 3 * PAGE, MremapFlags::default())
+            .unwrap(),
+        a
+    );
     assert_eq!(mm.read_u64(a + 2 * PAGE).unwrap(), 0);
     // Block growth, then move.
-    let blocker = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).at(a + 3 * PAGE)).unwrap();
-    assert_eq!(mm.mremap(a, 3 * PAGE, 5 * PAGE, MremapFlags::default()), Err(MmError::CannotGrow { addr: a }));
+    let blocker = mm
+        .mmap(&MmapRequest::anon(PAGE, Prot::RW).at(a + 3 * PAGE))
+        .unwrap();
+    assert_eq!(
+        mm.mremap(a, 3 * PAGE, 5 * PAGE, MremapFlags::default()),
+        Err(MmError::CannotGrow { addr: a })
+    );
     let pfn = mm.lookup_page(a).unwrap().pfn;
     rec.take();
-    let b = mm.mremap(a, 3 * PAGE, 5 * PAGE, MremapFlags { may_move: true, fixed: None }).unwrap();
+    let b = mm
+        .mremap(
+            a,
+            3 * PAGE,
+            5 * PAGE,
+            MremapFlags {
+                may_move: true,
+                fixed: None,
+            },
+        )
+        .unwrap();
     assert_ne!(b, a);
     assert_eq!(mm.read_u64(b).unwrap(), 11);
-    assert_eq!(mm.lookup_page(b).unwrap().pfn, pfn, "frames move with the PTEs");
+    assert_eq!(
+        mm.lookup_page(b).unwrap().pfn,
+        pfn,
+        "frames move with the PTEs"
+    );
     assert!(mm.vma_at(a).is_none());
     assert!(mm.vma_at(blocker).is_some());
     assert!(rec.starts().contains(&(a, a + 3 * PAGE, Event::Unmap)));
@@ -192,7 +255,19 @@ fn mremap_shrinks_grows_in_place_and_moves() {
     assert_eq!(rec.clears(), vec![a, a + 2 * PAGE]);
     check_discipline(&rec.events()).unwrap();
     let fixed = b + 16 * PAGE;
-    assert_eq!(mm.mremap(b, 5 * PAGE, PAGE, MremapFlags { may_move: true, fixed: Some(fixed) }).unwrap(), fixed);
+    assert_eq!(
+        mm.mremap(
+            b,
+            5 * PAGE,
+            PAGE,
+            MremapFlags {
+                may_move: true,
+                fixed: Some(fixed)
+            }
+        )
+        .unwrap(),
+        fixed
+    );
     assert_eq!(mm.read_u64(fixed).unwrap(), 11);
     assert_eq!(mm.vma_at(fixed).unwrap().end, fixed + PAGE);
 }
@@ -201,8 +276,12 @@ fn mremap_shrinks_grows_in_place_and_moves() {
 fn mremap_rejects_a_source_spanning_vmas() {
     let mm = new_mm();
     let a = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
-    mm.mmap(&MmapRequest::anon(PAGE, Prot::READ).at(a + PAGE)).unwrap();
-    assert_eq!(mm.mremap(a, 2 * PAGE, PAGE, MremapFlags::default()), Err(MmError::MremapSpansVmas { addr: a }));
+    mm.mmap(&MmapRequest::anon(PAGE, Prot::READ).at(a + PAGE))
+        .unwrap();
+    assert_eq!(
+        mm.mremap(a, 2 * PAGE, PAGE, MremapFlags::default()),
+        Err(MmError::MremapSpansVmas { addr: a })
+    );
 }
 
 #[test]
@@ -210,15 +289,33 @@ fn bad_ranges_are_typed_errors_and_lose_nothing() {
     let mm = new_mm();
     let a = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
     mm.write_u64(a, 99).unwrap();
-    assert_eq!(mm.munmap(a + 1, PAGE), Err(MmError::Misaligned { addr: a + 1 }));
+    assert_eq!(
+        mm.munmap(a + 1, PAGE),
+        Err(MmError::Misaligned { addr: a + 1 })
+    );
     assert_eq!(mm.munmap(a, 0), Err(MmError::Range(RangeError::Empty)));
-    assert!(matches!(mm.munmap(u64::MAX & !0xfff, 2 * PAGE), Err(MmError::Range(RangeError::Wraps { .. }))));
-    assert!(matches!(mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).at(1 << 47)), Err(MmError::BeyondTaskSize { .. })));
-    assert!(matches!(mm.mmap(&MmapRequest::anon(0, Prot::RW)), Err(MmError::Range(RangeError::Empty))));
+    assert!(matches!(
+        mm.munmap(!0xfffu64, 2 * PAGE),
+        Err(MmError::Range(RangeError::Wraps { .. }))
+    ));
+    assert!(matches!(
+        mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).at(1 << 47)),
+        Err(MmError::BeyondTaskSize { .. })
+    ));
+    assert!(matches!(
+        mm.mmap(&MmapRequest::anon(0, Prot::RW)),
+        Err(MmError::Range(RangeError::Empty))
+    ));
     assert_eq!(mm.read_u64(a + 3), Err(MmError::Misaligned { addr: a + 3 }));
     assert_eq!(mm.read_u64(0x1000), Err(MmError::NoVma { addr: 0x1000 }));
-    assert_eq!(mm.madvise(a, 2 * PAGE, Advice::DontNeed), Err(MmError::NoVma { addr: a + PAGE }));
-    assert_eq!(mm.fault_page(0x1000, false), Err(PrimaryFault::NoMapping(0x1000)));
+    assert_eq!(
+        mm.madvise(a, 2 * PAGE, Advice::DontNeed),
+        Err(MmError::NoVma { addr: a + PAGE })
+    );
+    assert_eq!(
+        mm.fault_page(0x1000, false),
+        Err(PrimaryFault::NoMapping(0x1000))
+    );
     let ro = mm.mmap(&MmapRequest::anon(PAGE, Prot::READ)).unwrap();
     assert_eq!(mm.fault_page(ro, true), Err(PrimaryFault::Permission(ro)));
     assert_eq!(mm.read_u64(a).unwrap(), 99);
@@ -231,7 +328,8 @@ fn mmap_fixed_replaces_with_an_unmap_bracket() {
     let a = mm.mmap(&MmapRequest::anon(2 * PAGE, Prot::RW)).unwrap();
     mm.write_u64(a + PAGE, 3).unwrap();
     rec.take();
-    mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).at(a + PAGE)).unwrap();
+    mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).at(a + PAGE))
+        .unwrap();
     assert_eq!(mm.read_u64(a + PAGE).unwrap(), 0);
     assert_eq!(rec.starts(), vec![(a + PAGE, a + 2 * PAGE, Event::Unmap)]);
     check_discipline(&rec.events()).unwrap();
@@ -242,7 +340,9 @@ fn fork_write_protects_the_parent_and_copies_on_write() {
     let mm = new_mm();
     let (rec, _h) = attach(&mm);
     let a = mm.mmap(&MmapRequest::anon(2 * PAGE, Prot::RW)).unwrap();
-    let s = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW).shared()).unwrap();
+    let s = mm
+        .mmap(&MmapRequest::anon(PAGE, Prot::RW).shared())
+        .unwrap();
     mm.write_u64(a, 1).unwrap();
     mm.write_u64(s, 5).unwrap();
     rec.take();
@@ -260,7 +360,11 @@ fn fork_write_protects_the_parent_and_copies_on_write() {
     // The child's COW ran in the child's notifiers: the parent's recorder saw nothing new.
     assert_eq!(rec.starts().len(), 1);
     mm.write_u64(a, 3).unwrap();
-    assert_eq!(mm.lookup_page(a).unwrap().pfn, pfn, "the parent's page is exclusive again and reused");
+    assert_eq!(
+        mm.lookup_page(a).unwrap().pfn,
+        pfn,
+        "the parent's page is exclusive again and reused"
+    );
     check_discipline(&rec.events()).unwrap();
 }
 
@@ -275,13 +379,20 @@ fn exit_releases_then_tears_down_and_frees_everything() {
     }
     let child = mm.fork().unwrap();
     mm.exit();
-    assert_eq!(rec.events().iter().filter(|e| **e == Ev::Release).count(), 1);
+    assert_eq!(
+        rec.events().iter().filter(|e| **e == Ev::Release).count(),
+        1
+    );
     assert_eq!(mm.read_u64(a), Err(MmError::Exited));
     assert_eq!(child.read_u64(a + 7 * PAGE).unwrap(), 7);
     drop(child);
     mm.exit();
     drop(mm);
-    assert_eq!(frames.allocated(), 0, "every frame, the zero page included, went back");
+    assert_eq!(
+        frames.allocated(),
+        0,
+        "every frame, the zero page included, went back"
+    );
 }
 
 #[test]
@@ -292,7 +403,11 @@ fn migrate_moves_contents_to_a_new_frame() {
     mm.write_u64(a + 16, 0xdead).unwrap();
     mm.read_u64(a + PAGE).unwrap();
     let old = mm.lookup_page(a).unwrap().pfn;
-    assert_eq!(mm.migrate(a, 2 * PAGE).unwrap(), 1, "the zero page does not move");
+    assert_eq!(
+        mm.migrate(a, 2 * PAGE).unwrap(),
+        1,
+        "the zero page does not move"
+    );
     let new = mm.lookup_page(a).unwrap().pfn;
     assert_ne!(old, new);
     assert_eq!(mm.read_u64(a + 16).unwrap(), 0xdead);
@@ -311,8 +426,13 @@ fn aging_calls_the_young_hooks() {
     assert_eq!(mm.age_range(a, 2 * PAGE, true).unwrap(), 1);
     assert!(rec.events().contains(&Ev::Young(a, a + PAGE)));
     assert!(!mm.test_young(a));
-    rec.young_answer.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(mm.age_range(a, PAGE, false).unwrap(), 1, "a secondary's young bit counts");
+    rec.young_answer
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        mm.age_range(a, PAGE, false).unwrap(),
+        1,
+        "a secondary's young bit counts"
+    );
 }
 
 #[test]
@@ -320,7 +440,9 @@ fn reclaim_swaps_anon_and_unmaps_page_cache() {
     let mm = new_mm();
     let a = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
     let f = mm.create_file(FileOptions::new(1));
-    let m = mm.mmap(&MmapRequest::file(f.clone(), 0, PAGE, Prot::RW).shared()).unwrap();
+    let m = mm
+        .mmap(&MmapRequest::file(f.clone(), 0, PAGE, Prot::RW).shared())
+        .unwrap();
     mm.write_u64(a, 77).unwrap();
     mm.write_u64(m, 88).unwrap();
     let st = mm.try_to_unmap(a, m + PAGE - a).unwrap();
@@ -337,12 +459,17 @@ fn reclaim_swaps_anon_and_unmaps_page_cache() {
 #[test]
 fn locked_mapping_is_populated_and_not_reclaimed() {
     let mm = new_mm();
-    let a = mm.mmap(&MmapRequest::anon(3 * PAGE, Prot::RW).locked()).unwrap();
+    let a = mm
+        .mmap(&MmapRequest::anon(3 * PAGE, Prot::RW).locked())
+        .unwrap();
     for i in 0..3 {
         assert!(mm.lookup_page(a + i * PAGE).unwrap().writable);
     }
     assert_eq!(mm.try_to_unmap(a, 3 * PAGE).unwrap().total(), 0);
-    assert!(matches!(mm.madvise(a, PAGE, Advice::DontNeed), Err(MmError::WrongVmaKind { .. })));
+    assert!(matches!(
+        mm.madvise(a, PAGE, Advice::DontNeed),
+        Err(MmError::WrongVmaKind { .. })
+    ));
 }
 
 #[test]
@@ -358,7 +485,17 @@ fn refcounts_balance_across_operations() {
     c.write_u64(a, 5).unwrap();
     mm.try_to_unmap(a, 4 * PAGE).unwrap();
     mm.migrate(a, 8 * PAGE).unwrap();
-    let b = mm.mremap(a, 8 * PAGE, 16 * PAGE, MremapFlags { may_move: true, fixed: None }).unwrap();
+    let b = mm
+        .mremap(
+            a,
+            8 * PAGE,
+            16 * PAGE,
+            MremapFlags {
+                may_move: true,
+                fixed: None,
+            },
+        )
+        .unwrap();
     mm.madvise(b, 2 * PAGE, Advice::DontNeed).unwrap();
     drop(c);
     mm.munmap(b, 16 * PAGE).unwrap();
@@ -395,7 +532,10 @@ fn concurrent_faults_with_a_mutator_stay_coherent() {
         let p = a + (i % 64) * PAGE;
         match i % 4 {
             0 => mm.madvise(p, PAGE, Advice::DontNeed).unwrap(),
-            1 => drop(mm.try_to_unmap(p, 4 * PAGE.min(64 * PAGE - (i % 64) * PAGE)).unwrap()),
+            1 => drop(
+                mm.try_to_unmap(p, 4 * PAGE.min(64 * PAGE - (i % 64) * PAGE))
+                    .unwrap(),
+            ),
             2 => drop(mm.migrate(p, PAGE).unwrap()),
             _ => drop(mm.age_range(a, 64 * PAGE, true).unwrap()),
         }

@@ -56,7 +56,11 @@ impl MmuNotifierOps for EndProbe {
 
 fn probe_run(free_before_end: bool) -> Vec<bool> {
     let mm = new_mm();
-    let probe = Arc::new(EndProbe { mm: Mutex::new(Arc::downgrade(&mm)), watch: Mutex::new(None), held_at_end: Mutex::new(vec![]) });
+    let probe = Arc::new(EndProbe {
+        mm: Mutex::new(Arc::downgrade(&mm)),
+        watch: Mutex::new(None),
+        held_at_end: Mutex::new(vec![]),
+    });
     let _h = mm.notifiers().register(probe.clone()).unwrap();
     let a = mm.mmap(&MmapRequest::anon(PAGE, Prot::RW)).unwrap();
     mm.write_u64(a, 1).unwrap();

@@ -35,15 +35,46 @@ struct MPage {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { page: u64, n: u64, prot: u8, shared: bool },
-    Unmap { page: u64, n: u64 },
-    Protect { page: u64, n: u64, prot: u8 },
-    Write { page: u64, word: usize, val: u64 },
-    Read { page: u64, word: usize },
-    DontNeed { page: u64, n: u64 },
-    Free { page: u64, n: u64 },
-    Reclaim { page: u64, n: u64 },
-    Migrate { page: u64, n: u64 },
+    Map {
+        page: u64,
+        n: u64,
+        prot: u8,
+        shared: bool,
+    },
+    Unmap {
+        page: u64,
+        n: u64,
+    },
+    Protect {
+        page: u64,
+        n: u64,
+        prot: u8,
+    },
+    Write {
+        page: u64,
+        word: usize,
+        val: u64,
+    },
+    Read {
+        page: u64,
+        word: usize,
+    },
+    DontNeed {
+        page: u64,
+        n: u64,
+    },
+    Free {
+        page: u64,
+        n: u64,
+    },
+    Reclaim {
+        page: u64,
+        n: u64,
+    },
+    Migrate {
+        page: u64,
+        n: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -91,7 +122,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut m: BTreeMap<u64, MPage> = BTreeMap::new();
     for (step, o) in ops.iter().enumerate() {
         match *o {
-            Op::Map { page, n, prot, shared } => {
+            Op::Map {
+                page,
+                n,
+                prot,
+                shared,
+            } => {
                 let (page, n) = clip(page, n);
                 let mut req = MmapRequest::anon(n * PAGE, prot_of(prot)).at(addr(page));
                 if shared {
@@ -100,7 +136,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(mm.mmap(&req), Ok(addr(page)));
                 let pr = prot_of(prot);
                 for p in page..page + n {
-                    m.insert(p, MPage { read: pr.read, write: pr.write, shared, data: HashMap::new(), res: Res::Untouched });
+                    m.insert(
+                        p,
+                        MPage {
+                            read: pr.read,
+                            write: pr.write,
+                            shared,
+                            data: HashMap::new(),
+                            res: Res::Untouched,
+                        },
+                    );
                 }
             }
             Op::Unmap { page, n } => {
@@ -131,7 +176,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let r = mm.write_u64(a, val);
                 match m.get_mut(&page) {
                     None => prop_assert_eq!(r, Err(MmError::NoVma { addr: addr(page) })),
-                    Some(p) if !p.write => prop_assert_eq!(r, Err(MmError::Permission { addr: addr(page) })),
+                    Some(p) if !p.write => {
+                        prop_assert_eq!(r, Err(MmError::Permission { addr: addr(page) }))
+                    }
                     Some(p) => {
                         prop_assert_eq!(r, Ok(()));
                         p.data.insert(word, val);
@@ -145,7 +192,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let r = mm.read_u64(addr(page) + word as u64 * 8);
                 match m.get_mut(&page) {
                     None => prop_assert_eq!(r, Err(MmError::NoVma { addr: addr(page) })),
-                    Some(p) if !p.read => prop_assert_eq!(r, Err(MmError::Permission { addr: addr(page) })),
+                    Some(p) if !p.read => {
+                        prop_assert_eq!(r, Err(MmError::Permission { addr: addr(page) }))
+                    }
                     Some(p) => {
                         model_touch_read(p);
                         prop_assert_eq!(r, Ok(p.data.get(&word).copied().unwrap_or(0)));
@@ -174,8 +223,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let r = mm.madvise(addr(page), n * PAGE, Advice::Free);
                 let bad = (page..page + n).find(|p| m.get(p).is_none_or(|x| x.shared));
                 match bad {
-                    Some(b) if !m.contains_key(&b) => prop_assert_eq!(r, Err(MmError::NoVma { addr: addr(b) })),
-                    Some(_) => prop_assert!(matches!(r, Err(MmError::WrongVmaKind { .. })), "{r:?}"),
+                    Some(b) if !m.contains_key(&b) => {
+                        prop_assert_eq!(r, Err(MmError::NoVma { addr: addr(b) }))
+                    }
+                    Some(_) => {
+                        prop_assert!(matches!(r, Err(MmError::WrongVmaKind { .. })), "{r:?}")
+                    }
                     None => {
                         prop_assert_eq!(r, Ok(()));
                         for p in page..page + n {

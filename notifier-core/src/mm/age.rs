@@ -51,7 +51,9 @@ impl Mm {
     pub fn test_young(&self, addr: u64) -> bool {
         let addr = addr & !crate::addr::PAGE_MASK;
         let st = self.state.read();
-        let young = Pte::decode(st.pt.get(addr)).present().is_some_and(|p| p.young);
+        let young = Pte::decode(st.pt.get(addr))
+            .present()
+            .is_some_and(|p| p.young);
         drop(st);
         young | self.notifiers().test_young(addr)
     }

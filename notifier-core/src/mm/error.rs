@@ -13,7 +13,11 @@ use crate::primary::PrimaryFault;
 pub enum MmError {
     /// The range argument is empty, misaligned or wraps (EINVAL).
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// The address is not page aligned (EINVAL).
     #[error("address {addr:#x} is not page aligned")]
     Misaligned {

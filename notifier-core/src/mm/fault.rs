@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::page_table::Leaf;
 use super::pte::{bits, PresentPte, Pte};
-use super::vma::{SpecialFault, SpecialSource, Vma, VmaKind, VmFlags};
+use super::vma::{SpecialFault, SpecialSource, VmFlags, Vma, VmaKind};
 use super::{Mm, MmError, MmState};
 use crate::frame::{Pfn, FRAME_WORDS};
 use crate::notifier::Event;
@@ -38,7 +38,12 @@ impl Mm {
     ///
     /// # Locking
     /// Caller holds the mmap lock (shared is enough).
-    pub(crate) fn fault_locked(&self, st: &MmState, addr: u64, write: bool) -> Result<PresentPte, MmError> {
+    pub(crate) fn fault_locked(
+        &self,
+        st: &MmState,
+        addr: u64,
+        write: bool,
+    ) -> Result<PresentPte, MmError> {
         if st.exited {
             return Err(MmError::Exited);
         }
@@ -82,7 +87,14 @@ impl Mm {
 
     /// Install a PTE for a frame someone else already holds (page cache,
     /// special list, inserted page): takes the mapping's reference first.
-    pub(crate) fn install_existing(&self, vma: &Vma, addr: u64, e: &AtomicU64, old: u64, new: PresentPte) -> bool {
+    pub(crate) fn install_existing(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        e: &AtomicU64,
+        old: u64,
+        new: PresentPte,
+    ) -> bool {
         let holds = self.holds_ref(vma, addr, new);
         if holds {
             self.mem.map_page(new.pfn);
@@ -114,12 +126,20 @@ impl Mm {
                     let pfn = self.mem.alloc_page(true)?;
                     self.install_new(vma, addr, e, 0, PresentPte::new(pfn, true, false));
                 } else {
-                    let z = PresentPte { pfn: self.mem.zero, write: false, dirty: false, young: true, special: self.pte_special };
+                    let z = PresentPte {
+                        pfn: self.mem.zero,
+                        write: false,
+                        dirty: false,
+                        young: true,
+                        special: self.pte_special,
+                    };
                     self.cas_pte(vma, e, addr, 0, z.encode());
                 }
                 Ok(())
             }
-            VmaKind::SharedAnon(f) | VmaKind::File(f) => self.file_fault(vma, addr, e, 0, f, vma.linear_pgoff(addr), write),
+            VmaKind::SharedAnon(f) | VmaKind::File(f) => {
+                self.file_fault(vma, addr, e, 0, f, vma.linear_pgoff(addr), write)
+            }
             VmaKind::PfnMap | VmaKind::MixedMap => Err(MmError::Bus { addr }),
             VmaKind::Special(sm) => {
                 // Seed 002: the offset relative to the mapping. The mapping
@@ -128,10 +148,13 @@ impl Mm {
                 // whole mapping.
                 let pgoff = vma.linear_pgoff(addr);
                 let pfn = match &sm.source {
-                    SpecialSource::Pages(list) => {
-                        usize::try_from(pgoff).ok().and_then(|i| list.get(i)).copied().ok_or(MmError::Bus { addr })?
-                    }
-                    SpecialSource::Fault(cb) => cb(&SpecialFault { addr, pgoff, write }).map_err(|_| MmError::Bus { addr })?,
+                    SpecialSource::Pages(list) => usize::try_from(pgoff)
+                        .ok()
+                        .and_then(|i| list.get(i))
+                        .copied()
+                        .ok_or(MmError::Bus { addr })?,
+                    SpecialSource::Fault(cb) => cb(&SpecialFault { addr, pgoff, write })
+                        .map_err(|_| MmError::Bus { addr })?,
                 };
                 let writable = vma.flags.contains(VmFlags::SHARED.union(VmFlags::WRITE));
                 let special = self.pte_special && !self.mem.frames.pfn_valid(pfn);
@@ -159,8 +182,7 @@ impl Mm {
             p.dirty = write;
             self.install_existing(vma, addr, e, old, p);
         } else if write {
-            let new = self.mem.alloc_page(true)?;
-            self.mem.frames.copy(page, new)?;
+            let new = self.mem.alloc_copy(page)?;
             self.install_new(vma, addr, e, old, PresentPte::new(new, true, false));
         } else {
             self.install_existing(vma, addr, e, old, PresentPte::new(page, false, false));
@@ -168,7 +190,14 @@ impl Mm {
         Ok(())
     }
 
-    fn do_swap_page(&self, vma: &Vma, addr: u64, e: &AtomicU64, old: u64, slot: u64) -> Result<(), MmError> {
+    fn do_swap_page(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        e: &AtomicU64,
+        old: u64,
+        slot: u64,
+    ) -> Result<(), MmError> {
         let new = self.mem.alloc_page(true)?;
         if !self.mem.swap_read(slot, new)? {
             // Another fault swapped this entry in and freed the slot.
@@ -184,12 +213,25 @@ impl Mm {
     }
 
     /// Write fault on a present read-only PTE in a writable VMA (`do_wp_page`).
-    fn do_wp_page(&self, vma: &Vma, addr: u64, leaf: &Leaf, raw: u64, p: PresentPte) -> Result<(), MmError> {
+    fn do_wp_page(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        leaf: &Leaf,
+        raw: u64,
+        p: PresentPte,
+    ) -> Result<(), MmError> {
         let e = leaf.entry(addr);
         if vma.flags.contains(VmFlags::SHARED) {
             // wp_page_reuse of a shared mapping: a permission upgrade.
             let _g = leaf.lock.lock();
-            self.cas_pte(vma, e, addr, raw, raw | bits::WRITE | bits::DIRTY | bits::YOUNG);
+            self.cas_pte(
+                vma,
+                e,
+                addr,
+                raw,
+                raw | bits::WRITE | bits::DIRTY | bits::YOUNG,
+            );
             return Ok(());
         }
         let holds = self.holds_ref(vma, addr, p);
@@ -197,19 +239,28 @@ impl Mm {
             if let Some(i) = self.mem.info(p.pfn) {
                 if i.anon && i.refcount == 1 && i.mapcount == 1 {
                     let _g = leaf.lock.lock();
-                    self.cas_pte(vma, e, addr, raw, raw | bits::WRITE | bits::DIRTY | bits::YOUNG);
+                    self.cas_pte(
+                        vma,
+                        e,
+                        addr,
+                        raw,
+                        raw | bits::WRITE | bits::DIRTY | bits::YOUNG,
+                    );
                     return Ok(());
                 }
             }
         }
         // wp_page_copy: copy the old contents (nothing to copy from the zero
         // page; a raw PFN is read from device memory when there is some).
-        let new = self.mem.alloc_page(true)?;
-        if p.pfn != self.mem.zero {
-            let r = if self.mem.frames.pfn_valid(p.pfn) {
-                self.mem.frames.copy(p.pfn, new)
-            } else if let Some(io) = self.mem.store_for(p.pfn) {
-                (0..FRAME_WORDS).try_for_each(|w| self.mem.frames.store(new, w * 8, io.load(p.pfn, w * 8)?))
+        let new = if p.pfn != self.mem.zero && self.mem.frames.pfn_valid(p.pfn) {
+            self.mem.alloc_copy(p.pfn)?
+        } else {
+            self.mem.alloc_page(true)?
+        };
+        if p.pfn != self.mem.zero && !self.mem.frames.pfn_valid(p.pfn) {
+            let r = if let Some(io) = self.mem.store_for(p.pfn) {
+                (0..FRAME_WORDS)
+                    .try_for_each(|w| self.mem.frames.store(new, w * 8, io.load(p.pfn, w * 8)?))
             } else {
                 Ok(())
             };
@@ -229,7 +280,13 @@ impl Mm {
             let _g = leaf.lock.lock();
             if e.load(Ordering::Acquire) == raw {
                 br.clear(addr);
-                self.cas_pte(vma, e, addr, raw, PresentPte::new(new, true, false).encode())
+                self.cas_pte(
+                    vma,
+                    e,
+                    addr,
+                    raw,
+                    PresentPte::new(new, true, false).encode(),
+                )
             } else {
                 false
             }

@@ -35,7 +35,10 @@ pub struct FileOptions {
 impl FileOptions {
     /// A file of `pages` pages that supports nonlinear mappings.
     pub const fn new(pages: u64) -> Self {
-        Self { pages, can_nonlinear: true }
+        Self {
+            pages,
+            can_nonlinear: true,
+        }
     }
 }
 
@@ -49,13 +52,21 @@ pub struct FileObj {
 
 impl core::fmt::Debug for FileObj {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("FileObj").field("id", &self.id).field("opts", &self.opts).finish()
+        f.debug_struct("FileObj")
+            .field("id", &self.id)
+            .field("opts", &self.opts)
+            .finish()
     }
 }
 
 impl FileObj {
     pub(crate) fn new(mem: Arc<Memory>, opts: FileOptions) -> Arc<Self> {
-        Arc::new(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), opts, mem, cache: Mutex::new(BTreeMap::new()) })
+        Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            opts,
+            mem,
+            cache: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// A stable identity for this file.
@@ -109,7 +120,10 @@ impl FileObj {
     /// [`MmError::Bus`] beyond the end of the file, [`MmError::OutOfMemory`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), MmError> {
         self.io(offset, data.len(), |pfn, off, range| {
-            self.mem.frames.write(pfn, off, &data[range]).map_err(MmError::from)
+            self.mem
+                .frames
+                .write(pfn, off, &data[range])
+                .map_err(MmError::from)
         })
     }
 
@@ -120,7 +134,10 @@ impl FileObj {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MmError> {
         let mut tmp = vec![0u8; buf.len()];
         self.io(offset, buf.len(), |pfn, off, range| {
-            self.mem.frames.read(pfn, off, &mut tmp[range]).map_err(MmError::from)
+            self.mem
+                .frames
+                .read(pfn, off, &mut tmp[range])
+                .map_err(MmError::from)
         })?;
         buf.copy_from_slice(&tmp);
         Ok(())
@@ -134,7 +151,9 @@ impl FileObj {
     ) -> Result<(), MmError> {
         let mut done = 0usize;
         while done < len {
-            let pos = offset.checked_add(done as u64).ok_or(MmError::Bus { addr: offset })?;
+            let pos = offset
+                .checked_add(done as u64)
+                .ok_or(MmError::Bus { addr: offset })?;
             let pgoff = pos >> PAGE_SHIFT;
             let within = (pos & (PAGE_SIZE - 1)) as usize;
             let n = (PAGE_SIZE as usize - within).min(len - done);

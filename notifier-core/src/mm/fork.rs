@@ -32,7 +32,11 @@ impl Mm {
                 cv.flags = cv.flags.without(VmFlags::LOCKED);
                 cv.open();
                 let cow = v.flags.is_cow_mapping();
-                let br = if cow { Some(self.begin(v.start, v.end, Event::ProtectionPage)?) } else { None };
+                let br = if cow {
+                    Some(self.begin(v.start, v.end, Event::ProtectionPage)?)
+                } else {
+                    None
+                };
                 st.pt.for_each_entry(v.start, v.end, |a, e, raw| {
                     let mut craw = raw;
                     match Pte::decode(raw) {

@@ -15,7 +15,7 @@
 use std::sync::atomic::Ordering;
 
 use super::pte::{PresentPte, PTE_PFN_MAX};
-use super::vma::{Vma, VmFlags};
+use super::vma::{VmFlags, Vma};
 use super::{Mm, MmError};
 use crate::addr::PAGE_MASK;
 use crate::frame::Pfn;
@@ -80,7 +80,10 @@ impl Mm {
 fn check_insert_pfn(v: &Vma, addr: u64, pfn: Pfn, valid: bool) -> Result<(), MmError> {
     let f = v.flags;
     if !f.intersects(VmFlags::PFNMAP | VmFlags::MIXEDMAP) {
-        return Err(MmError::WrongVmaKind { addr, expected: "VM_PFNMAP or VM_MIXEDMAP" });
+        return Err(MmError::WrongVmaKind {
+            addr,
+            expected: "VM_PFNMAP or VM_MIXEDMAP",
+        });
     }
     if f.contains(VmFlags::PFNMAP | VmFlags::MIXEDMAP) {
         return Err(MmError::PfnMapAndMixedMap { addr });
@@ -99,7 +102,10 @@ fn check_insert_page(v: &Vma, addr: u64, pfn: Pfn, valid: bool) -> Result<(), Mm
         return Err(MmError::InvalidPage { pfn: pfn.0 });
     }
     if v.flags.contains(VmFlags::PFNMAP) || !v.flags.contains(VmFlags::MIXEDMAP) {
-        return Err(MmError::WrongVmaKind { addr, expected: "VM_MIXEDMAP without VM_PFNMAP" });
+        return Err(MmError::WrongVmaKind {
+            addr,
+            expected: "VM_MIXEDMAP without VM_PFNMAP",
+        });
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! freeable: clean pages may be discarded by reclaim).
 
 use super::pte::{bits, Pte};
-use super::vma::{VmaKind, VmFlags};
+use super::vma::{VmFlags, VmaKind};
 use super::{user_range, Mm, MmError};
 use crate::notifier::Event;
 
@@ -40,26 +40,42 @@ impl Mm {
             let v = st.vma(a).ok_or(MmError::NoVma { addr: a })?;
             match advice {
                 Advice::DontNeed if v.flags.intersects(VmFlags::LOCKED | VmFlags::PFNMAP) => {
-                    return Err(MmError::WrongVmaKind { addr: a, expected: "not VM_LOCKED or VM_PFNMAP" })
+                    return Err(MmError::WrongVmaKind {
+                        addr: a,
+                        expected: "not VM_LOCKED or VM_PFNMAP",
+                    })
                 }
                 Advice::Free if !matches!(v.kind, VmaKind::Anon) => {
-                    return Err(MmError::WrongVmaKind { addr: a, expected: "private anonymous" })
+                    return Err(MmError::WrongVmaKind {
+                        addr: a,
+                        expected: "private anonymous",
+                    })
                 }
                 _ => {}
             }
             a = v.end;
         }
         let mut br = self.begin(start, end, Event::Clear)?;
-        for v in st.vmas.range(..end).map(|(_, v)| v).filter(|v| v.end > start) {
+        for v in st
+            .vmas
+            .range(..end)
+            .map(|(_, v)| v)
+            .filter(|v| v.end > start)
+        {
             let (s, e) = (v.start.max(start), v.end.min(end));
             match advice {
                 Advice::DontNeed => self.zap_range(&st, v, s, e, &mut br),
                 Advice::Free => st.pt.for_each_entry(s, e, |addr, entry, raw| {
-                    let Pte::Present(p) = Pte::decode(raw) else { return };
+                    let Pte::Present(p) = Pte::decode(raw) else {
+                        return;
+                    };
                     if !self.holds_ref(v, addr, p) {
                         return;
                     }
-                    let exclusive = self.mem.info(p.pfn).is_some_and(|i| i.anon && i.mapcount == 1);
+                    let exclusive = self
+                        .mem
+                        .info(p.pfn)
+                        .is_some_and(|i| i.anon && i.mapcount == 1);
                     if exclusive && raw & (bits::DIRTY | bits::YOUNG) != 0 {
                         self.set_pte(v, entry, addr, raw, raw & !(bits::DIRTY | bits::YOUNG));
                     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::file::{FileObj, FileOptions};
 use super::pte::{PresentPte, PTE_PFN_MAX};
-use super::vma::{PageArray, PagesRef, Prot, SpecialMapping, Vma, VmaKind, VmFlags};
+use super::vma::{PageArray, PagesRef, Prot, SpecialMapping, VmFlags, Vma, VmaKind};
 use super::{page_len, pages, user_range, Mm, MmError, MmState, TASK_SIZE};
 use crate::frame::Pfn;
 use crate::notifier::Event;
@@ -66,7 +66,16 @@ pub struct MmapRequest {
 impl MmapRequest {
     /// A request for `len` bytes with `backing`.
     pub fn new(len: u64, prot: Prot, backing: Backing) -> Self {
-        Self { addr: None, len, prot, shared: false, locked: false, populate: false, backing, pages: None }
+        Self {
+            addr: None,
+            len,
+            prot,
+            shared: false,
+            locked: false,
+            populate: false,
+            backing,
+            pages: None,
+        }
     }
     /// Private anonymous memory.
     pub fn anon(len: u64, prot: Prot) -> Self {
@@ -126,7 +135,9 @@ impl Mm {
     /// Takes the mmap lock exclusively. A fixed mapping over existing ones
     /// unmaps them first inside an `Event::Unmap` bracket.
     pub fn mmap(&self, req: &MmapRequest) -> Result<u64, MmError> {
-        let len = page_len(req.len).filter(|l| *l != 0).ok_or(MmError::Range(crate::RangeError::Empty))?;
+        let len = page_len(req.len)
+            .filter(|l| *l != 0)
+            .ok_or(MmError::Range(crate::RangeError::Empty))?;
         if let Some(a) = req.addr {
             user_range(a, len)?;
         }
@@ -139,12 +150,18 @@ impl Mm {
             flags = flags.union(VmFlags::LOCKED);
         }
         let (kind, pgoff) = match &req.backing {
-            Backing::Anon if req.shared => {
-                (VmaKind::SharedAnon(self.create_file(FileOptions::new(npages))), 0)
-            }
+            Backing::Anon if req.shared => (
+                VmaKind::SharedAnon(self.create_file(FileOptions::new(npages))),
+                0,
+            ),
             Backing::Anon => (VmaKind::Anon, 0),
             Backing::File { file, pgoff } => {
-                pgoff.checked_add(npages).ok_or(MmError::Range(crate::RangeError::Wraps { start: *pgoff, len }))?;
+                pgoff
+                    .checked_add(npages)
+                    .ok_or(MmError::Range(crate::RangeError::Wraps {
+                        start: *pgoff,
+                        len,
+                    }))?;
                 (VmaKind::File(file.clone()), *pgoff)
             }
             Backing::PfnMap { pfn } => {
@@ -158,7 +175,9 @@ impl Mm {
             Backing::Special(sm) => (VmaKind::Special(sm.clone()), 0),
         };
         match &kind {
-            VmaKind::File(f) | VmaKind::SharedAnon(f) if f.can_nonlinear() => flags = flags.union(VmFlags::CAN_NONLINEAR),
+            VmaKind::File(f) | VmaKind::SharedAnon(f) if f.can_nonlinear() => {
+                flags = flags.union(VmFlags::CAN_NONLINEAR)
+            }
             VmaKind::PfnMap => flags = flags.union(VmFlags::PFNMAP | VmFlags::IO),
             VmaKind::MixedMap => flags = flags.union(VmFlags::MIXEDMAP),
             _ => {}
@@ -179,7 +198,14 @@ impl Mm {
             array.open();
             PagesRef { array, offset: 0 }
         });
-        let vma = Vma { start, end, flags, pgoff, kind, pages: pages_ref };
+        let vma = Vma {
+            start,
+            end,
+            flags,
+            pgoff,
+            kind,
+            pages: pages_ref,
+        };
         if let Backing::PfnMap { pfn } = req.backing {
             // remap_pfn_range: raw, special PTEs; COW mappings read-only.
             let writable = flags.contains(VmFlags::SHARED.union(VmFlags::WRITE));
@@ -204,7 +230,11 @@ impl Mm {
 /// The lowest free range of `len` bytes at or above [`MMAP_MIN`].
 pub(crate) fn find_gap(st: &MmState, len: u64) -> Result<u64, MmError> {
     let mut cand = MMAP_MIN;
-    for v in st.vmas.range(MMAP_MIN.saturating_sub(TASK_SIZE)..).map(|(_, v)| v) {
+    for v in st
+        .vmas
+        .range(MMAP_MIN.saturating_sub(TASK_SIZE)..)
+        .map(|(_, v)| v)
+    {
         if v.end <= cand {
             continue;
         }

@@ -77,8 +77,8 @@ pub use pte::{is_invalidating_change, PresentPte, Pte, PTE_FILE_MAX_BITS, PTE_PF
 pub use reclaim::ReclaimStats;
 pub use remap_file_pages::MAP_NONBLOCK;
 pub use vma::{
-    PageArray, PagesRef, Prot, SpecialFault, SpecialFaultError, SpecialFaultFn, SpecialMapping, SpecialSource,
-    Vma, VmaKind, VmFlags,
+    PageArray, PagesRef, Prot, SpecialFault, SpecialFaultError, SpecialFaultFn, SpecialMapping,
+    SpecialSource, VmFlags, Vma, VmaKind,
 };
 
 use page_meta::Memory;
@@ -136,7 +136,10 @@ pub struct Inject {
 impl core::fmt::Debug for Inject {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Inject")
-            .field("free_before_end", &self.free_before_end.load(Ordering::Relaxed))
+            .field(
+                "free_before_end",
+                &self.free_before_end.load(Ordering::Relaxed),
+            )
             .field("skip_event", &self.skip_event())
             .finish()
     }
@@ -155,7 +158,9 @@ impl Inject {
     /// Skip the invalidation bracket of every operation with this event
     /// (test switch); `None` restores correct behaviour.
     pub fn set_skip_event(&self, ev: Option<Event>) {
-        let v = ev.map_or(0, |e| 1 + Event::ALL.iter().position(|x| *x == e).unwrap_or(0) as u8);
+        let v = ev.map_or(0, |e| {
+            1 + Event::ALL.iter().position(|x| *x == e).unwrap_or(0) as u8
+        });
         self.skip_event.store(v, Ordering::Relaxed);
     }
 
@@ -192,7 +197,11 @@ impl MmState {
     /// The VMA containing `addr` (`find_vma` + containment check).
     #[inline]
     pub(crate) fn vma(&self, addr: u64) -> Option<&Vma> {
-        self.vmas.range(..=addr).next_back().map(|(_, v)| v).filter(|v| v.contains(addr))
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.contains(addr))
     }
 
     /// The kernel's `find_vma`: the first VMA that ends after `addr`.
@@ -205,7 +214,10 @@ impl MmState {
 
     /// Whether any VMA overlaps `[start, end)`.
     pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.vmas.range(..end).next_back().is_some_and(|(_, v)| v.end > start)
+        self.vmas
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, v)| v.end > start)
     }
 }
 
@@ -224,7 +236,10 @@ pub struct Mm {
 impl core::fmt::Debug for Mm {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let st = self.state.read();
-        f.debug_struct("Mm").field("vmas", &st.vmas.len()).field("exited", &st.exited).finish()
+        f.debug_struct("Mm")
+            .field("vmas", &st.vmas.len())
+            .field("exited", &st.exited)
+            .finish()
     }
 }
 
@@ -292,7 +307,10 @@ pub(crate) fn user_range(addr: u64, len: u64) -> Result<PageRange, MmError> {
     if addr & PAGE_MASK != 0 {
         return Err(MmError::Misaligned { addr });
     }
-    let len = page_len(len).ok_or(MmError::Range(crate::RangeError::Wraps { start: addr, len }))?;
+    let len = page_len(len).ok_or(MmError::Range(crate::RangeError::Wraps {
+        start: addr,
+        len,
+    }))?;
     let r = PageRange::new(addr, len)?;
     if r.end() > TASK_SIZE {
         return Err(MmError::BeyondTaskSize { addr });
@@ -308,7 +326,8 @@ impl Mm {
     /// If the store cannot provide the zero page (it has no free frame at
     /// all); use [`Mm::with_config`] to get that as an error.
     pub fn new(frames: Arc<dyn FrameStore>) -> Arc<Mm> {
-        Self::with_config(frames, MmConfig::default()).expect("the frame store must provide the zero page")
+        Self::with_config(frames, MmConfig::default())
+            .expect("the frame store must provide the zero page")
     }
 
     /// A new, empty address space with a configuration.
@@ -324,7 +343,11 @@ impl Mm {
         Arc::new(Mm {
             mem,
             notifiers: NotifierSubscriptions::new(),
-            state: RwLock::new(MmState { vmas: BTreeMap::new(), pt: PageTable::new(), exited: false }),
+            state: RwLock::new(MmState {
+                vmas: BTreeMap::new(),
+                pt: PageTable::new(),
+                exited: false,
+            }),
             pte_special,
             inject: Inject::new(),
         })
@@ -425,13 +448,24 @@ impl Mm {
         let addr = addr & !PAGE_MASK;
         let st = self.state.read();
         let vma = st.vma(addr).ok_or(MmError::NoVma { addr })?;
-        Ok(Pte::decode(st.pt.get(addr)).present().map(|p| self.normal_page(vma, addr, p)))
+        Ok(Pte::decode(st.pt.get(addr))
+            .present()
+            .map(|p| self.normal_page(vma, addr, p)))
     }
 
     #[inline]
     pub(crate) fn normal_page(&self, vma: &Vma, addr: u64, pte: PresentPte) -> NormalPage {
         let valid = |p: Pfn| self.mem.frames.pfn_valid(p);
-        vm_normal_page(vma, addr, pte, &NormalPageEnv { pte_special: self.pte_special, zero: self.mem.zero, pfn_valid: &valid })
+        vm_normal_page(
+            vma,
+            addr,
+            pte,
+            &NormalPageEnv {
+                pte_special: self.pte_special,
+                zero: self.mem.zero,
+                pfn_valid: &valid,
+            },
+        )
     }
 
     #[inline]
@@ -441,7 +475,11 @@ impl Mm {
             vma,
             addr,
             pte,
-            &NormalPageEnv { pte_special: self.pte_special, zero: self.mem.zero, pfn_valid: &valid },
+            &NormalPageEnv {
+                pte_special: self.pte_special,
+                zero: self.mem.zero,
+                pfn_valid: &valid,
+            },
         )
     }
 
@@ -459,9 +497,16 @@ impl Mm {
             None
         } else {
             let r = PageRange::from_bounds(start, end)?;
-            Some(self.notifiers.invalidate_range_start(&InvalidateRange::new(r, event))?)
+            Some(
+                self.notifiers
+                    .invalidate_range_start(&InvalidateRange::new(r, event))?,
+            )
         };
-        Ok(Bracket { mm: self, inv, put: Vec::new() })
+        Ok(Bracket {
+            mm: self,
+            inv,
+            put: Vec::new(),
+        })
     }
 
     /// Store a PTE word.
@@ -474,7 +519,9 @@ impl Mm {
     /// Compare-and-store a PTE word.
     #[inline]
     pub(crate) fn cas_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) -> bool {
-        let ok = e.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        let ok = e
+            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         if ok {
             self.observe(vma, addr, old, new);
         }
@@ -485,7 +532,12 @@ impl Mm {
     fn observe(&self, vma: &Vma, addr: u64, old: u64, new: u64) {
         if self.inject.observing.load(Ordering::Relaxed) {
             if let Some(f) = self.inject.observer.read().clone() {
-                f(PteChange { addr, old, new, vma_flags: vma.flags });
+                f(PteChange {
+                    addr,
+                    old,
+                    new,
+                    vma_flags: vma.flags,
+                });
             }
         }
     }
@@ -495,7 +547,14 @@ impl Mm {
     /// after the bracket.
     ///
     /// Caller holds the mmap lock exclusively.
-    pub(crate) fn zap_pte(&self, vma: &Vma, addr: u64, e: &AtomicU64, raw: u64, br: &mut Bracket<'_>) {
+    pub(crate) fn zap_pte(
+        &self,
+        vma: &Vma,
+        addr: u64,
+        e: &AtomicU64,
+        raw: u64,
+        br: &mut Bracket<'_>,
+    ) {
         match Pte::decode(raw) {
             Pte::Present(p) => {
                 br.clear(addr);
@@ -515,8 +574,17 @@ impl Mm {
     }
 
     /// Zap every PTE of `[start, end)` (inside one VMA) into `br`.
-    pub(crate) fn zap_range(&self, st: &MmState, vma: &Vma, start: u64, end: u64, br: &mut Bracket<'_>) {
-        st.pt.for_each_entry(start, end, |addr, e, raw| self.zap_pte(vma, addr, e, raw, br));
+    pub(crate) fn zap_range(
+        &self,
+        st: &MmState,
+        vma: &Vma,
+        start: u64,
+        end: u64,
+        br: &mut Bracket<'_>,
+    ) {
+        st.pt.for_each_entry(start, end, |addr, e, raw| {
+            self.zap_pte(vma, addr, e, raw, br)
+        });
     }
 
     // ------------------------------------------------------------------
@@ -560,7 +628,10 @@ impl Mm {
             return Err(MmError::Misaligned { addr });
         }
         let st = self.state.read();
-        let (store_pfn, off) = (self.translate(&st, addr & !PAGE_MASK, false)?, (addr & PAGE_MASK) as usize);
+        let (store_pfn, off) = (
+            self.translate(&st, addr & !PAGE_MASK, false)?,
+            (addr & PAGE_MASK) as usize,
+        );
         let store = self.mem.store_for(store_pfn).ok_or(MmError::Bus { addr })?;
         Ok(store.load(store_pfn, off)?)
     }
@@ -589,7 +660,9 @@ impl Mm {
     ) -> Result<(), MmError> {
         let mut done = 0usize;
         while done < len {
-            let pos = addr.checked_add(done as u64).ok_or(MmError::NoVma { addr })?;
+            let pos = addr
+                .checked_add(done as u64)
+                .ok_or(MmError::NoVma { addr })?;
             let page = pos & !PAGE_MASK;
             let within = (pos & PAGE_MASK) as usize;
             let n = (PAGE_SIZE as usize - within).min(len - done);
@@ -617,7 +690,10 @@ impl Mm {
     pub fn fault(&self, addr: u64, write: bool) -> Result<Translation, MmError> {
         let st = self.state.read();
         let p = self.fault_locked(&st, addr & !PAGE_MASK, write)?;
-        Ok(Translation { pfn: p.pfn, writable: p.write })
+        Ok(Translation {
+            pfn: p.pfn,
+            writable: p.write,
+        })
     }
 
     /// The current translation of `addr` without faulting: a snapshot of the
@@ -630,7 +706,10 @@ impl Mm {
             return None;
         }
         let p = Pte::decode(st.pt.get(addr)).present()?;
-        Some(Translation { pfn: p.pfn, writable: p.write && vma.flags.contains(VmFlags::WRITE) })
+        Some(Translation {
+            pfn: p.pfn,
+            writable: p.write && vma.flags.contains(VmFlags::WRITE),
+        })
     }
 }
 
@@ -644,7 +723,8 @@ impl Primary for Mm {
     }
 
     fn fault_page(&self, addr: u64, write: bool) -> Result<Translation, PrimaryFault> {
-        self.fault(addr, write).map_err(|e| e.to_primary_fault(addr))
+        self.fault(addr, write)
+            .map_err(|e| e.to_primary_fault(addr))
     }
 
     fn lookup_page(&self, addr: u64) -> Option<Translation> {

@@ -39,13 +39,18 @@ impl Mm {
                 return Err(MmError::Permission { addr: a });
             }
             let old = v.flags;
-            downgrade |= (old.contains(VmFlags::WRITE) && !prot.write) || (old.contains(VmFlags::READ) && !prot.read);
+            downgrade |= (old.contains(VmFlags::WRITE) && !prot.write)
+                || (old.contains(VmFlags::READ) && !prot.read);
             a = v.end;
         }
         split_at(&mut st, start, true);
         split_at(&mut st, end, false);
         let keys: Vec<u64> = st.vmas.range(start..end).map(|(k, _)| *k).collect();
-        let br = if downgrade { Some(self.begin(start, end, Event::ProtectionVma)?) } else { None };
+        let br = if downgrade {
+            Some(self.begin(start, end, Event::ProtectionVma)?)
+        } else {
+            None
+        };
         for k in &keys {
             let v = st.vmas.get_mut(k).expect("collected above");
             v.flags = v.flags.without(rwx).union(newf);

@@ -27,15 +27,23 @@ impl Mm {
     /// # Errors
     /// Range errors; [`MmError::NoVma`]; [`MmError::MremapSpansVmas`] when
     /// the old range is not inside one VMA; [`MmError::CannotGrow`];
-    /// [`MmError::WrongVmaKind`] when growing a PFN, mixed or special
-    /// mapping; [`MmError::Busy`] for a fixed destination overlapping the
+    /// [`MmError::WrongVmaKind`] when growing a PFN, mixed, special or
+    /// shared anonymous mapping; [`MmError::Busy`] for a fixed destination overlapping the
     /// source or without `may_move`; [`MmError::NoSpace`].
     ///
     /// # Locking
     /// Mmap lock exclusive.
-    pub fn mremap(&self, old_addr: u64, old_len: u64, new_len: u64, flags: MremapFlags) -> Result<u64, MmError> {
+    pub fn mremap(
+        &self,
+        old_addr: u64,
+        old_len: u64,
+        new_len: u64,
+        flags: MremapFlags,
+    ) -> Result<u64, MmError> {
         let old = user_range(old_addr, old_len)?;
-        let new_len = page_len(new_len).filter(|l| *l != 0).ok_or(MmError::Range(crate::RangeError::Empty))?;
+        let new_len = page_len(new_len)
+            .filter(|l| *l != 0)
+            .ok_or(MmError::Range(crate::RangeError::Empty))?;
         let (os, oe) = (old.start(), old.end());
         let mut st = self.state.write();
         if st.exited {
@@ -48,7 +56,10 @@ impl Mm {
         let growable = matches!(v.kind, VmaKind::Anon | VmaKind::File(_));
         let vend = v.end;
         if new_len > old.len() && !growable {
-            return Err(MmError::WrongVmaKind { addr: os, expected: "an expandable (anonymous or file) mapping" });
+            return Err(MmError::WrongVmaKind {
+                addr: os,
+                expected: "an expandable (anonymous or file) mapping",
+            });
         }
         if let Some(dst) = flags.fixed {
             let d = user_range(dst, new_len)?;
@@ -89,7 +100,14 @@ impl Mm {
     }
 
     /// Move `[os, oe)` (inside one VMA) to `dst`, growing it to `new_len`.
-    fn move_vma(&self, st: &mut MmState, os: u64, oe: u64, dst: u64, new_len: u64) -> Result<(), MmError> {
+    fn move_vma(
+        &self,
+        st: &mut MmState,
+        os: u64,
+        oe: u64,
+        dst: u64,
+        new_len: u64,
+    ) -> Result<(), MmError> {
         split_at(st, os, true);
         split_at(st, oe, false);
         let br = self.begin(os, oe, Event::Unmap)?;

@@ -26,7 +26,13 @@ impl Mm {
     }
 
     /// Unmap `[start, end)` under the exclusive mmap lock.
-    pub(crate) fn do_munmap(&self, st: &mut MmState, start: u64, end: u64, event: Event) -> Result<(), MmError> {
+    pub(crate) fn do_munmap(
+        &self,
+        st: &mut MmState,
+        start: u64,
+        end: u64,
+        event: Event,
+    ) -> Result<(), MmError> {
         if !st.overlaps(start, end) {
             return Ok(());
         }
@@ -52,7 +58,9 @@ impl Mm {
 /// Split the VMA that strictly contains `addr` (`__split_vma`); both halves
 /// stay in the tree.
 pub(crate) fn split_at(st: &mut MmState, addr: u64, new_below: bool) {
-    let Some(key) = st.vma(addr).filter(|v| v.start < addr).map(|v| v.start) else { return };
+    let Some(key) = st.vma(addr).filter(|v| v.start < addr).map(|v| v.start) else {
+        return;
+    };
     let mut v: Vma = st.vmas.remove(&key).expect("found above");
     let new = v.split(addr, new_below);
     st.vmas.insert(new.start, new);

@@ -27,7 +27,7 @@
 //! | other      | valid frame                                 | the frame | [`Row::Normal`] |
 
 use super::pte::PresentPte;
-use super::vma::{Vma, VmFlags};
+use super::vma::{VmFlags, Vma};
 use crate::frame::Pfn;
 
 /// The row of the decision table that decided.
@@ -82,7 +82,12 @@ pub struct NormalPage {
 }
 
 /// `vm_normal_page(vma, addr, pte)`, with the row that decided.
-pub fn vm_normal_page(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv<'_>) -> NormalPage {
+pub fn vm_normal_page(
+    vma: &Vma,
+    addr: u64,
+    pte: PresentPte,
+    env: &NormalPageEnv<'_>,
+) -> NormalPage {
     let pfn = pte.pfn;
     let none = |row| NormalPage { page: None, row };
     if env.pte_special {
@@ -91,11 +96,17 @@ pub fn vm_normal_page(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv
         }
         if let Some(pages) = &vma.pages {
             return match pages.page(vma.index_of(addr)) {
-                Some(p) => NormalPage { page: Some(p), row: Row::SpecialPageArray },
+                Some(p) => NormalPage {
+                    page: Some(p),
+                    row: Row::SpecialPageArray,
+                },
                 None => none(Row::SpecialPageArrayShort),
             };
         }
-        if vma.flags.intersects(VmFlags::PFNMAP.union(VmFlags::MIXEDMAP)) {
+        if vma
+            .flags
+            .intersects(VmFlags::PFNMAP.union(VmFlags::MIXEDMAP))
+        {
             return none(Row::SpecialPfnOrMixed);
         }
         if pfn == env.zero {
@@ -103,12 +114,18 @@ pub fn vm_normal_page(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv
         }
         return none(Row::SpecialBad);
     }
-    if vma.flags.intersects(VmFlags::PFNMAP.union(VmFlags::MIXEDMAP)) {
+    if vma
+        .flags
+        .intersects(VmFlags::PFNMAP.union(VmFlags::MIXEDMAP))
+    {
         if vma.flags.contains(VmFlags::MIXEDMAP) {
             if !(env.pfn_valid)(pfn) {
                 return none(Row::MixedRaw);
             }
-            return NormalPage { page: Some(pfn), row: Row::MixedValid };
+            return NormalPage {
+                page: Some(pfn),
+                row: Row::MixedValid,
+            };
         }
         if pfn.0 == vma.linear_pgoff(addr) {
             return none(Row::PfnMapLinear);
@@ -120,7 +137,14 @@ pub fn vm_normal_page(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv
             return none(Row::Zero);
         }
         let d = check_pfn(pfn, env);
-        return if d.page.is_some() { NormalPage { page: d.page, row: Row::PfnMapCowed } } else { d };
+        return if d.page.is_some() {
+            NormalPage {
+                page: d.page,
+                row: Row::PfnMapCowed,
+            }
+        } else {
+            d
+        };
     }
     if pfn == env.zero {
         return none(Row::Zero);
@@ -131,15 +155,26 @@ pub fn vm_normal_page(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv
 #[inline]
 fn check_pfn(pfn: Pfn, env: &NormalPageEnv<'_>) -> NormalPage {
     if !(env.pfn_valid)(pfn) {
-        return NormalPage { page: None, row: Row::InvalidPfn };
+        return NormalPage {
+            page: None,
+            row: Row::InvalidPfn,
+        };
     }
-    NormalPage { page: Some(pfn), row: Row::Normal }
+    NormalPage {
+        page: Some(pfn),
+        row: Row::Normal,
+    }
 }
 
 /// Whether the PTE holds a reference on its frame: it is not special and
 /// `vm_normal_page` names that very frame. Installing and zapping use the
 /// same rule, so references always balance.
 #[inline]
-pub(crate) fn pte_holds_ref(vma: &Vma, addr: u64, pte: PresentPte, env: &NormalPageEnv<'_>) -> bool {
+pub(crate) fn pte_holds_ref(
+    vma: &Vma,
+    addr: u64,
+    pte: PresentPte,
+    env: &NormalPageEnv<'_>,
+) -> bool {
     !pte.special && vm_normal_page(vma, addr, pte, env).page == Some(pte.pfn)
 }

@@ -73,7 +73,10 @@ struct Swap {
 }
 
 impl Memory {
-    pub(crate) fn new(frames: Arc<dyn FrameStore>, io: Option<Arc<dyn FrameStore>>) -> Result<Self, FrameError> {
+    pub(crate) fn new(
+        frames: Arc<dyn FrameStore>,
+        io: Option<Arc<dyn FrameStore>>,
+    ) -> Result<Self, FrameError> {
         let zero = frames.alloc()?;
         Ok(Self {
             frames,
@@ -98,7 +101,28 @@ impl Memory {
     /// Allocate a frame with one reference.
     pub(crate) fn alloc_page(&self, anon: bool) -> Result<Pfn, FrameError> {
         let pfn = self.frames.alloc()?;
-        self.shard(pfn).lock().insert(pfn.0, PageInfo { refcount: 1, mapcount: 0, anon });
+        self.shard(pfn).lock().insert(
+            pfn.0,
+            PageInfo {
+                refcount: 1,
+                mapcount: 0,
+                anon,
+            },
+        );
+        Ok(pfn)
+    }
+
+    /// Allocate an anonymous frame holding a copy of `src`, with one reference.
+    pub(crate) fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
+        let pfn = self.frames.alloc_copy(src)?;
+        self.shard(pfn).lock().insert(
+            pfn.0,
+            PageInfo {
+                refcount: 1,
+                mapcount: 0,
+                anon: true,
+            },
+        );
         Ok(pfn)
     }
 
@@ -214,7 +238,9 @@ impl Memory {
     /// Copy a slot's contents into `pfn`; false if the slot is gone.
     pub(crate) fn swap_read(&self, slot: u64, pfn: Pfn) -> Result<bool, FrameError> {
         let s = self.swap.lock();
-        let Some((_, data)) = s.slots.get(&slot) else { return Ok(false) };
+        let Some((_, data)) = s.slots.get(&slot) else {
+            return Ok(false);
+        };
         for (w, d) in data.iter().enumerate() {
             self.frames.store(pfn, w * 8, *d)?;
         }

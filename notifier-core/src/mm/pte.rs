@@ -84,9 +84,13 @@ impl Pte {
                 special: raw & SPECIAL != 0,
             })
         } else if raw & TYPE_MASK == TYPE_FILE {
-            Pte::File { pgoff: raw >> PAYLOAD_SHIFT }
+            Pte::File {
+                pgoff: raw >> PAYLOAD_SHIFT,
+            }
         } else {
-            Pte::Swap { slot: raw >> PAYLOAD_SHIFT }
+            Pte::Swap {
+                slot: raw >> PAYLOAD_SHIFT,
+            }
         }
     }
 
@@ -121,7 +125,13 @@ impl PresentPte {
     /// A present, young PTE for `pfn`.
     #[inline]
     pub const fn new(pfn: Pfn, write: bool, special: bool) -> Self {
-        Self { pfn, write, dirty: write, young: true, special }
+        Self {
+            pfn,
+            write,
+            dirty: write,
+            young: true,
+            special,
+        }
     }
 
     /// Encode to a raw word.
@@ -165,16 +175,28 @@ mod tests {
     fn round_trips() {
         let cases = [
             Pte::None,
-            Pte::Present(PresentPte { pfn: Pfn(0x12345), write: true, dirty: false, young: true, special: true }),
+            Pte::Present(PresentPte {
+                pfn: Pfn(0x12345),
+                write: true,
+                dirty: false,
+                young: true,
+                special: true,
+            }),
             Pte::Present(PresentPte::new(Pfn(PTE_PFN_MAX), false, false)),
             Pte::File { pgoff: 0 },
-            Pte::File { pgoff: (1 << PTE_FILE_MAX_BITS) - 1 },
+            Pte::File {
+                pgoff: (1 << PTE_FILE_MAX_BITS) - 1,
+            },
             Pte::Swap { slot: 7 },
         ];
         for c in cases {
             assert_eq!(Pte::decode(c.encode()), c);
         }
-        assert_ne!(Pte::File { pgoff: 0 }.encode(), 0, "file pte for pgoff 0 is not none");
+        assert_ne!(
+            Pte::File { pgoff: 0 }.encode(),
+            0,
+            "file pte for pgoff 0 is not none"
+        );
     }
 
     #[test]
@@ -185,6 +207,9 @@ mod tests {
         assert!(!is_invalidating_change(ro, rw));
         assert!(is_invalidating_change(ro, 0));
         assert!(!is_invalidating_change(0, ro));
-        assert!(is_invalidating_change(ro, PresentPte::new(Pfn(6), false, false).encode()));
+        assert!(is_invalidating_change(
+            ro,
+            PresentPte::new(Pfn(6), false, false).encode()
+        ));
     }
 }

@@ -51,43 +51,53 @@ impl Mm {
         let mut stats = ReclaimStats::default();
         let mut br = self.begin(start, end, Event::Clear)?;
         let mut err = None;
-        for v in st.vmas.range(..end).map(|(_, v)| v).filter(|v| v.end > start) {
+        for v in st
+            .vmas
+            .range(..end)
+            .map(|(_, v)| v)
+            .filter(|v| v.end > start)
+        {
             if v.flags.contains(VmFlags::LOCKED) {
                 continue;
             }
-            st.pt.for_each_entry(v.start.max(start), v.end.min(end), |a, e, raw| {
-                if err.is_some() {
-                    return;
-                }
-                let Pte::Present(p) = Pte::decode(raw) else { return };
-                if !self.holds_ref(v, a, p) {
-                    return;
-                }
-                let Some(info) = self.mem.info(p.pfn) else { return };
-                let new = if info.anon && p.dirty {
-                    match self.mem.swap_out(p.pfn) {
-                        Ok(slot) => {
-                            stats.swapped += 1;
-                            Pte::Swap { slot }.encode()
-                        }
-                        Err(x) => {
-                            err = Some(x);
-                            return;
-                        }
+            st.pt
+                .for_each_entry(v.start.max(start), v.end.min(end), |a, e, raw| {
+                    if err.is_some() {
+                        return;
                     }
-                } else if info.anon {
-                    stats.discarded += 1;
-                    0
-                } else {
-                    stats.unmapped += 1;
-                    0
-                };
-                // try_to_unmap_one: the clear notifier before the PTE goes.
-                br.clear(a);
-                self.set_pte(v, e, a, raw, new);
-                self.mem.unmap_page(p.pfn);
-                br.defer_put(p.pfn);
-            });
+                    let Pte::Present(p) = Pte::decode(raw) else {
+                        return;
+                    };
+                    if !self.holds_ref(v, a, p) {
+                        return;
+                    }
+                    let Some(info) = self.mem.info(p.pfn) else {
+                        return;
+                    };
+                    let new = if info.anon && p.dirty {
+                        match self.mem.swap_out(p.pfn) {
+                            Ok(slot) => {
+                                stats.swapped += 1;
+                                Pte::Swap { slot }.encode()
+                            }
+                            Err(x) => {
+                                err = Some(x);
+                                return;
+                            }
+                        }
+                    } else if info.anon {
+                        stats.discarded += 1;
+                        0
+                    } else {
+                        stats.unmapped += 1;
+                        0
+                    };
+                    // try_to_unmap_one: the clear notifier before the PTE goes.
+                    br.clear(a);
+                    self.set_pte(v, e, a, raw, new);
+                    self.mem.unmap_page(p.pfn);
+                    br.defer_put(p.pfn);
+                });
         }
         br.end();
         match err {

@@ -46,7 +46,14 @@ impl Mm {
     /// # Locking
     /// Mmap lock exclusive (the kernel retakes it for writing to change
     /// `vm_flags`).
-    pub fn remap_file_pages(&self, start: u64, size: u64, prot: u64, pgoff: u64, flags: u64) -> Result<(), MmError> {
+    pub fn remap_file_pages(
+        &self,
+        start: u64,
+        size: u64,
+        prot: u64,
+        pgoff: u64,
+        flags: u64,
+    ) -> Result<(), MmError> {
         if prot != 0 {
             return Err(MmError::RemapProtNotZero);
         }
@@ -65,7 +72,9 @@ impl Mm {
         if st.exited {
             return Err(MmError::Exited);
         }
-        let v = st.find_vma(start).ok_or(MmError::RemapNoVma { addr: start })?;
+        let v = st
+            .find_vma(start)
+            .ok_or(MmError::RemapNoVma { addr: start })?;
         if !v.flags.contains(VmFlags::SHARED) {
             return Err(MmError::RemapNotShared);
         }

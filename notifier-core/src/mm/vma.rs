@@ -74,10 +74,24 @@ impl core::ops::BitOr for VmFlags {
 impl core::fmt::Debug for VmFlags {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         const N: [&str; 11] = [
-            "READ", "WRITE", "EXEC", "SHARED", "MAYWRITE", "PFNMAP", "MIXEDMAP", "NONLINEAR", "CAN_NONLINEAR",
-            "LOCKED", "IO",
+            "READ",
+            "WRITE",
+            "EXEC",
+            "SHARED",
+            "MAYWRITE",
+            "PFNMAP",
+            "MIXEDMAP",
+            "NONLINEAR",
+            "CAN_NONLINEAR",
+            "LOCKED",
+            "IO",
         ];
-        let v: Vec<&str> = N.iter().enumerate().filter(|(i, _)| self.0 & (1 << i) != 0).map(|(_, n)| *n).collect();
+        let v: Vec<&str> = N
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect();
         if v.is_empty() {
             f.write_str("NONE")
         } else {
@@ -99,11 +113,23 @@ pub struct Prot {
 
 impl Prot {
     /// `PROT_NONE`.
-    pub const NONE: Prot = Prot { read: false, write: false, exec: false };
+    pub const NONE: Prot = Prot {
+        read: false,
+        write: false,
+        exec: false,
+    };
     /// `PROT_READ`.
-    pub const READ: Prot = Prot { read: true, write: false, exec: false };
+    pub const READ: Prot = Prot {
+        read: true,
+        write: false,
+        exec: false,
+    };
     /// `PROT_READ | PROT_WRITE`.
-    pub const RW: Prot = Prot { read: true, write: true, exec: false };
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+        exec: false,
+    };
 
     /// The VMA flags of this protection.
     pub const fn flags(self) -> VmFlags {
@@ -165,9 +191,15 @@ impl core::fmt::Debug for SpecialMapping {
             SpecialSource::Pages(p) => format!("pages({})", p.len()),
             SpecialSource::Fault(_) => "fault".to_string(),
         };
-        f.debug_struct("SpecialMapping").field("name", &self.name).field("source", &src).finish()
+        f.debug_struct("SpecialMapping")
+            .field("name", &self.name)
+            .field("source", &src)
+            .finish()
     }
 }
+
+/// The release callback of a [`PageArray`].
+pub type OnFree = dyn FnOnce(&[Pfn]) + Send;
 
 /// Seed 000's page array: the pages that `vm_normal_page` returns for the
 /// special PTEs of a mapping, whatever PFN the PTE holds (Xen's foreign
@@ -182,7 +214,7 @@ pub struct PageArray {
     pages: Vec<Pfn>,
     openers: AtomicUsize,
     freed: AtomicBool,
-    on_free: parking_lot::Mutex<Option<Box<dyn FnOnce(&[Pfn]) + Send>>>,
+    on_free: parking_lot::Mutex<Option<Box<OnFree>>>,
 }
 
 impl core::fmt::Debug for PageArray {
@@ -245,7 +277,9 @@ impl PagesRef {
     /// The page for the VMA's `index`-th page, if the array is long enough.
     #[inline]
     pub fn page(&self, index: u64) -> Option<Pfn> {
-        usize::try_from(index).ok().and_then(|i| self.array.pages.get(self.offset.checked_add(i)?).copied())
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.array.pages.get(self.offset.checked_add(i)?).copied())
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use notifier_core::frame::HeapFrames;
-use notifier_core::mm::{is_invalidating_change, Mm, MmConfig, PteChange, Pte};
+use notifier_core::mm::{is_invalidating_change, Mm, MmConfig, Pte, PteChange};
 use notifier_core::notifier::{Again, Event, Hooks, InvalidateRange, MmuNotifier, MmuNotifierOps};
 use parking_lot::Mutex;
 
@@ -27,7 +27,14 @@ pub fn new_mm_no_special() -> Arc<Mm> {
 pub fn mm_with(no_pte_special: bool) -> Arc<Mm> {
     let frames = Arc::new(HeapFrames::new(0x1000, 4096));
     let io = Arc::new(HeapFrames::new(IO_BASE, 64));
-    Mm::with_config(frames, MmConfig { no_pte_special, io_memory: Some(io) }).unwrap()
+    Mm::with_config(
+        frames,
+        MmConfig {
+            no_pte_special,
+            io_memory: Some(io),
+        },
+    )
+    .unwrap()
 }
 
 /// One recorded event.
@@ -94,7 +101,11 @@ impl Recorder {
             .collect()
     }
     pub fn clears(&self) -> Vec<u64> {
-        self.log.lock().iter().filter_map(|e| if let Ev::Clear(a) = e { Some(*a) } else { None }).collect()
+        self.log
+            .lock()
+            .iter()
+            .filter_map(|e| if let Ev::Clear(a) = e { Some(*a) } else { None })
+            .collect()
     }
 }
 
@@ -103,7 +114,10 @@ pub fn attach(mm: &Arc<Mm>) -> (Arc<Recorder>, MmuNotifier) {
     let rec = Arc::new(Recorder::default());
     let h = mm.notifiers().register(rec.clone()).unwrap();
     let r2 = rec.clone();
-    mm.inject().set_pte_observer(Some(Arc::new(move |c: PteChange| r2.log.lock().push(Ev::Pte(c)))));
+    mm.inject()
+        .set_pte_observer(Some(Arc::new(move |c: PteChange| {
+            r2.log.lock().push(Ev::Pte(c))
+        })));
     (rec, h)
 }
 
@@ -120,7 +134,10 @@ pub fn check_discipline(log: &[Ev]) -> Result<usize, String> {
             Ev::Release => return Ok(checked),
             Ev::Start(s, t, _) => open.push((*s, *t)),
             Ev::End(s, t, _) => {
-                let k = open.iter().position(|o| *o == (*s, *t)).ok_or(format!("#{i}: end without start {e:?}"))?;
+                let k = open
+                    .iter()
+                    .position(|o| *o == (*s, *t))
+                    .ok_or(format!("#{i}: end without start {e:?}"))?;
                 open.remove(k);
                 if open.is_empty() {
                     cleared.clear();
@@ -139,12 +156,18 @@ pub fn check_discipline(log: &[Ev]) -> Result<usize, String> {
                 }
                 checked += 1;
                 if !open.iter().any(|(s, t)| *s <= c.addr && c.addr < *t) {
-                    return Err(format!("#{i}: PTE change at {:#x} without a covering bracket: {c:?}", c.addr));
+                    return Err(format!(
+                        "#{i}: PTE change at {:#x} without a covering bracket: {c:?}",
+                        c.addr
+                    ));
                 }
                 let was_present = Pte::decode(c.old).present().is_some();
                 let now_present = Pte::decode(c.new).present().is_some();
                 if was_present && !now_present && !cleared.remove(&c.addr) {
-                    return Err(format!("#{i}: present PTE at {:#x} cleared without a preceding clear()", c.addr));
+                    return Err(format!(
+                        "#{i}: present PTE at {:#x} cleared without a preceding clear()",
+                        c.addr
+                    ));
                 }
             }
         }
