@@ -157,3 +157,44 @@ fn code_page_faults_in_on_fetch() {
     assert_eq!(g.read_u32(&mirror, 0x3000).unwrap(), 7);
     eprintln!("exits: {:?}", g.exits());
 }
+
+#[test]
+fn concurrent_remaps_never_show_a_freed_frame() {
+    let Some((_kvm, primary, mirror)) = setup("concurrent_remaps_never_show_a_freed_frame", 512) else { return };
+    primary.mmap_anon(0, 0x10000);
+    mirror.add_region(0, 0x10000).unwrap();
+    let frames = primary.memfd().clone();
+    let first = frames.alloc().unwrap();
+    frames.write(first, 0, &1u32.to_le_bytes()).unwrap();
+    primary.remap(DATA, first, true);
+    let current = std::sync::atomic::AtomicU32::new(1);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    const POISON: u32 = 0xdead_dead;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut old = first;
+            for v in 2..400u32 {
+                let f = frames.alloc().unwrap();
+                frames.write(f, 0, &v.to_le_bytes()).unwrap();
+                primary.remap(DATA, f, true);
+                current.store(v, std::sync::atomic::Ordering::SeqCst);
+                // The bracket ended: the old frame may be freed and reused.
+                frames.write(old, 0, &POISON.to_le_bytes()).unwrap();
+                frames.free(old);
+                old = f;
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut g = RealModeGuest::new(&mirror, 0).unwrap();
+        let mut reads = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || reads < 10 {
+            let floor = current.load(std::sync::atomic::Ordering::SeqCst);
+            let v = g.read_u32(&mirror, DATA).unwrap();
+            assert_ne!(v, POISON, "the guest read a freed frame");
+            assert!(v >= floor, "the guest read {v}, older than {floor} which was current before the read");
+            reads += 1;
+        }
+    });
+    let st = mirror.stats(0).unwrap();
+    assert!(st.invalidations >= 399, "{st:?}");
+}
