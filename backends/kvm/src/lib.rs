@@ -26,11 +26,14 @@ mod sys;
 
 pub use error::KvmError;
 pub use memfd::MemfdFrames;
+mod cache;
+mod device;
 mod dirty;
 mod host_view;
 pub mod memslot;
 mod mirror;
 
+pub use device::{DeviceRegion, DeviceRegions, DeviceSlices, DeviceView, PageGuard};
 pub use dirty::DirtyBitmap;
 pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
 pub mod guest;
