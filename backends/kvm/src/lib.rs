@@ -36,4 +36,6 @@ mod mirror;
 pub use device::{DeviceRegion, DeviceRegions, DeviceSlices, DeviceView, PageGuard};
 pub use dirty::DirtyBitmap;
 pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
+pub mod baseline;
 pub mod guest;
+pub mod testing;
