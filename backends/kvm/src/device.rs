@@ -31,6 +31,7 @@
 //! moving, resizing or removing regions, as with `GuestMemoryAtomic`.
 
 use std::iter::FusedIterator;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use notifier_core::addr::PAGE_MASK;
@@ -77,7 +78,7 @@ impl<P: Primary + ?Sized + 'static> core::fmt::Debug for DeviceRegion<P> {
 /// A page translation with the cache's read lock held: the frame stays the
 /// primary's until the guard is dropped.
 pub struct PageGuard<'a> {
-    _entries: RwLockReadGuard<'a, Vec<u64>>,
+    _lock: RwLockReadGuard<'a, ()>,
     /// The translation.
     pub translation: Translation,
 }
@@ -97,13 +98,38 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
     pub fn translate(&self, off: u64, write: bool) -> Result<PageGuard<'_>, KvmError> {
         let idx = (off >> PAGE_SHIFT) as usize;
         loop {
-            let e = self.cache.entries.read();
-            if let Some(t) = TranslationCache::usable(e[idx], write) {
-                return Ok(PageGuard { _entries: e, translation: t });
+            let l = self.cache.lock.read();
+            if let Some(t) = TranslationCache::usable(self.cache.entries[idx].load(Ordering::Relaxed), write) {
+                return Ok(PageGuard { _lock: l, translation: t });
             }
-            drop(e);
+            drop(l);
             self.cache.fill(&self.sub, &*self.primary, idx, write)?;
         }
+    }
+
+    /// Optimistic lookup (no lock, no fault): the cached translation of the
+    /// page at region offset `off` and the sequence to validate a read of
+    /// its frame with [`Self::lookup_retry`]. `None` on a miss.
+    ///
+    /// # Pairing
+    /// `lookup`, read the frame, `lookup_retry`; discard what was read when
+    /// it returns true. Never write through an optimistic translation: use
+    /// [`Self::translate`].
+    #[inline]
+    pub fn lookup(&self, off: u64) -> Option<(Translation, u64)> {
+        let g = self.cache.gen.load(Ordering::Acquire);
+        let e = self.cache.entries.get((off >> PAGE_SHIFT) as usize)?.load(Ordering::Acquire);
+        TranslationCache::usable(e, false).map(|t| (t, g))
+    }
+
+    /// Whether a read done under the optimistic translation from
+    /// [`Self::lookup`] may have seen a frame being taken away.
+    #[inline]
+    pub fn lookup_retry(&self, seq: u64) -> bool {
+        // The fence orders the caller's frame reads before the load; pairs
+        // with the Release bump in the invalidate callback.
+        std::sync::atomic::fence(Ordering::Acquire);
+        self.cache.gen.load(Ordering::Relaxed) != seq
     }
 
     /// Run `f` on each page slice of `[off, off + len)` with the page's
@@ -177,6 +203,17 @@ impl<P: Primary + ?Sized + 'static> Bytes<MemoryRegionAddress> for DeviceRegion<
 
     fn read(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> GmResult<usize> {
         let n = self.clip(addr, buf.len())?;
+        // One page: try the optimistic path first.
+        if n > 0 && (addr.0 & PAGE_MASK) as usize + n <= PAGE_SIZE as usize {
+            if let Some((t, seq)) = self.lookup(addr.0) {
+                if let Ok(s) = self.frames.slice(t.pfn, (addr.0 & PAGE_MASK) as usize, n) {
+                    s.copy_to(&mut buf[..n]);
+                    if !self.lookup_retry(seq) {
+                        return Ok(n);
+                    }
+                }
+            }
+        }
         self.for_each_slice(addr.0, n, false, |d, s| {
             s.copy_to(&mut buf[d..d + s.len()]);
             Ok(())
@@ -223,7 +260,7 @@ impl<P: Primary + ?Sized + 'static> Bytes<MemoryRegionAddress> for DeviceRegion<
         partial(count, self.write_volatile_to(addr, dst, count)?)
     }
 
-    fn store<T: AtomicAccess>(&self, val: T, addr: MemoryRegionAddress, order: std::sync::atomic::Ordering) -> GmResult<()> {
+    fn store<T: AtomicAccess>(&self, val: T, addr: MemoryRegionAddress, order: Ordering) -> GmResult<()> {
         let n = size_of::<T>();
         if self.clip(addr, n)? != n || (addr.0 & PAGE_MASK) as usize + n > PAGE_SIZE as usize {
             return Err(GmError::InvalidBackendAddress);
@@ -232,7 +269,7 @@ impl<P: Primary + ?Sized + 'static> Bytes<MemoryRegionAddress> for DeviceRegion<
         self.for_each_slice(addr.0, n, true, |_, s| Ok(s.store(val.take().expect("one page"), 0, order)?))
     }
 
-    fn load<T: AtomicAccess>(&self, addr: MemoryRegionAddress, order: std::sync::atomic::Ordering) -> GmResult<T> {
+    fn load<T: AtomicAccess>(&self, addr: MemoryRegionAddress, order: Ordering) -> GmResult<T> {
         let n = size_of::<T>();
         if self.clip(addr, n)? != n || (addr.0 & PAGE_MASK) as usize + n > PAGE_SIZE as usize {
             return Err(GmError::InvalidBackendAddress);
@@ -300,6 +337,21 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
     /// The regions.
     pub fn regions(&self) -> &DeviceRegions<P> {
         &self.regions
+    }
+
+    /// The region holding `gpa`.
+    #[inline]
+    pub fn region(&self, gpa: u64) -> Option<&DeviceRegion<P>> {
+        self.regions.find_region(GuestAddress(gpa))
+    }
+
+    /// Optimistic lookup of `gpa` (see [`DeviceRegion::lookup`]): the
+    /// cached translation and the sequence to validate a read with
+    /// [`DeviceRegion::lookup_retry`] on the same region.
+    #[inline]
+    pub fn lookup(&self, gpa: u64) -> Option<(Translation, u64)> {
+        let r = self.region(gpa)?;
+        r.lookup(gpa - r.gpa)
     }
 
     /// Translate the page of `gpa` (filling the cache on a miss) and return
