@@ -43,7 +43,9 @@ const MIB: u64 = 1 << 20;
 /// Raw and mirror updates run interleaved in every iteration (each bench
 /// times one of the two), so both see the same KVM state and machine noise.
 fn memslot_update(c: &mut Criterion) {
-    let Some((_kvm, primary, mirror)) = env(64) else { return };
+    let Some((_kvm, primary, mirror)) = env(64) else {
+        return;
+    };
     let mut g = c.benchmark_group("kvm_memslot_update_1MiB");
     let (a, b) = (0x1000_0000u64, 0x2000_0000u64);
     primary.mmap_anon(a, MIB);
@@ -53,8 +55,12 @@ fn memslot_update(c: &mut Criterion) {
         mirror.remove_region(a).unwrap();
     };
     let raw_pair = || raw.add_delete().unwrap();
-    g.bench_function("raw_ioctl_pair_add_delete", |bn| bn.iter_custom(|n| interleaved(n, raw_pair, mirror_pair)));
-    g.bench_function("mirror_add_remove_region", |bn| bn.iter_custom(|n| interleaved(n, mirror_pair, raw_pair)));
+    g.bench_function("raw_ioctl_pair_add_delete", |bn| {
+        bn.iter_custom(|n| interleaved(n, raw_pair, mirror_pair))
+    });
+    g.bench_function("mirror_add_remove_region", |bn| {
+        bn.iter_custom(|n| interleaved(n, mirror_pair, raw_pair))
+    });
     let live = std::cell::RefCell::new(raw.add().unwrap());
     mirror.add_region(a, MIB).unwrap();
     let raw_move = || {
@@ -66,8 +72,12 @@ fn memslot_update(c: &mut Criterion) {
         mirror.move_region(a, b).unwrap();
         mirror.move_region(b, a).unwrap();
     };
-    g.bench_function("raw_ioctl_pair_move_there_and_back", |bn| bn.iter_custom(|n| interleaved(n, raw_move, mirror_move)));
-    g.bench_function("mirror_move_region_there_and_back", |bn| bn.iter_custom(|n| interleaved(n, mirror_move, raw_move)));
+    g.bench_function("raw_ioctl_pair_move_there_and_back", |bn| {
+        bn.iter_custom(|n| interleaved(n, raw_move, mirror_move))
+    });
+    g.bench_function("mirror_move_region_there_and_back", |bn| {
+        bn.iter_custom(|n| interleaved(n, mirror_move, raw_move))
+    });
     g.finish();
 }
 
@@ -84,13 +94,17 @@ fn interleaved(n: u64, timed: impl Fn(), other: impl Fn()) -> Duration {
 }
 
 fn device_translation(c: &mut Criterion) {
-    let Some((_kvm, primary, mirror)) = env(64) else { return };
+    let Some((_kvm, primary, mirror)) = env(64) else {
+        return;
+    };
     primary.mmap_anon(0, MIB);
     mirror.add_region(0, MIB).unwrap();
     let dev = DeviceView::new(&mirror).unwrap();
     dev.write_obj(7u64, GuestAddress(0x9000)).unwrap();
     let mut g = c.benchmark_group("kvm_device_view_hit");
-    g.bench_function("translate_hit", |bn| bn.iter(|| black_box(dev.translate(black_box(0x9008), false).unwrap().translation)));
+    g.bench_function("translate_hit", |bn| {
+        bn.iter(|| black_box(dev.translate(black_box(0x9008), false).unwrap().translation))
+    });
     g.bench_function("lookup_hit_optimistic", |bn| {
         bn.iter(|| {
             let (t, seq) = dev.lookup(black_box(0x9008)).unwrap();
@@ -99,15 +113,35 @@ fn device_translation(c: &mut Criterion) {
     });
     let region = dev.region(0).unwrap();
     g.bench_function("region_read_u64_hit_optimistic", |bn| {
-        bn.iter(|| black_box(region.read_obj::<u64>(MemoryRegionAddress(black_box(0x9008))).unwrap()))
+        bn.iter(|| {
+            black_box(
+                region
+                    .read_obj::<u64>(MemoryRegionAddress(black_box(0x9008)))
+                    .unwrap(),
+            )
+        })
     });
-    g.bench_function("read_obj_u64_hit", |bn| bn.iter(|| black_box(dev.read_obj::<u64>(GuestAddress(black_box(0x9008))).unwrap())));
-    g.bench_function("write_obj_u64_hit", |bn| bn.iter(|| dev.write_obj(black_box(5u64), GuestAddress(black_box(0x9010))).unwrap()));
+    g.bench_function("read_obj_u64_hit", |bn| {
+        bn.iter(|| {
+            black_box(
+                dev.read_obj::<u64>(GuestAddress(black_box(0x9008)))
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("write_obj_u64_hit", |bn| {
+        bn.iter(|| {
+            dev.write_obj(black_box(5u64), GuestAddress(black_box(0x9010)))
+                .unwrap()
+        })
+    });
     g.finish();
 }
 
 fn invalidate_2mib(c: &mut Criterion) {
-    let Some((_kvm, primary, mirror)) = env(1024) else { return };
+    let Some((_kvm, primary, mirror)) = env(1024) else {
+        return;
+    };
     let base = 0x20_0000u64;
     let len = 2 * MIB;
     primary.mmap_anon(base, len);
@@ -124,17 +158,31 @@ fn invalidate_2mib(c: &mut Criterion) {
                     dev.translate(p, false).unwrap();
                 }
             },
-            |()| primary.notifiers().invalidate_range_start(&range).unwrap().end(),
+            |()| {
+                primary
+                    .notifiers()
+                    .invalidate_range_start(&range)
+                    .unwrap()
+                    .end()
+            },
             BatchSize::PerIteration,
         )
     });
     let raw = RawView::new(len, mirror.frames().clone()).unwrap();
-    g.bench_function("raw_mmap_prot_none_2MiB", |bn| bn.iter_batched(|| raw.map_all().unwrap(), |()| raw.punch_all().unwrap(), BatchSize::PerIteration));
+    g.bench_function("raw_mmap_prot_none_2MiB", |bn| {
+        bn.iter_batched(
+            || raw.map_all().unwrap(),
+            |()| raw.punch_all().unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 
 fn demand_fault(c: &mut Criterion) {
-    let Some((_kvm, primary, mirror)) = env(256) else { return };
+    let Some((_kvm, primary, mirror)) = env(256) else {
+        return;
+    };
     primary.mmap_anon(0, MIB);
     mirror.add_region(0, MIB).unwrap();
     let mut guest = RealModeGuest::new(&mirror, 0).unwrap();
@@ -142,16 +190,26 @@ fn demand_fault(c: &mut Criterion) {
     let range = InvalidateRange::new(PageRange::new(page, 4096).unwrap(), Event::Clear);
     guest.read_u32(&mirror, page).unwrap();
     let mut g = c.benchmark_group("kvm_guest_fault");
-    g.bench_function("guest_read_present_4_exits", |bn| bn.iter(|| black_box(guest.read_u32(&mirror, page).unwrap())));
+    g.bench_function("guest_read_present_4_exits", |bn| {
+        bn.iter(|| black_box(guest.read_u32(&mirror, page).unwrap()))
+    });
     g.bench_function("guest_read_demand_fault", |bn| {
         bn.iter_batched(
-            || primary.notifiers().invalidate_range_start(&range).unwrap().end(),
+            || {
+                primary
+                    .notifiers()
+                    .invalidate_range_start(&range)
+                    .unwrap()
+                    .end()
+            },
             |()| black_box(guest.read_u32(&mirror, page).unwrap()),
             BatchSize::PerIteration,
         )
     });
     // A raw exit round trip: `mov dx, 0x13; l: out dx, al; jmp l` at 0x3000.
-    mirror.mmio_write(0x3000, &[0xBA, 0x13, 0x00, 0xEE, 0xEB, 0xFD]).unwrap();
+    mirror
+        .mmio_write(0x3000, &[0xBA, 0x13, 0x00, 0xEE, 0xEB, 0xFD])
+        .unwrap();
     let mut vcpu = mirror.vm().create_vcpu(1).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;

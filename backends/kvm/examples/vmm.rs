@@ -27,7 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let frames = Arc::new(MemfdFrames::new(0x1000, 1024)?);
     let primary = TestPrimary::new(frames.clone());
     primary.mmap_anon(0, RAM);
-    let mirror = KvmMirror::new(Arc::new(kvm.create_vm()?), primary.clone(), frames.clone(), kvm.get_nr_memslots() as u32);
+    let mirror = KvmMirror::new(
+        Arc::new(kvm.create_vm()?),
+        primary.clone(),
+        frames.clone(),
+        kvm.get_nr_memslots() as u32,
+    );
     let low = mirror.add_region(0, 0x8_0000)?;
     let high = mirror.add_region(0x8_0000, 0x8_0000)?;
     println!("RAM: {low:?}\n     {high:?}");
@@ -36,9 +41,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A device (virtio, say) writes a buffer; the guest reads it.
     dev.write_obj(0xc0ff_ee00u32, GuestAddress(0x2_0000))?;
-    println!("guest reads the device's buffer at 0x20000: {:#x}", guest.read_u32(&mirror, 0x2_0000)?);
+    println!(
+        "guest reads the device's buffer at 0x20000: {:#x}",
+        guest.read_u32(&mirror, 0x2_0000)?
+    );
     guest.write_u32(&mirror, 0x2_0004, 0x600d_f00d)?;
-    println!("device reads the guest's write at 0x20004: {:#x}", dev.read_obj::<u32>(GuestAddress(0x2_0004))?);
+    println!(
+        "device reads the guest's write at 0x20004: {:#x}",
+        dev.read_obj::<u32>(GuestAddress(0x2_0004))?
+    );
 
     // Balloon 64 KiB out: the primary drops the pages, the mirror punches
     // them, and the guest finds zero pages when it touches them again.
@@ -76,7 +87,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         guest.read_u32(&mirror, 0xd_0000)?
     );
     let dev = DeviceView::new(&mirror)?;
-    println!("rebuilt device view reads {:#x} at 0xd0000", dev.read_obj::<u32>(GuestAddress(0xd_0000))?);
+    println!(
+        "rebuilt device view reads {:#x} at 0xd0000",
+        dev.read_obj::<u32>(GuestAddress(0xd_0000))?
+    );
     println!("guest exits: {:?}", guest.exits());
     for r in mirror.regions() {
         println!("region {:#x}: {:?}", r.gpa, mirror.stats(r.gpa));

@@ -26,7 +26,12 @@ impl RawSlot {
     /// [`KvmError::Os`] when the reservation fails.
     pub fn new(vm: Arc<VmFd>, slot: u32, gpa: u64, len: u64) -> Result<Self, KvmError> {
         let view = Reservation::new(len as usize).map_err(|e| KvmError::os("reserve", e))?;
-        Ok(Self { vm, view: Arc::new(view), slot, gpa })
+        Ok(Self {
+            vm,
+            view: Arc::new(view),
+            slot,
+            gpa,
+        })
     }
 
     /// One `KVM_SET_USER_MEMORY_REGION` add and one delete.
@@ -34,7 +39,8 @@ impl RawSlot {
     /// # Errors
     /// KVM's error.
     pub fn add_delete(&self) -> Result<(), KvmError> {
-        let s = UserMemslot::add(&self.vm, self.slot, self.gpa, self.view.clone(), 0).map_err(|e| KvmError::kvm("add", e))?;
+        let s = UserMemslot::add(&self.vm, self.slot, self.gpa, self.view.clone(), 0)
+            .map_err(|e| KvmError::kvm("add", e))?;
         drop(s);
         Ok(())
     }
@@ -44,7 +50,8 @@ impl RawSlot {
     /// # Errors
     /// KVM's error.
     pub fn add(&self) -> Result<RawLiveSlot, KvmError> {
-        let s = UserMemslot::add(&self.vm, self.slot, self.gpa, self.view.clone(), 0).map_err(|e| KvmError::kvm("add", e))?;
+        let s = UserMemslot::add(&self.vm, self.slot, self.gpa, self.view.clone(), 0)
+            .map_err(|e| KvmError::kvm("add", e))?;
         Ok(RawLiveSlot(s))
     }
 }
@@ -60,7 +67,9 @@ impl RawLiveSlot {
     /// KVM's error.
     pub fn move_to(&mut self, gpa: u64) -> Result<(), KvmError> {
         let flags = self.0.flags();
-        self.0.modify(gpa, flags).map_err(|e| KvmError::kvm("move", e))
+        self.0
+            .modify(gpa, flags)
+            .map_err(|e| KvmError::kvm("move", e))
     }
 }
 
@@ -77,7 +86,10 @@ impl RawView {
     /// # Errors
     /// [`KvmError::Os`].
     pub fn new(len: u64, frames: Arc<MemfdFrames>) -> Result<Self, KvmError> {
-        Ok(Self { view: Reservation::new(len as usize).map_err(|e| KvmError::os("reserve", e))?, frames })
+        Ok(Self {
+            view: Reservation::new(len as usize).map_err(|e| KvmError::os("reserve", e))?,
+            frames,
+        })
     }
 
     /// One `mmap(MAP_FIXED | MAP_SHARED)` per page: page `i` of the view
@@ -87,7 +99,9 @@ impl RawView {
     /// [`KvmError::Os`].
     pub fn map_all(&self) -> Result<(), KvmError> {
         for off in (0..self.view.len()).step_by(PAGE_SIZE as usize) {
-            self.view.map(off, PAGE_SIZE as usize, self.frames.fd(), off as u64, true).map_err(|e| KvmError::os("mmap", e))?;
+            self.view
+                .map(off, PAGE_SIZE as usize, self.frames.fd(), off as u64, true)
+                .map_err(|e| KvmError::os("mmap", e))?;
         }
         Ok(())
     }
@@ -97,6 +111,8 @@ impl RawView {
     /// # Errors
     /// [`KvmError::Os`].
     pub fn punch_all(&self) -> Result<(), KvmError> {
-        self.view.punch(0, self.view.len()).map_err(|e| KvmError::os("punch", e))
+        self.view
+            .punch(0, self.view.len())
+            .map_err(|e| KvmError::os("punch", e))
     }
 }

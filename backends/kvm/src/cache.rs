@@ -72,7 +72,14 @@ pub(crate) struct TranslationCache {
 impl TranslationCache {
     pub(crate) fn new(pbase: u64, len: u64) -> Self {
         let entries = (0..len >> PAGE_SHIFT).map(|_| AtomicU64::new(0)).collect();
-        Self { pbase, len, lock: RwLock::new(()), entries, gen: AtomicU64::new(0), stats: CacheStats::default() }
+        Self {
+            pbase,
+            len,
+            lock: RwLock::new(()),
+            entries,
+            gen: AtomicU64::new(0),
+            stats: CacheStats::default(),
+        }
     }
 
     /// Whether entry `e` serves an access (a write needs a writable entry).
@@ -90,7 +97,13 @@ impl TranslationCache {
     /// # Locking
     /// Call with no lock of this cache held (the primary's fault may
     /// invalidate, and the callback takes `entries`).
-    pub(crate) fn fill<P: Primary + ?Sized>(&self, sub: &IntervalNotifier, primary: &P, idx: usize, write: bool) -> Result<Translation, KvmError> {
+    pub(crate) fn fill<P: Primary + ?Sized>(
+        &self,
+        sub: &IntervalNotifier,
+        primary: &P,
+        idx: usize,
+        write: bool,
+    ) -> Result<Translation, KvmError> {
         let addr = self.pbase + ((idx as u64) << PAGE_SHIFT);
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         loop {
@@ -117,9 +130,18 @@ impl IntervalNotifierOps for CacheNotifier {
     /// Takes `entries` for writing (tries, and answers [`Again`] when
     /// contended, in a non-blockable invalidation): this waits for every
     /// user of a translation to finish touching its frame.
-    fn invalidate(&self, sub: &IntervalNotifier, range: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        range: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         let c = &self.0;
-        let _w = if range.blockable { c.lock.write() } else { c.lock.try_write().ok_or(Again)? };
+        let _w = if range.blockable {
+            c.lock.write()
+        } else {
+            c.lock.try_write().ok_or(Again)?
+        };
         sub.set_seq(cur_seq);
         // Release: pairs with the optimistic reader's fence + second load of
         // `gen`; bumped before any entry is cleared.
@@ -127,7 +149,10 @@ impl IntervalNotifierOps for CacheNotifier {
         let s = range.start.max(c.pbase);
         let end = range.end.min(c.pbase + c.len);
         if s < end {
-            let (first, last) = (((s - c.pbase) >> PAGE_SHIFT) as usize, ((end - c.pbase) >> PAGE_SHIFT) as usize);
+            let (first, last) = (
+                ((s - c.pbase) >> PAGE_SHIFT) as usize,
+                ((end - c.pbase) >> PAGE_SHIFT) as usize,
+            );
             let keep = range.event.keeps_readable();
             for x in &c.entries[first..last] {
                 // Bit 1 is the writable bit of the entry encoding.

@@ -42,8 +42,8 @@ use parking_lot::RwLockReadGuard;
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{Error as GmError, GuestMemorySliceIterator, Result as GmResult};
 use vm_memory::{
-    AtomicAccess, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, GuestUsize,
-    MemoryRegionAddress, Permissions, ReadVolatile, VolatileSlice, WriteVolatile,
+    AtomicAccess, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
+    GuestUsize, MemoryRegionAddress, Permissions, ReadVolatile, VolatileSlice, WriteVolatile,
 };
 
 use crate::cache::{CacheNotifier, TranslationCache};
@@ -53,7 +53,9 @@ use crate::{KvmError, KvmMirror};
 
 fn gm_err(gpa: u64, e: KvmError) -> GmError {
     match e {
-        KvmError::Fault(_) | KvmError::Unmapped(_) => GmError::InvalidGuestAddress(GuestAddress(gpa)),
+        KvmError::Fault(_) | KvmError::Unmapped(_) => {
+            GmError::InvalidGuestAddress(GuestAddress(gpa))
+        }
         other => GmError::IOError(std::io::Error::other(other)),
     }
 }
@@ -71,7 +73,10 @@ pub struct DeviceRegion<P: Primary + ?Sized + 'static> {
 
 impl<P: Primary + ?Sized + 'static> core::fmt::Debug for DeviceRegion<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("DeviceRegion").field("gpa", &self.gpa).field("len", &self.cache.len).finish()
+        f.debug_struct("DeviceRegion")
+            .field("gpa", &self.gpa)
+            .field("len", &self.cache.len)
+            .finish()
     }
 }
 
@@ -99,8 +104,13 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
         let idx = (off >> PAGE_SHIFT) as usize;
         loop {
             let l = self.cache.lock.read();
-            if let Some(t) = TranslationCache::usable(self.cache.entries[idx].load(Ordering::Relaxed), write) {
-                return Ok(PageGuard { _lock: l, translation: t });
+            if let Some(t) =
+                TranslationCache::usable(self.cache.entries[idx].load(Ordering::Relaxed), write)
+            {
+                return Ok(PageGuard {
+                    _lock: l,
+                    translation: t,
+                });
             }
             drop(l);
             self.cache.fill(&self.sub, &*self.primary, idx, write)?;
@@ -118,7 +128,11 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
     #[inline]
     pub fn lookup(&self, off: u64) -> Option<(Translation, u64)> {
         let g = self.cache.gen.load(Ordering::Acquire);
-        let e = self.cache.entries.get((off >> PAGE_SHIFT) as usize)?.load(Ordering::Acquire);
+        let e = self
+            .cache
+            .entries
+            .get((off >> PAGE_SHIFT) as usize)?
+            .load(Ordering::Acquire);
         TranslationCache::usable(e, false).map(|t| (t, g))
     }
 
@@ -134,16 +148,27 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
 
     /// Run `f` on each page slice of `[off, off + len)` with the page's
     /// translation guarded; stops at the first error.
-    fn for_each_slice(&self, off: u64, len: usize, write: bool, mut f: impl FnMut(usize, VolatileSlice<'_>) -> GmResult<()>) -> GmResult<()> {
+    fn for_each_slice(
+        &self,
+        off: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(usize, VolatileSlice<'_>) -> GmResult<()>,
+    ) -> GmResult<()> {
         let mut done = 0usize;
         while done < len {
             let a = off + done as u64;
             let n = ((PAGE_SIZE - (a & PAGE_MASK)) as usize).min(len - done);
-            let g = self.translate(a & !PAGE_MASK, write).map_err(|e| gm_err(self.gpa + a, e))?;
+            let g = self
+                .translate(a & !PAGE_MASK, write)
+                .map_err(|e| gm_err(self.gpa + a, e))?;
             if write {
                 self.view.mark_dirty((a >> PAGE_SHIFT) as usize);
             }
-            let s = self.frames.slice(g.translation.pfn, (a & PAGE_MASK) as usize, n).map_err(|_| GmError::InvalidBackendAddress)?;
+            let s = self
+                .frames
+                .slice(g.translation.pfn, (a & PAGE_MASK) as usize, n)
+                .map_err(|_| GmError::InvalidBackendAddress)?;
             f(done, s)?;
             drop(g);
             done += n;
@@ -185,7 +210,10 @@ fn partial(expected: usize, completed: usize) -> GmResult<()> {
     if expected == completed {
         Ok(())
     } else {
-        Err(GmError::PartialBuffer { expected, completed })
+        Err(GmError::PartialBuffer {
+            expected,
+            completed,
+        })
     }
 }
 
@@ -230,7 +258,12 @@ impl<P: Primary + ?Sized + 'static> Bytes<MemoryRegionAddress> for DeviceRegion<
         partial(n, Bytes::read(self, buf, addr)?)
     }
 
-    fn read_volatile_from<F: ReadVolatile>(&self, addr: MemoryRegionAddress, src: &mut F, count: usize) -> GmResult<usize> {
+    fn read_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> GmResult<usize> {
         let n = self.clip(addr, count)?;
         let mut total = 0;
         let mut eof = false;
@@ -246,27 +279,49 @@ impl<P: Primary + ?Sized + 'static> Bytes<MemoryRegionAddress> for DeviceRegion<
         Ok(total)
     }
 
-    fn read_exact_volatile_from<F: ReadVolatile>(&self, addr: MemoryRegionAddress, src: &mut F, count: usize) -> GmResult<()> {
+    fn read_exact_volatile_from<F: ReadVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> GmResult<()> {
         partial(count, self.read_volatile_from(addr, src, count)?)
     }
 
-    fn write_volatile_to<F: WriteVolatile>(&self, addr: MemoryRegionAddress, dst: &mut F, count: usize) -> GmResult<usize> {
+    fn write_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> GmResult<usize> {
         let n = self.clip(addr, count)?;
         self.for_each_slice(addr.0, n, false, |_, s| Ok(dst.write_all_volatile(&s)?))?;
         Ok(n)
     }
 
-    fn write_all_volatile_to<F: WriteVolatile>(&self, addr: MemoryRegionAddress, dst: &mut F, count: usize) -> GmResult<()> {
+    fn write_all_volatile_to<F: WriteVolatile>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> GmResult<()> {
         partial(count, self.write_volatile_to(addr, dst, count)?)
     }
 
-    fn store<T: AtomicAccess>(&self, val: T, addr: MemoryRegionAddress, order: Ordering) -> GmResult<()> {
+    fn store<T: AtomicAccess>(
+        &self,
+        val: T,
+        addr: MemoryRegionAddress,
+        order: Ordering,
+    ) -> GmResult<()> {
         let n = size_of::<T>();
         if self.clip(addr, n)? != n || (addr.0 & PAGE_MASK) as usize + n > PAGE_SIZE as usize {
             return Err(GmError::InvalidBackendAddress);
         }
         let mut val = Some(val);
-        self.for_each_slice(addr.0, n, true, |_, s| Ok(s.store(val.take().expect("one page"), 0, order)?))
+        self.for_each_slice(addr.0, n, true, |_, s| {
+            Ok(s.store(val.take().expect("one page"), 0, order)?)
+        })
     }
 
     fn load<T: AtomicAccess>(&self, addr: MemoryRegionAddress, order: Ordering) -> GmResult<T> {
@@ -328,10 +383,23 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
         let mut regions = Vec::new();
         for r in mirror.region_snapshot() {
             let cache = Arc::new(TranslationCache::new(r.view.pbase, r.view.len));
-            let sub = mirror.primary().notifiers().interval_subscribe(r.view.pbase, r.view.len, CacheNotifier(cache.clone()))?;
-            regions.push(DeviceRegion { gpa: r.gpa, primary: mirror.primary().clone(), frames: mirror.frames().clone(), cache, sub, view: r.view.clone() });
+            let sub = mirror.primary().notifiers().interval_subscribe(
+                r.view.pbase,
+                r.view.len,
+                CacheNotifier(cache.clone()),
+            )?;
+            regions.push(DeviceRegion {
+                gpa: r.gpa,
+                primary: mirror.primary().clone(),
+                frames: mirror.frames().clone(),
+                cache,
+                sub,
+                view: r.view.clone(),
+            });
         }
-        Ok(Self { regions: DeviceRegions(regions) })
+        Ok(Self {
+            regions: DeviceRegions(regions),
+        })
     }
 
     /// The regions.
@@ -361,7 +429,10 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
     /// [`KvmError::Unmapped`], the primary's fault.
     #[inline]
     pub fn translate(&self, gpa: u64, write: bool) -> Result<PageGuard<'_>, KvmError> {
-        let r = self.regions.find_region(GuestAddress(gpa)).ok_or(KvmError::Unmapped(gpa))?;
+        let r = self
+            .regions
+            .find_region(GuestAddress(gpa))
+            .ok_or(KvmError::Unmapped(gpa))?;
         r.translate(gpa - r.gpa, write)
     }
 }
@@ -402,7 +473,10 @@ impl<'a, P: Primary + ?Sized + 'static> Iterator for DeviceSlices<'a, P> {
         if self.write {
             r.view.mark_dirty((off >> PAGE_SHIFT) as usize);
         }
-        let s = match r.frames.slice(g.translation.pfn, (a & PAGE_MASK) as usize, n) {
+        let s = match r
+            .frames
+            .slice(g.translation.pfn, (a & PAGE_MASK) as usize, n)
+        {
             Ok(s) => s,
             Err(_) => {
                 self.count = 0;
@@ -427,15 +501,30 @@ impl<P: Primary + ?Sized + 'static> GuestMemory for DeviceView<P> {
     /// access is only known when a page is faulted in.
     fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
         let mut a = addr.0;
-        let Some(end) = a.checked_add(count as u64) else { return false };
+        let Some(end) = a.checked_add(count as u64) else {
+            return false;
+        };
         while a < end {
-            let Some(r) = self.regions.find_region(GuestAddress(a)) else { return false };
+            let Some(r) = self.regions.find_region(GuestAddress(a)) else {
+                return false;
+            };
             a = (r.gpa + r.cache.len).min(end);
         }
         true
     }
 
-    fn get_slices<'a>(&'a self, addr: GuestAddress, count: usize, access: Permissions) -> GmResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        Ok(DeviceSlices { view: self, addr: addr.0, count, write: access.has_write(), guard: None })
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GmResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        Ok(DeviceSlices {
+            view: self,
+            addr: addr.0,
+            count,
+            write: access.has_write(),
+            guard: None,
+        })
     }
 }

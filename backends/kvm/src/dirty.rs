@@ -42,7 +42,9 @@ impl DirtyBitmap {
 
     /// Whether the page holding `gpa` is dirty (false outside the region).
     pub fn is_dirty(&self, gpa: u64) -> bool {
-        let Some(off) = gpa.checked_sub(self.gpa) else { return false };
+        let Some(off) = gpa.checked_sub(self.gpa) else {
+            return false;
+        };
         let i = (off >> PAGE_SHIFT) as usize;
         i < self.pages && self.bits[i / 64] & (1 << (i % 64)) != 0
     }
@@ -54,7 +56,9 @@ impl DirtyBitmap {
 
     /// Guest-physical addresses of the dirty pages, in order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.pages).filter(|i| self.bits[i / 64] & (1 << (i % 64)) != 0).map(|i| self.gpa + ((i as u64) << PAGE_SHIFT))
+        (0..self.pages)
+            .filter(|i| self.bits[i / 64] & (1 << (i % 64)) != 0)
+            .map(|i| self.gpa + ((i as u64) << PAGE_SHIFT))
     }
 
     /// Merge another bitmap of the same region.
@@ -76,7 +80,10 @@ mod tests {
         assert!(d.is_dirty(0x10_0000) && !d.is_dirty(0x10_1000) && d.is_dirty(0x10_2fff));
         assert!(!d.is_dirty(0xf_f000) && !d.is_dirty(0x10_0000 + 70 * 4096));
         d.merge(&DirtyBitmap::new(0x10_0000, 70, vec![0, 1 << 5]));
-        assert_eq!(d.iter().collect::<Vec<_>>(), vec![0x10_0000, 0x10_2000, 0x10_0000 + 69 * 4096]);
+        assert_eq!(
+            d.iter().collect::<Vec<_>>(),
+            vec![0x10_0000, 0x10_2000, 0x10_0000 + 69 * 4096]
+        );
         assert_eq!(d.count(), 3);
     }
 }

@@ -60,16 +60,32 @@ pub enum KvmError {
     Unmapped(u64),
     /// A bad range argument.
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// Subscribing to the primary failed.
     #[error("subscribing to the primary failed")]
-    Notifier(#[from] #[source] NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        NotifierError,
+    ),
     /// The primary could not fault the page in.
     #[error("primary fault")]
-    Fault(#[from] #[source] PrimaryFault),
+    Fault(
+        #[from]
+        #[source]
+        PrimaryFault,
+    ),
     /// A frame access failed.
     #[error("frame access")]
-    Frame(#[from] #[source] FrameError),
+    Frame(
+        #[from]
+        #[source]
+        FrameError,
+    ),
     /// The vCPU stopped for a reason the caller did not expect.
     #[error("unexpected vCPU exit: {0}")]
     UnexpectedExit(String),

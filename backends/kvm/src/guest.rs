@@ -111,16 +111,28 @@ impl RealModeGuest {
         if !mirror.mmio_write(CODE_GPA, &PROGRAM)? {
             return Err(KvmError::Unmapped(CODE_GPA));
         }
-        let vcpu = mirror.vm().create_vcpu(id).map_err(|e| KvmError::kvm("KVM_CREATE_VCPU", e))?;
-        let mut sregs = vcpu.get_sregs().map_err(|e| KvmError::kvm("KVM_GET_SREGS", e))?;
+        let vcpu = mirror
+            .vm()
+            .create_vcpu(id)
+            .map_err(|e| KvmError::kvm("KVM_CREATE_VCPU", e))?;
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| KvmError::kvm("KVM_GET_SREGS", e))?;
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).map_err(|e| KvmError::kvm("KVM_SET_SREGS", e))?;
-        let mut regs = vcpu.get_regs().map_err(|e| KvmError::kvm("KVM_GET_REGS", e))?;
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| KvmError::kvm("KVM_SET_SREGS", e))?;
+        let mut regs = vcpu
+            .get_regs()
+            .map_err(|e| KvmError::kvm("KVM_GET_REGS", e))?;
         regs.rip = CODE_GPA;
         regs.rflags = 2;
-        vcpu.set_regs(&regs).map_err(|e| KvmError::kvm("KVM_SET_REGS", e))?;
-        Ok(Self { vcpu, exits: GuestExits::default() })
+        vcpu.set_regs(&regs)
+            .map_err(|e| KvmError::kvm("KVM_SET_REGS", e))?;
+        Ok(Self {
+            vcpu,
+            exits: GuestExits::default(),
+        })
     }
 
     /// The vCPU.
@@ -138,7 +150,11 @@ impl RealModeGuest {
     /// # Errors
     /// [`KvmError::Range`]-like [`KvmError::Unmapped`] for `gpa` above the
     /// first MiB, fault errors of the mirror, [`KvmError::UnexpectedExit`].
-    pub fn read_u32<P: Primary + ?Sized>(&mut self, mirror: &KvmMirror<P>, gpa: u64) -> Result<u32, KvmError> {
+    pub fn read_u32<P: Primary + ?Sized>(
+        &mut self,
+        mirror: &KvmMirror<P>,
+        gpa: u64,
+    ) -> Result<u32, KvmError> {
         self.command(mirror, gpa, Cmd::Read)
     }
 
@@ -146,11 +162,21 @@ impl RealModeGuest {
     ///
     /// # Errors
     /// As [`Self::read_u32`].
-    pub fn write_u32<P: Primary + ?Sized>(&mut self, mirror: &KvmMirror<P>, gpa: u64, val: u32) -> Result<(), KvmError> {
+    pub fn write_u32<P: Primary + ?Sized>(
+        &mut self,
+        mirror: &KvmMirror<P>,
+        gpa: u64,
+        val: u32,
+    ) -> Result<(), KvmError> {
         self.command(mirror, gpa, Cmd::Write(val)).map(drop)
     }
 
-    fn command<P: Primary + ?Sized>(&mut self, mirror: &KvmMirror<P>, gpa: u64, cmd: Cmd) -> Result<u32, KvmError> {
+    fn command<P: Primary + ?Sized>(
+        &mut self,
+        mirror: &KvmMirror<P>,
+        gpa: u64,
+        cmd: Cmd,
+    ) -> Result<u32, KvmError> {
         if gpa + 4 > 0x10_0000 {
             return Err(KvmError::Unmapped(gpa));
         }
@@ -208,8 +234,14 @@ impl RealModeGuest {
                     // An instruction fetch from a hole: fault in CS:IP's page.
                     fetch_retries += 1;
                     self.exits.fetch_fault += 1;
-                    let regs = self.vcpu.get_regs().map_err(|e| KvmError::kvm("KVM_GET_REGS", e))?;
-                    let sregs = self.vcpu.get_sregs().map_err(|e| KvmError::kvm("KVM_GET_SREGS", e))?;
+                    let regs = self
+                        .vcpu
+                        .get_regs()
+                        .map_err(|e| KvmError::kvm("KVM_GET_REGS", e))?;
+                    let sregs = self
+                        .vcpu
+                        .get_sregs()
+                        .map_err(|e| KvmError::kvm("KVM_GET_SREGS", e))?;
                     let ip = sregs.cs.base + regs.rip;
                     mirror.handle_fault(ip & !(PAGE_SIZE - 1), false)?;
                     // The instruction may straddle into the next page, which

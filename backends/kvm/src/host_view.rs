@@ -45,7 +45,10 @@ pub(crate) fn pte(t: Translation) -> u64 {
 /// Decode an entry.
 #[inline]
 pub(crate) fn decode(e: u64) -> Option<Translation> {
-    (e & P != 0).then_some(Translation { pfn: Pfn(e >> 2), writable: e & W != 0 })
+    (e & P != 0).then_some(Translation {
+        pfn: Pfn(e >> 2),
+        writable: e & W != 0,
+    })
 }
 
 /// Counters of one host view.
@@ -84,7 +87,8 @@ pub(crate) struct HostView {
 impl HostView {
     pub(crate) fn new(pbase: u64, len: u64, frames: Arc<MemfdFrames>) -> Result<Self, KvmError> {
         let pages = (len >> PAGE_SHIFT) as usize;
-        let view = Reservation::new(len as usize).map_err(|e| KvmError::os("reserve host view", e))?;
+        let view =
+            Reservation::new(len as usize).map_err(|e| KvmError::os("reserve host view", e))?;
         Ok(Self {
             pbase,
             len,
@@ -106,11 +110,25 @@ impl HostView {
     ///
     /// # Locking
     /// Call with `pt` locked, after `read_retry` said no collision.
-    pub(crate) fn install(&self, pt: &mut [u64], idx: usize, t: Translation) -> Result<(), KvmError> {
-        let off = self.frames.file_offset(t.pfn).ok_or(KvmError::ForeignPfn(t.pfn.0))?;
+    pub(crate) fn install(
+        &self,
+        pt: &mut [u64],
+        idx: usize,
+        t: Translation,
+    ) -> Result<(), KvmError> {
+        let off = self
+            .frames
+            .file_offset(t.pfn)
+            .ok_or(KvmError::ForeignPfn(t.pfn.0))?;
         if pt[idx] != pte(t) {
             self.view
-                .map(idx << PAGE_SHIFT, PAGE_SIZE as usize, self.frames.fd(), off, t.writable)
+                .map(
+                    idx << PAGE_SHIFT,
+                    PAGE_SIZE as usize,
+                    self.frames.fd(),
+                    off,
+                    t.writable,
+                )
                 .map_err(|e| KvmError::os("map page into host view", e))?;
             pt[idx] = pte(t);
         }
@@ -139,7 +157,13 @@ impl HostView {
         let (first, last) = (self.index(s), self.index(e - 1) + 1);
         let mut i = first;
         while i < last {
-            let wanted = |x: u64| if keep_readable { x & W != 0 } else { x & P != 0 };
+            let wanted = |x: u64| {
+                if keep_readable {
+                    x & W != 0
+                } else {
+                    x & P != 0
+                }
+            };
             if !wanted(pt[i]) {
                 i += 1;
                 continue;
@@ -150,7 +174,11 @@ impl HostView {
                 i += 1;
             }
             let (off, len) = (run << PAGE_SHIFT, (i - run) << PAGE_SHIFT);
-            let r = if keep_readable { self.view.write_protect(off, len) } else { self.view.punch(off, len) };
+            let r = if keep_readable {
+                self.view.write_protect(off, len)
+            } else {
+                self.view.punch(off, len)
+            };
             // A failed punch would leave the guest able to reach a frame the
             // primary is about to free: there is no safe way to continue.
             if let Err(err) = r {
@@ -178,9 +206,18 @@ impl IntervalNotifierOps for ViewNotifier {
     /// # Locking
     /// Takes `pt` (or, in a non-blockable invalidation, tries it and answers
     /// [`Again`] when it is contended), records `cur_seq`, zaps, unlocks.
-    fn invalidate(&self, sub: &IntervalNotifier, range: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        range: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         let v = &self.0;
-        let mut pt = if range.blockable { v.pt.lock() } else { v.pt.try_lock().ok_or(Again)? };
+        let mut pt = if range.blockable {
+            v.pt.lock()
+        } else {
+            v.pt.try_lock().ok_or(Again)?
+        };
         sub.set_seq(cur_seq);
         let keep = range.event.keeps_readable();
         v.zap(&mut pt, range.start, range.end, keep);

@@ -52,11 +52,24 @@ impl MemfdFrames {
         let len = (capacity as u64)
             .checked_mul(PAGE_SIZE)
             .filter(|&l| l > 0 && base.checked_add(capacity as u64).is_some())
-            .ok_or_else(|| KvmError::os("memfd frames", std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-        let fd = crate::sys::memfd_create("notifier-frames", len).map_err(|e| KvmError::os("memfd_create", e))?;
+            .ok_or_else(|| {
+                KvmError::os(
+                    "memfd frames",
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                )
+            })?;
+        let fd = crate::sys::memfd_create("notifier-frames", len)
+            .map_err(|e| KvmError::os("memfd_create", e))?;
         let map = SharedMap::new(&fd, len as usize).map_err(|e| KvmError::os("mmap memfd", e))?;
         let free = (0..capacity as u64).rev().map(|i| base + i).collect();
-        Ok(Self { fd, map, base, capacity, free: Mutex::new(free), allocated: AtomicUsize::new(0) })
+        Ok(Self {
+            fd,
+            map,
+            base,
+            capacity,
+            free: Mutex::new(free),
+            allocated: AtomicUsize::new(0),
+        })
     }
 
     /// The memfd (for mapping frames into host views).
@@ -78,14 +91,20 @@ impl MemfdFrames {
 
     /// Host address of frame `pfn` in this store's own mapping.
     pub fn host_addr(&self, pfn: Pfn) -> Option<u64> {
-        self.index(pfn).map(|i| self.map.addr(i * PAGE_SIZE as usize))
+        self.index(pfn)
+            .map(|i| self.map.addr(i * PAGE_SIZE as usize))
     }
 
     /// A volatile slice of `len` bytes at `offset` in frame `pfn`.
     ///
     /// # Errors
     /// [`FrameError::InvalidPfn`], [`FrameError::OutOfBounds`].
-    pub fn slice(&self, pfn: Pfn, offset: usize, len: usize) -> Result<vm_memory::VolatileSlice<'_>, FrameError> {
+    pub fn slice(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        len: usize,
+    ) -> Result<vm_memory::VolatileSlice<'_>, FrameError> {
         let i = self.index(pfn).ok_or(FrameError::InvalidPfn(pfn.0))?;
         check_bounds(offset, len)?;
         Ok(self.map.slice(i * PAGE_SIZE as usize + offset, len))
@@ -101,7 +120,10 @@ impl MemfdFrames {
     fn word_off(&self, pfn: Pfn, off: usize) -> Result<usize, FrameError> {
         let i = self.index(pfn).ok_or(FrameError::InvalidPfn(pfn.0))?;
         if off % 8 != 0 || off >= PAGE_SIZE as usize {
-            return Err(FrameError::OutOfBounds { offset: off, len: 8 });
+            return Err(FrameError::OutOfBounds {
+                offset: off,
+                len: 8,
+            });
         }
         Ok(i * PAGE_SIZE as usize + off)
     }
@@ -131,18 +153,26 @@ impl FrameStore for MemfdFrames {
     fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
         // Relaxed, as HeapFrames: frame words carry data, not
         // synchronisation; the primary's locks order the mappings.
-        Ok(self.map.word(self.word_off(pfn, off)?).load(Ordering::Relaxed))
+        Ok(self
+            .map
+            .word(self.word_off(pfn, off)?)
+            .load(Ordering::Relaxed))
     }
 
     #[inline]
     fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError> {
-        self.map.word(self.word_off(pfn, off)?).store(val, Ordering::Relaxed);
+        self.map
+            .word(self.word_off(pfn, off)?)
+            .store(val, Ordering::Relaxed);
         Ok(())
     }
 
     #[inline]
     fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError> {
-        Ok(self.map.word(self.word_off(pfn, off)?).fetch_add(val, Ordering::Relaxed))
+        Ok(self
+            .map
+            .word(self.word_off(pfn, off)?)
+            .fetch_add(val, Ordering::Relaxed))
     }
 
     fn allocated(&self) -> usize {
@@ -192,8 +222,17 @@ mod tests {
         FrameStore::read(&f, p, 5, &mut b).unwrap();
         assert_eq!(&b, b"hello, memfd");
         assert_eq!(f.load(Pfn(7), 0), Err(FrameError::InvalidPfn(7)));
-        assert_eq!(f.load(p, 4), Err(FrameError::OutOfBounds { offset: 4, len: 8 }));
-        assert_eq!(FrameStore::write(&f, p, 4090, b"too long"), Err(FrameError::OutOfBounds { offset: 4090, len: 8 }));
+        assert_eq!(
+            f.load(p, 4),
+            Err(FrameError::OutOfBounds { offset: 4, len: 8 })
+        );
+        assert_eq!(
+            FrameStore::write(&f, p, 4090, b"too long"),
+            Err(FrameError::OutOfBounds {
+                offset: 4090,
+                len: 8
+            })
+        );
         let q = f.alloc().unwrap();
         f.copy(p, q).unwrap();
         assert_eq!(f.load(q, 8).unwrap(), f.load(p, 8).unwrap());

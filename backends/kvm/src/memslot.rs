@@ -19,7 +19,11 @@ pub struct SlotTable {
 impl SlotTable {
     /// Ids `0..max` (KVM's `KVM_CAP_NR_MEMSLOTS`, 32,764 here).
     pub fn new(max: u32) -> Self {
-        Self { max, free: Vec::new(), next: 0 }
+        Self {
+            max,
+            free: Vec::new(),
+            next: 0,
+        }
     }
 
     /// The number of ids.
@@ -59,8 +63,16 @@ impl SlotTable {
 pub(crate) fn slot_error(e: kvm_ioctls::Error, slot: u32, gpa: u64, len: u64) -> KvmError {
     match e.errno() {
         libc::EEXIST => KvmError::Overlap { gpa, len },
-        libc::EINVAL => KvmError::InvalidSlot { slot, gpa, len, source: e },
-        _ => KvmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source: e },
+        libc::EINVAL => KvmError::InvalidSlot {
+            slot,
+            gpa,
+            len,
+            source: e,
+        },
+        _ => KvmError::Kvm {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source: e,
+        },
     }
 }
 
@@ -71,7 +83,10 @@ mod tests {
     #[test]
     fn free_list_reuses_and_bounds() {
         let mut t = SlotTable::new(3);
-        assert_eq!((t.alloc().unwrap(), t.alloc().unwrap(), t.alloc().unwrap()), (0, 1, 2));
+        assert_eq!(
+            (t.alloc().unwrap(), t.alloc().unwrap(), t.alloc().unwrap()),
+            (0, 1, 2)
+        );
         assert!(matches!(t.alloc(), Err(KvmError::OutOfSlots(3))));
         t.release(1);
         t.release(1);

@@ -40,10 +40,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
+use notifier_core::addr::PAGE_MASK;
 use notifier_core::frame::{FrameStore, Pfn};
 use notifier_core::notifier::IntervalSubscription;
 use notifier_core::primary::{Primary, Translation};
-use notifier_core::addr::PAGE_MASK;
 use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
 use parking_lot::RwLock;
 
@@ -97,7 +97,13 @@ pub(crate) struct Region {
 impl Region {
     fn info(&self) -> RegionInfo {
         let s = self.slot.lock();
-        RegionInfo { gpa: self.gpa, pbase: self.view.pbase, len: self.view.len, slot: s.slot(), flags: s.flags() }
+        RegionInfo {
+            gpa: self.gpa,
+            pbase: self.view.pbase,
+            len: self.view.len,
+            slot: s.slot(),
+            flags: s.flags(),
+        }
     }
 
     #[inline]
@@ -125,7 +131,9 @@ pub struct KvmMirror<P: Primary + ?Sized + 'static> {
 
 impl<P: Primary + ?Sized + 'static> core::fmt::Debug for KvmMirror<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("KvmMirror").field("regions", &self.regions()).finish()
+        f.debug_struct("KvmMirror")
+            .field("regions", &self.regions())
+            .finish()
     }
 }
 
@@ -133,7 +141,15 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// A mirror of `primary` into `vm`, with memslot ids `0..max_slots`
     /// (pass `Kvm::get_nr_memslots()`).
     pub fn new(vm: Arc<VmFd>, primary: Arc<P>, frames: Arc<MemfdFrames>, max_slots: u32) -> Self {
-        Self { vm, primary, frames, layout: RwLock::new(Layout { regions: BTreeMap::new(), slots: SlotTable::new(max_slots) }) }
+        Self {
+            vm,
+            primary,
+            frames,
+            layout: RwLock::new(Layout {
+                regions: BTreeMap::new(),
+                slots: SlotTable::new(max_slots),
+            }),
+        }
     }
 
     /// The VM.
@@ -177,11 +193,20 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     ///
     /// # Locking
     /// Takes `layout` for writing.
-    pub fn add_region_at(&self, gpa: u64, pbase: u64, len: u64, flags: u32) -> Result<RegionInfo, KvmError> {
+    pub fn add_region_at(
+        &self,
+        gpa: u64,
+        pbase: u64,
+        len: u64,
+        flags: u32,
+    ) -> Result<RegionInfo, KvmError> {
         PageRange::new(gpa, len)?;
         PageRange::new(pbase, len)?;
         let view = Arc::new(HostView::new(pbase, len, self.frames.clone())?);
-        let sub = self.primary.notifiers().interval_subscribe(pbase, len, ViewNotifier(view.clone()))?;
+        let sub =
+            self.primary
+                .notifiers()
+                .interval_subscribe(pbase, len, ViewNotifier(view.clone()))?;
         let mut l = self.layout.write();
         let id = l.slots.alloc()?;
         let slot = match UserMemslot::add(&self.vm, id, gpa, view.view.clone(), flags) {
@@ -191,7 +216,12 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
                 return Err(slot_error(e, id, gpa, len));
             }
         };
-        let r = Region { gpa, view, sub: Arc::new(sub), slot: Arc::new(parking_lot::Mutex::new(slot)) };
+        let r = Region {
+            gpa,
+            view,
+            sub: Arc::new(sub),
+            slot: Arc::new(parking_lot::Mutex::new(slot)),
+        };
         let info = r.info();
         l.regions.insert(gpa, Arc::new(r));
         Ok(info)
@@ -229,10 +259,16 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         {
             let mut s = r.slot.lock();
             let flags = s.flags();
-            s.modify(new_gpa, flags).map_err(|e| slot_error(e, s.slot(), new_gpa, r.view.len))?;
+            s.modify(new_gpa, flags)
+                .map_err(|e| slot_error(e, s.slot(), new_gpa, r.view.len))?;
         }
         l.regions.remove(&gpa);
-        let moved = Region { gpa: new_gpa, view: r.view.clone(), sub: r.sub.clone(), slot: r.slot.clone() };
+        let moved = Region {
+            gpa: new_gpa,
+            view: r.view.clone(),
+            sub: r.sub.clone(),
+            slot: r.slot.clone(),
+        };
         let info = moved.info();
         l.regions.insert(new_gpa, Arc::new(moved));
         Ok(info)
@@ -252,13 +288,23 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         PageRange::new(gpa, new_len)?;
         PageRange::new(r.view.pbase, new_len)?;
         let view = Arc::new(HostView::new(r.view.pbase, new_len, self.frames.clone())?);
-        let sub = self.primary.notifiers().interval_subscribe(r.view.pbase, new_len, ViewNotifier(view.clone()))?;
+        let sub = self.primary.notifiers().interval_subscribe(
+            r.view.pbase,
+            new_len,
+            ViewNotifier(view.clone()),
+        )?;
         {
             let mut s = r.slot.lock();
             let flags = s.flags();
-            s.replace(gpa, view.view.clone(), flags).map_err(|e| slot_error(e, s.slot(), gpa, new_len))?;
+            s.replace(gpa, view.view.clone(), flags)
+                .map_err(|e| slot_error(e, s.slot(), gpa, new_len))?;
         }
-        let resized = Region { gpa, view, sub: Arc::new(sub), slot: r.slot.clone() };
+        let resized = Region {
+            gpa,
+            view,
+            sub: Arc::new(sub),
+            slot: r.slot.clone(),
+        };
         let info = resized.info();
         let old = l.regions.insert(gpa, Arc::new(resized));
         drop(l);
@@ -274,13 +320,23 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         let l = self.layout.read();
         let r = l.regions.get(&gpa).ok_or(KvmError::NoRegion(gpa))?;
         let mut s = r.slot.lock();
-        let flags = if on { s.flags() | LOG_DIRTY_PAGES } else { s.flags() & !LOG_DIRTY_PAGES };
-        s.modify(r.gpa, flags).map_err(|e| slot_error(e, s.slot(), r.gpa, r.view.len))
+        let flags = if on {
+            s.flags() | LOG_DIRTY_PAGES
+        } else {
+            s.flags() & !LOG_DIRTY_PAGES
+        };
+        s.modify(r.gpa, flags)
+            .map_err(|e| slot_error(e, s.slot(), r.gpa, r.view.len))
     }
 
     /// The regions, by guest-physical address.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        self.layout.read().regions.values().map(|r| r.info()).collect()
+        self.layout
+            .read()
+            .regions
+            .values()
+            .map(|r| r.info())
+            .collect()
     }
 
     /// Counters of the region at `gpa`.
@@ -330,7 +386,12 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// # Errors
     /// [`KvmError::Unmapped`] outside every region, [`KvmError::Fault`]
     /// when the primary fails, [`KvmError::ForeignPfn`], [`KvmError::Os`].
-    pub fn with_page<R>(&self, gpa: u64, write: bool, f: impl FnOnce(Translation) -> R) -> Result<R, KvmError> {
+    pub fn with_page<R>(
+        &self,
+        gpa: u64,
+        write: bool,
+        f: impl FnOnce(Translation) -> R,
+    ) -> Result<R, KvmError> {
         let r = self.region_of(gpa).ok_or(KvmError::Unmapped(gpa))?;
         let idx = ((gpa - r.gpa) >> PAGE_SHIFT) as usize;
         let addr = r.view.pbase + ((idx as u64) << PAGE_SHIFT);
@@ -386,7 +447,9 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
             let a = gpa + done as u64;
             let n = (PAGE_SIZE - (a & PAGE_MASK)).min((data.len() - done) as u64) as usize;
             let off = (a & PAGE_MASK) as usize;
-            self.with_page(a, false, |t| self.frames.read(t.pfn, off, &mut data[done..done + n]))??;
+            self.with_page(a, false, |t| {
+                self.frames.read(t.pfn, off, &mut data[done..done + n])
+            })??;
             done += n;
         }
         Ok(true)
@@ -409,7 +472,9 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
             let a = gpa + done as u64;
             let n = (PAGE_SIZE - (a & PAGE_MASK)).min((data.len() - done) as u64) as usize;
             let off = (a & PAGE_MASK) as usize;
-            self.with_page(a, true, |t| self.frames.write(t.pfn, off, &data[done..done + n]))??;
+            self.with_page(a, true, |t| {
+                self.frames.write(t.pfn, off, &data[done..done + n])
+            })??;
             done += n;
         }
         Ok(true)
@@ -423,12 +488,19 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// # Errors
     /// [`KvmError::NoRegion`], [`KvmError::Kvm`] when KVM_GET_DIRTY_LOG fails.
     pub fn dirty_log(&self, gpa: u64) -> Result<DirtyBitmap, KvmError> {
-        let r = self.layout.read().regions.get(&gpa).ok_or(KvmError::NoRegion(gpa))?.clone();
+        let r = self
+            .layout
+            .read()
+            .regions
+            .get(&gpa)
+            .ok_or(KvmError::NoRegion(gpa))?
+            .clone();
         let pages = (r.view.len >> PAGE_SHIFT) as usize;
         let mut bits = {
             let s = r.slot.lock();
             if s.flags() & LOG_DIRTY_PAGES != 0 {
-                s.dirty_log().map_err(|e| KvmError::kvm("KVM_GET_DIRTY_LOG", e))?
+                s.dirty_log()
+                    .map_err(|e| KvmError::kvm("KVM_GET_DIRTY_LOG", e))?
             } else {
                 vec![0; pages.div_ceil(64)]
             }
@@ -442,6 +514,8 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// The frame the primary maps at `gpa` now, without faulting.
     pub fn primary_frame(&self, gpa: u64) -> Option<Pfn> {
         let r = self.region_of(gpa)?;
-        self.primary.lookup_page(r.view.pbase + ((gpa - r.gpa) & !PAGE_MASK)).map(|t| t.pfn)
+        self.primary
+            .lookup_page(r.view.pbase + ((gpa - r.gpa) & !PAGE_MASK))
+            .map(|t| t.pfn)
     }
 }

@@ -32,7 +32,8 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 
 /// Create a memfd of `len` bytes.
 pub(crate) fn memfd_create(name: &str, len: u64) -> io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -46,7 +47,14 @@ pub(crate) fn memfd_create(name: &str, len: u64) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn mmap(addr: usize, len: usize, prot: libc::c_int, flags: libc::c_int, fd: libc::c_int, off: u64) -> io::Result<usize> {
+fn mmap(
+    addr: usize,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    off: u64,
+) -> io::Result<usize> {
     let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: callers pass either addr 0 (the kernel picks a fresh range)
     // or, with MAP_FIXED, a range inside a mapping this module owns, so no
@@ -83,7 +91,14 @@ unsafe impl Sync for SharedMap {}
 impl SharedMap {
     /// Map `len` bytes of `fd` from offset 0.
     pub(crate) fn new(fd: &OwnedFd, len: usize) -> io::Result<Self> {
-        let base = mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)?;
+        let base = mmap(
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )?;
         Ok(Self { base, len })
     }
 
@@ -91,7 +106,10 @@ impl SharedMap {
     /// out-of-range offset (callers check first).
     #[inline]
     pub(crate) fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.len, "word offset {off:#x} out of the mapping");
+        assert!(
+            off % 8 == 0 && off + 8 <= self.len,
+            "word offset {off:#x} out of the mapping"
+        );
         // SAFETY: in bounds and 8-aligned (the base is page aligned); the
         // mapping lives as long as `self` and is never unmapped or punched
         // while `self` exists; AtomicU64 tolerates concurrent writers.
@@ -110,7 +128,10 @@ impl SharedMap {
 
     /// A volatile slice of `[off, off + len)`. Panics when out of range.
     pub(crate) fn slice(&self, off: usize, len: usize) -> vm_memory::VolatileSlice<'_> {
-        assert!(off.checked_add(len).is_some_and(|e| e <= self.len), "slice out of the mapping");
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "slice out of the mapping"
+        );
         // SAFETY: the range is inside the mapping, which stays mapped and
         // accessible for the lifetime `'_` of the borrow of `self`;
         // VolatileSlice only does volatile accesses.
@@ -168,17 +189,44 @@ impl Reservation {
 
     /// Map `len` bytes of `fd` at `file_off` over `[off, off + len)`,
     /// read-write or read-only (one `mmap(MAP_FIXED | MAP_SHARED)`).
-    pub(crate) fn map(&self, off: usize, len: usize, fd: &OwnedFd, file_off: u64, writable: bool) -> io::Result<()> {
+    pub(crate) fn map(
+        &self,
+        off: usize,
+        len: usize,
+        fd: &OwnedFd,
+        file_off: u64,
+        writable: bool,
+    ) -> io::Result<()> {
         bounds(off, len, self.len)?;
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        mmap(self.base + off, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), file_off).map(drop)
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        mmap(
+            self.base + off,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            file_off,
+        )
+        .map(drop)
     }
 
     /// Turn `[off, off + len)` back into holes (one `mmap(MAP_FIXED)` of
     /// anonymous `PROT_NONE` memory, which atomically replaces the pages).
     pub(crate) fn punch(&self, off: usize, len: usize) -> io::Result<()> {
         bounds(off, len, self.len)?;
-        mmap(self.base + off, len, libc::PROT_NONE, HOLE_FLAGS | libc::MAP_FIXED, -1, 0).map(drop)
+        mmap(
+            self.base + off,
+            len,
+            libc::PROT_NONE,
+            HOLE_FLAGS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+        .map(drop)
     }
 
     /// Make mapped pages in `[off, off + len)` read-only (`mprotect`).
@@ -186,7 +234,9 @@ impl Reservation {
         bounds(off, len, self.len)?;
         // SAFETY: the range is inside our reservation, which Rust code never
         // dereferences, so no reference is invalidated.
-        check(unsafe { libc::mprotect((self.base + off) as *mut libc::c_void, len, libc::PROT_READ) })
+        check(unsafe {
+            libc::mprotect((self.base + off) as *mut libc::c_void, len, libc::PROT_READ)
+        })
     }
 }
 
@@ -218,7 +268,13 @@ fn set_region(vm: &VmFd, region: kvm_userspace_memory_region) -> Result<(), kvm_
 
 impl UserMemslot {
     /// Add slot `slot` mapping guest-physical `gpa` to the whole `view`.
-    pub(crate) fn add(vm: &Arc<VmFd>, slot: u32, gpa: u64, view: Arc<Reservation>, flags: u32) -> Result<Self, kvm_ioctls::Error> {
+    pub(crate) fn add(
+        vm: &Arc<VmFd>,
+        slot: u32,
+        gpa: u64,
+        view: Arc<Reservation>,
+        flags: u32,
+    ) -> Result<Self, kvm_ioctls::Error> {
         let region = kvm_userspace_memory_region {
             slot,
             flags,
@@ -227,7 +283,11 @@ impl UserMemslot {
             userspace_addr: view.addr(),
         };
         set_region(vm, region)?;
-        Ok(Self { vm: vm.clone(), region, view })
+        Ok(Self {
+            vm: vm.clone(),
+            region,
+            view,
+        })
     }
 
     /// Slot id.
@@ -243,7 +303,11 @@ impl UserMemslot {
     /// Change the slot in place (a move or a flags change, which KVM
     /// supports without deletion). On error nothing changed.
     pub(crate) fn modify(&mut self, gpa: u64, flags: u32) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region { guest_phys_addr: gpa, flags, ..self.region };
+        let region = kvm_userspace_memory_region {
+            guest_phys_addr: gpa,
+            flags,
+            ..self.region
+        };
         set_region(&self.vm, region)?;
         self.region = region;
         Ok(())
@@ -252,8 +316,19 @@ impl UserMemslot {
     /// Replace the slot by one of the same id over `view` at `gpa` (delete
     /// then add, for size changes KVM cannot do in place). On error the
     /// old slot is re-added, so the layout is unchanged.
-    pub(crate) fn replace(&mut self, gpa: u64, view: Arc<Reservation>, flags: u32) -> Result<(), kvm_ioctls::Error> {
-        set_region(&self.vm, kvm_userspace_memory_region { memory_size: 0, ..self.region })?;
+    pub(crate) fn replace(
+        &mut self,
+        gpa: u64,
+        view: Arc<Reservation>,
+        flags: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        set_region(
+            &self.vm,
+            kvm_userspace_memory_region {
+                memory_size: 0,
+                ..self.region
+            },
+        )?;
         let region = kvm_userspace_memory_region {
             slot: self.region.slot,
             flags,
@@ -285,7 +360,8 @@ impl UserMemslot {
 
     /// `KVM_GET_DIRTY_LOG`: one bit per page, cleared by the read.
     pub(crate) fn dirty_log(&self) -> Result<Vec<u64>, kvm_ioctls::Error> {
-        self.vm.get_dirty_log(self.region.slot, self.region.memory_size as usize)
+        self.vm
+            .get_dirty_log(self.region.slot, self.region.memory_size as usize)
     }
 }
 
@@ -294,7 +370,15 @@ impl Drop for UserMemslot {
         if !self.is_live() {
             return;
         }
-        if set_region(&self.vm, kvm_userspace_memory_region { memory_size: 0, ..self.region }).is_err() {
+        if set_region(
+            &self.vm,
+            kvm_userspace_memory_region {
+                memory_size: 0,
+                ..self.region
+            },
+        )
+        .is_err()
+        {
             // KVM may still read the view: keep it mapped forever rather
             // than let the VA range be reused under a live slot.
             std::mem::forget(self.view.clone());

@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::MemfdFrames;
 use notifier_core::frame::{FrameStore, Pfn};
 use notifier_core::notifier::{Event, InvalidateRange, NotifierSubscriptions};
 use notifier_core::primary::{Primary, PrimaryFault, Translation};
 use notifier_core::{PageRange, PAGE_SIZE};
-use crate::MemfdFrames;
 use parking_lot::Mutex;
 
 /// A special mapping's fault callback: returns the frame for an address.
@@ -48,7 +48,12 @@ pub struct TestPrimary {
 impl TestPrimary {
     /// An empty address space over `frames`.
     pub fn new(frames: Arc<MemfdFrames>) -> Arc<Self> {
-        Arc::new(Self { subs: NotifierSubscriptions::new(), frames, pt: Mutex::new(BTreeMap::new()), vmas: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            subs: NotifierSubscriptions::new(),
+            frames,
+            pt: Mutex::new(BTreeMap::new()),
+            vmas: Mutex::new(Vec::new()),
+        })
     }
 
     /// The memfd frames.
@@ -67,12 +72,23 @@ impl TestPrimary {
     }
 
     fn kind(&self, addr: u64) -> Option<Kind> {
-        self.vmas.lock().iter().rev().find(|(s, e, _)| *s <= addr && addr < *e).map(|(_, _, k)| k.clone())
+        self.vmas
+            .lock()
+            .iter()
+            .rev()
+            .find(|(s, e, _)| *s <= addr && addr < *e)
+            .map(|(_, _, k)| k.clone())
     }
 
     /// Change the PTEs of `[addr, addr + len)` with `f` inside one bracket;
     /// frames `f` returns are freed after the end.
-    fn change(&self, addr: u64, len: u64, event: Event, f: impl FnOnce(&mut BTreeMap<u64, Pte>, &dyn Fn(u64)) -> Vec<Pfn>) {
+    fn change(
+        &self,
+        addr: u64,
+        len: u64,
+        event: Event,
+        f: impl FnOnce(&mut BTreeMap<u64, Pte>, &dyn Fn(u64)) -> Vec<Pfn>,
+    ) {
         let range = InvalidateRange::new(PageRange::new(addr, len).unwrap(), event);
         let inv = self.subs.invalidate_range_start(&range).unwrap();
         let freed = {
@@ -88,7 +104,9 @@ impl TestPrimary {
 
     /// `munmap`: the range is gone; faults there fail until mapped again.
     pub fn munmap(&self, addr: u64, len: u64) {
-        self.change(addr, len, Event::Unmap, |pt, clear| zap(pt, addr, len, clear));
+        self.change(addr, len, Event::Unmap, |pt, clear| {
+            zap(pt, addr, len, clear)
+        });
         let end = addr + len;
         let mut vmas = self.vmas.lock();
         let old = std::mem::take(&mut *vmas);
@@ -104,7 +122,9 @@ impl TestPrimary {
 
     /// `madvise(MADV_DONTNEED)`: anonymous pages read back as zero.
     pub fn dontneed(&self, addr: u64, len: u64) {
-        self.change(addr, len, Event::Clear, |pt, clear| zap(pt, addr, len, clear));
+        self.change(addr, len, Event::Clear, |pt, clear| {
+            zap(pt, addr, len, clear)
+        });
     }
 
     /// Point the page at `addr` to `pfn` (a `remap_file_pages` to another
@@ -112,15 +132,19 @@ impl TestPrimary {
     /// freed after the end.
     pub fn remap(&self, addr: u64, pfn: Pfn, writable: bool) {
         self.change(addr, PAGE_SIZE, Event::Clear, |pt, clear| {
-            let old = pt.insert(addr, Pte { pfn, writable, cow: false, owned: false });
-            old.map(|o| {
+            if pt.contains_key(&addr) {
                 clear(addr);
-                o
-            })
-            .filter(|o| o.owned)
-            .map(|o| o.pfn)
-            .into_iter()
-            .collect()
+            }
+            let old = pt.insert(
+                addr,
+                Pte {
+                    pfn,
+                    writable,
+                    cow: false,
+                    owned: false,
+                },
+            );
+            freed(old)
         });
     }
 
@@ -132,8 +156,16 @@ impl TestPrimary {
             clear(addr);
             self.frames.copy(old.pfn, new).unwrap();
             let o = *old;
-            *old = Pte { pfn: new, owned: true, ..o };
-            if o.owned { vec![o.pfn] } else { vec![] }
+            *old = Pte {
+                pfn: new,
+                owned: true,
+                ..o
+            };
+            if o.owned {
+                vec![o.pfn]
+            } else {
+                vec![]
+            }
         });
         new
     }
@@ -141,15 +173,19 @@ impl TestPrimary {
     /// Share `pfn` read-only at `addr` copy-on-write (as after fork).
     pub fn map_cow(&self, addr: u64, pfn: Pfn) {
         self.change(addr, PAGE_SIZE, Event::ProtectionPage, |pt, clear| {
-            let old = pt.insert(addr, Pte { pfn, writable: false, cow: true, owned: false });
-            old.map(|o| {
+            if pt.contains_key(&addr) {
                 clear(addr);
-                o
-            })
-            .filter(|o| o.owned)
-            .map(|o| o.pfn)
-            .into_iter()
-            .collect()
+            }
+            let old = pt.insert(
+                addr,
+                Pte {
+                    pfn,
+                    writable: false,
+                    cow: true,
+                    owned: false,
+                },
+            );
+            freed(old)
         });
     }
 
@@ -166,15 +202,29 @@ impl TestPrimary {
     /// Write through the primary (faulting for write).
     pub fn write(&self, addr: u64, data: &[u8]) {
         let t = self.fault_page(addr & !(PAGE_SIZE - 1), true).unwrap();
-        self.frames.write(t.pfn, (addr % PAGE_SIZE) as usize, data).unwrap();
+        self.frames
+            .write(t.pfn, (addr % PAGE_SIZE) as usize, data)
+            .unwrap();
     }
 
     /// Read the primary's current bytes (faulting for read).
     pub fn read_u32(&self, addr: u64) -> u32 {
         let t = self.fault_page(addr & !(PAGE_SIZE - 1), false).unwrap();
         let mut b = [0u8; 4];
-        self.frames.read(t.pfn, (addr % PAGE_SIZE) as usize, &mut b).unwrap();
+        self.frames
+            .read(t.pfn, (addr % PAGE_SIZE) as usize, &mut b)
+            .unwrap();
         u32::from_le_bytes(b)
+    }
+}
+
+/// The frame to free after replacing `old`.
+fn freed(old: Option<Pte>) -> Vec<Pfn> {
+    let Some(o) = old else { return vec![] };
+    if o.owned {
+        vec![o.pfn]
+    } else {
+        vec![]
     }
 }
 
@@ -202,23 +252,50 @@ impl Primary for TestPrimary {
         {
             let mut pt = self.pt.lock();
             match pt.get_mut(&addr) {
-                Some(p) if !write || p.writable => return Ok(Translation { pfn: p.pfn, writable: p.writable }),
+                Some(p) if !write || p.writable => {
+                    return Ok(Translation {
+                        pfn: p.pfn,
+                        writable: p.writable,
+                    })
+                }
                 Some(p) if !p.cow => {
                     // Soft-dirty write fault: an upgrade, no invalidation.
                     p.writable = true;
-                    return Ok(Translation { pfn: p.pfn, writable: true });
+                    return Ok(Translation {
+                        pfn: p.pfn,
+                        writable: true,
+                    });
                 }
                 Some(_) => {}
                 None => {
                     let t = match kind {
                         Kind::Anon => {
                             let pfn = self.frames.alloc().map_err(|_| PrimaryFault::OutOfMemory)?;
-                            pt.insert(addr, Pte { pfn, writable: true, cow: false, owned: true });
-                            Translation { pfn, writable: true }
+                            pt.insert(
+                                addr,
+                                Pte {
+                                    pfn,
+                                    writable: true,
+                                    cow: false,
+                                    owned: true,
+                                },
+                            );
+                            Translation {
+                                pfn,
+                                writable: true,
+                            }
                         }
                         Kind::Special(f) => {
                             let t = f(addr)?;
-                            pt.insert(addr, Pte { pfn: t.pfn, writable: t.writable, cow: false, owned: false });
+                            pt.insert(
+                                addr,
+                                Pte {
+                                    pfn: t.pfn,
+                                    writable: t.writable,
+                                    cow: false,
+                                    owned: false,
+                                },
+                            );
                             t
                         }
                     };
@@ -233,14 +310,28 @@ impl Primary for TestPrimary {
             clear(addr);
             self.frames.copy(p.pfn, new).unwrap();
             let o = *p;
-            *p = Pte { pfn: new, writable: true, cow: false, owned: true };
-            if o.owned { vec![o.pfn] } else { vec![] }
+            *p = Pte {
+                pfn: new,
+                writable: true,
+                cow: false,
+                owned: true,
+            };
+            if o.owned {
+                vec![o.pfn]
+            } else {
+                vec![]
+            }
         });
-        Ok(Translation { pfn: new, writable: true })
+        Ok(Translation {
+            pfn: new,
+            writable: true,
+        })
     }
 
     fn lookup_page(&self, addr: u64) -> Option<Translation> {
-        self.pt.lock().get(&addr).map(|p| Translation { pfn: p.pfn, writable: p.writable })
+        self.pt.lock().get(&addr).map(|p| Translation {
+            pfn: p.pfn,
+            writable: p.writable,
+        })
     }
 }
-

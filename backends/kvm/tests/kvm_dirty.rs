@@ -10,7 +10,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn guest_and_vmm_writes_appear_and_nothing_else() {
-    let Some((_kvm, primary, mirror)) = setup("guest_and_vmm_writes_appear_and_nothing_else", 512) else { return };
+    let Some((_kvm, primary, mirror)) = setup("guest_and_vmm_writes_appear_and_nothing_else", 512)
+    else {
+        return;
+    };
     primary.mmap_anon(0, 0x40000);
     mirror.add_region(0, 0x40000).unwrap();
     mirror.set_dirty_logging(0, true).unwrap();
@@ -29,13 +32,24 @@ fn guest_and_vmm_writes_appear_and_nothing_else() {
     let d = mirror.dirty_log(0).unwrap();
     let dirty: Vec<u64> = d.iter().collect();
     assert_eq!(dirty, vec![0x10000, 0x12000, 0x30000], "{d:?}");
-    assert!(!d.is_dirty(0x11000) && !d.is_dirty(0x20000), "read pages are clean");
-    assert_eq!(mirror.dirty_log(0).unwrap().count(), 0, "reading the log clears it");
+    assert!(
+        !d.is_dirty(0x11000) && !d.is_dirty(0x20000),
+        "read pages are clean"
+    );
+    assert_eq!(
+        mirror.dirty_log(0).unwrap().count(),
+        0,
+        "reading the log clears it"
+    );
 }
 
 #[test]
 fn soft_dirty_write_protect_catches_the_next_guest_write() {
-    let Some((_kvm, primary, mirror)) = setup("soft_dirty_write_protect_catches_the_next_guest_write", 512) else { return };
+    let Some((_kvm, primary, mirror)) =
+        setup("soft_dirty_write_protect_catches_the_next_guest_write", 512)
+    else {
+        return;
+    };
     primary.mmap_anon(0, 0x20000);
     mirror.add_region(0, 0x20000).unwrap(); // no KVM dirty logging at all
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();

@@ -16,14 +16,22 @@ const DATA: u64 = 0x8000;
 
 #[test]
 fn guest_reads_what_the_primary_maps_after_every_change() {
-    let Some((_kvm, primary, mirror)) = setup("guest_reads_what_the_primary_maps_after_every_change", 1024) else { return };
+    let Some((_kvm, primary, mirror)) =
+        setup("guest_reads_what_the_primary_maps_after_every_change", 1024)
+    else {
+        return;
+    };
     primary.mmap_anon(0, RAM);
     mirror.add_region(0, RAM).unwrap();
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();
 
     // Demand fault: first touch of a hole gives the primary's (zero) page.
     assert_eq!(g.read_u32(&mirror, DATA).unwrap(), 0);
-    assert!(g.exits().mmio + g.exits().memory_fault >= 1, "the first read came back to the VMM: {:?}", g.exits());
+    assert!(
+        g.exits().mmio + g.exits().memory_fault >= 1,
+        "the first read came back to the VMM: {:?}",
+        g.exits()
+    );
 
     // The primary writes; KVM sees it through the shared memfd page.
     primary.write(DATA, &0x1111_1111u32.to_le_bytes());
@@ -31,13 +39,23 @@ fn guest_reads_what_the_primary_maps_after_every_change() {
 
     // Remap to another (file) page.
     let other = primary.memfd().alloc().unwrap();
-    primary.memfd().write(other, 0, &0x2222_2222u32.to_le_bytes()).unwrap();
+    primary
+        .memfd()
+        .write(other, 0, &0x2222_2222u32.to_le_bytes())
+        .unwrap();
     let old = mirror.translation(DATA).unwrap().pfn;
     primary.remap(DATA, other, true);
-    assert_eq!(mirror.translation(DATA), None, "invalidation punched the page");
+    assert_eq!(
+        mirror.translation(DATA),
+        None,
+        "invalidation punched the page"
+    );
     assert_eq!(g.read_u32(&mirror, DATA).unwrap(), 0x2222_2222);
     // The old frame changes after the remap: the guest must not see it.
-    primary.memfd().write(old, 0, &0xdead_beefu32.to_le_bytes()).unwrap();
+    primary
+        .memfd()
+        .write(old, 0, &0xdead_beefu32.to_le_bytes())
+        .unwrap();
     assert_eq!(g.read_u32(&mirror, DATA).unwrap(), 0x2222_2222);
 
     // Migrate: same bytes, new frame; then write the new frame.
@@ -48,8 +66,14 @@ fn guest_reads_what_the_primary_maps_after_every_change() {
     let new = primary.migrate(DATA + 0x1000);
     assert_ne!(before, new);
     assert_eq!(g.read_u32(&mirror, DATA + 0x1000).unwrap(), 0x3333_3333);
-    primary.memfd().write(new, 0, &0x3434_3434u32.to_le_bytes()).unwrap();
-    primary.memfd().write(before, 0, &0xbad0_bad0u32.to_le_bytes()).unwrap();
+    primary
+        .memfd()
+        .write(new, 0, &0x3434_3434u32.to_le_bytes())
+        .unwrap();
+    primary
+        .memfd()
+        .write(before, 0, &0xbad0_bad0u32.to_le_bytes())
+        .unwrap();
     assert_eq!(g.read_u32(&mirror, DATA + 0x1000).unwrap(), 0x3434_3434);
     assert_eq!(mirror.translation(DATA + 0x1000).unwrap().pfn, new);
 
@@ -58,7 +82,10 @@ fn guest_reads_what_the_primary_maps_after_every_change() {
     assert_eq!(g.read_u32(&mirror, DATA + 0x2000).unwrap(), 0x4444_4444);
     primary.munmap(DATA + 0x2000, 0x1000);
     assert_eq!(mirror.translation(DATA + 0x2000), None);
-    assert!(g.read_u32(&mirror, DATA + 0x2000).is_err(), "no mapping: the guest access fails");
+    assert!(
+        g.read_u32(&mirror, DATA + 0x2000).is_err(),
+        "no mapping: the guest access fails"
+    );
     primary.mmap_anon(DATA + 0x2000, 0x1000);
     primary.write(DATA + 0x2000, &0x4545_4545u32.to_le_bytes());
     let mut g = RealModeGuest::new(&mirror, 1).unwrap();
@@ -73,23 +100,36 @@ fn guest_reads_what_the_primary_maps_after_every_change() {
     // COW: a shared read-only frame; the guest reads it, then writes: the
     // write breaks COW in the primary and lands in the new private frame.
     let shared = primary.memfd().alloc().unwrap();
-    primary.memfd().write(shared, 0, &0x6666_6666u32.to_le_bytes()).unwrap();
+    primary
+        .memfd()
+        .write(shared, 0, &0x6666_6666u32.to_le_bytes())
+        .unwrap();
     primary.map_cow(DATA + 0x4000, shared);
     assert_eq!(g.read_u32(&mirror, DATA + 0x4000).unwrap(), 0x6666_6666);
     assert!(!mirror.translation(DATA + 0x4000).unwrap().writable);
     g.write_u32(&mirror, DATA + 0x4000, 0x6767_6767).unwrap();
     let private = primary.lookup_page(DATA + 0x4000).unwrap();
     assert_ne!(private.pfn, shared, "COW broken");
-    assert_eq!(primary.read_u32(DATA + 0x4000), 0x6767_6767, "the write landed in the primary's frame");
+    assert_eq!(
+        primary.read_u32(DATA + 0x4000),
+        0x6767_6767,
+        "the write landed in the primary's frame"
+    );
     let mut b = [0u8; 4];
     primary.memfd().read(shared, 0, &mut b).unwrap();
-    assert_eq!(u32::from_le_bytes(b), 0x6666_6666, "the shared frame is untouched");
+    assert_eq!(
+        u32::from_le_bytes(b),
+        0x6666_6666,
+        "the shared frame is untouched"
+    );
     assert_eq!(g.read_u32(&mirror, DATA + 0x4000).unwrap(), 0x6767_6767);
 }
 
 #[test]
 fn guest_write_lands_in_the_primary_frame() {
-    let Some((_kvm, primary, mirror)) = setup("guest_write_lands_in_the_primary_frame", 512) else { return };
+    let Some((_kvm, primary, mirror)) = setup("guest_write_lands_in_the_primary_frame", 512) else {
+        return;
+    };
     primary.mmap_anon(0, RAM);
     mirror.add_region(0, RAM).unwrap();
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();
@@ -113,10 +153,17 @@ fn guest_write_lands_in_the_primary_frame() {
 
 #[test]
 fn special_mapping_fault_is_served_by_its_callback() {
-    let Some((_kvm, primary, mirror)) = setup("special_mapping_fault_is_served_by_its_callback", 512) else { return };
+    let Some((_kvm, primary, mirror)) =
+        setup("special_mapping_fault_is_served_by_its_callback", 512)
+    else {
+        return;
+    };
     primary.mmap_anon(0, 0x8000);
     let rom = primary.memfd().alloc().unwrap();
-    primary.memfd().write(rom, 0x10, &0x0707_0707u32.to_le_bytes()).unwrap();
+    primary
+        .memfd()
+        .write(rom, 0x10, &0x0707_0707u32.to_le_bytes())
+        .unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = calls.clone();
     primary.mmap_special(
@@ -125,7 +172,10 @@ fn special_mapping_fault_is_served_by_its_callback() {
         Arc::new(move |addr| {
             c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if addr == 0x8000 {
-                Ok(Translation { pfn: rom, writable: false })
+                Ok(Translation {
+                    pfn: rom,
+                    writable: false,
+                })
             } else {
                 Err(PrimaryFault::Bus(addr))
             }
@@ -135,17 +185,26 @@ fn special_mapping_fault_is_served_by_its_callback() {
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();
     assert_eq!(g.read_u32(&mirror, 0x8010).unwrap(), 0x0707_0707);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert!(!mirror.translation(0x8000).unwrap().writable, "read-only special page");
+    assert!(
+        !mirror.translation(0x8000).unwrap().writable,
+        "read-only special page"
+    );
     // A ROM write fails in the primary (no COW on a special mapping here):
     // the page stays read-only and the frame unchanged.
     primary.dontneed(0x8000, 0x1000);
     assert_eq!(g.read_u32(&mirror, 0x8010).unwrap(), 0x0707_0707);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "refaulted through the callback");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "refaulted through the callback"
+    );
 }
 
 #[test]
 fn code_page_faults_in_on_fetch() {
-    let Some((_kvm, primary, mirror)) = setup("code_page_faults_in_on_fetch", 512) else { return };
+    let Some((_kvm, primary, mirror)) = setup("code_page_faults_in_on_fetch", 512) else {
+        return;
+    };
     primary.mmap_anon(0, 0x10000);
     mirror.add_region(0, 0x10000).unwrap();
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();
@@ -160,7 +219,10 @@ fn code_page_faults_in_on_fetch() {
 
 #[test]
 fn concurrent_remaps_never_show_a_freed_frame() {
-    let Some((_kvm, primary, mirror)) = setup("concurrent_remaps_never_show_a_freed_frame", 512) else { return };
+    let Some((_kvm, primary, mirror)) = setup("concurrent_remaps_never_show_a_freed_frame", 512)
+    else {
+        return;
+    };
     primary.mmap_anon(0, 0x10000);
     mirror.add_region(0, 0x10000).unwrap();
     let frames = primary.memfd().clone();
@@ -191,7 +253,10 @@ fn concurrent_remaps_never_show_a_freed_frame() {
             let floor = current.load(std::sync::atomic::Ordering::SeqCst);
             let v = g.read_u32(&mirror, DATA).unwrap();
             assert_ne!(v, POISON, "the guest read a freed frame");
-            assert!(v >= floor, "the guest read {v}, older than {floor} which was current before the read");
+            assert!(
+                v >= floor,
+                "the guest read {v}, older than {floor} which was current before the read"
+            );
             reads += 1;
         }
     });

@@ -10,18 +10,47 @@ use notifier_kvm::{KvmError, RegionInfo};
 
 #[test]
 fn overlap_and_bad_flags_are_typed_errors_and_change_nothing() {
-    let Some((_kvm, primary, mirror)) = setup("overlap_and_bad_flags_are_typed_errors_and_change_nothing", 256) else { return };
+    let Some((_kvm, primary, mirror)) = setup(
+        "overlap_and_bad_flags_are_typed_errors_and_change_nothing",
+        256,
+    ) else {
+        return;
+    };
     primary.mmap_anon(0, 0x10_0000);
     mirror.add_region(0, 0x10000).unwrap();
     let before = (mirror.regions(), mirror.slots_used());
     let e = mirror.add_region(0x8000, 0x10000).unwrap_err();
-    assert!(matches!(e, KvmError::Overlap { gpa: 0x8000, len: 0x10000 }), "{e:?}");
-    let e = mirror.add_region_at(0x20000, 0x20000, 0x1000, 1 << 7).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KvmError::Overlap {
+                gpa: 0x8000,
+                len: 0x10000
+            }
+        ),
+        "{e:?}"
+    );
+    let e = mirror
+        .add_region_at(0x20000, 0x20000, 0x1000, 1 << 7)
+        .unwrap_err();
     assert!(matches!(e, KvmError::InvalidSlot { .. }), "{e:?}");
-    assert!(matches!(mirror.add_region(0x20001, 0x1000), Err(KvmError::Range(_))));
-    assert!(matches!(mirror.add_region(0x20000, 0), Err(KvmError::Range(_))));
-    assert!(matches!(mirror.remove_region(0x5000), Err(KvmError::NoRegion(0x5000))));
-    assert_eq!((mirror.regions(), mirror.slots_used()), before, "layout unchanged");
+    assert!(matches!(
+        mirror.add_region(0x20001, 0x1000),
+        Err(KvmError::Range(_))
+    ));
+    assert!(matches!(
+        mirror.add_region(0x20000, 0),
+        Err(KvmError::Range(_))
+    ));
+    assert!(matches!(
+        mirror.remove_region(0x5000),
+        Err(KvmError::NoRegion(0x5000))
+    ));
+    assert_eq!(
+        (mirror.regions(), mirror.slots_used()),
+        before,
+        "layout unchanged"
+    );
     // The surviving region still works.
     primary.write(0x4000, &9u32.to_le_bytes());
     let mut g = RealModeGuest::new(&mirror, 0).unwrap();
@@ -30,7 +59,9 @@ fn overlap_and_bad_flags_are_typed_errors_and_change_nothing() {
 
 #[test]
 fn move_resize_remove_and_failed_updates() {
-    let Some((_kvm, primary, mirror)) = setup("move_resize_remove_and_failed_updates", 256) else { return };
+    let Some((_kvm, primary, mirror)) = setup("move_resize_remove_and_failed_updates", 256) else {
+        return;
+    };
     primary.mmap_anon(0, 0x10_0000);
     let a = mirror.add_region(0, 0x10000).unwrap();
     let b = mirror.add_region(0x20000, 0x10000).unwrap();
@@ -43,18 +74,27 @@ fn move_resize_remove_and_failed_updates() {
     let moved = mirror.move_region(0x20000, 0x40000).unwrap();
     assert_eq!(moved, RegionInfo { gpa: 0x40000, ..b });
     assert_eq!(g.read_u32(&mirror, 0x40100).unwrap(), 0xb0b0_0001);
-    assert!(g.read_u32(&mirror, 0x20100).is_err(), "nothing at the old gpa");
+    assert!(
+        g.read_u32(&mirror, 0x20100).is_err(),
+        "nothing at the old gpa"
+    );
     let mut g = RealModeGuest::new(&mirror, 1).unwrap();
 
     // A move onto A fails and leaves B where it was.
     let layout = mirror.regions();
-    assert!(matches!(mirror.move_region(0x40000, 0x8000), Err(KvmError::Overlap { .. })));
+    assert!(matches!(
+        mirror.move_region(0x40000, 0x8000),
+        Err(KvmError::Overlap { .. })
+    ));
     assert_eq!(mirror.regions(), layout);
     assert_eq!(g.read_u32(&mirror, 0x40100).unwrap(), 0xb0b0_0001);
 
     // Resize A over B fails (delete + re-add): the old slot is restored.
     primary.write(0x100, &0xa0a0_0001u32.to_le_bytes());
-    assert!(matches!(mirror.resize_region(0, 0x50000), Err(KvmError::Overlap { .. })));
+    assert!(matches!(
+        mirror.resize_region(0, 0x50000),
+        Err(KvmError::Overlap { .. })
+    ));
     assert_eq!(mirror.regions(), layout);
     assert_eq!(g.read_u32(&mirror, 0x100).unwrap(), 0xa0a0_0001);
 
@@ -74,7 +114,9 @@ fn move_resize_remove_and_failed_updates() {
 
 #[test]
 fn slot_limit_is_kvms() {
-    let Some((kvm, primary, mirror)) = setup("slot_limit_is_kvms", 16) else { return };
+    let Some((kvm, primary, mirror)) = setup("slot_limit_is_kvms", 16) else {
+        return;
+    };
     let max = kvm.get_nr_memslots() as u32;
     assert_eq!(mirror.slots_used(), (0, max));
     let base = 0x1_0000_0000u64;
@@ -82,10 +124,14 @@ fn slot_limit_is_kvms() {
     for i in 0..max as u64 {
         mirror.add_region(base + i * 0x1000, 0x1000).unwrap();
     }
-    let e = mirror.add_region(base + max as u64 * 0x1000, 0x1000).unwrap_err();
+    let e = mirror
+        .add_region(base + max as u64 * 0x1000, 0x1000)
+        .unwrap_err();
     assert!(matches!(e, KvmError::OutOfSlots(m) if m == max), "{e:?}");
     mirror.remove_region(base + 7 * 0x1000).unwrap();
-    let r = mirror.add_region(base + max as u64 * 0x1000, 0x1000).unwrap();
+    let r = mirror
+        .add_region(base + max as u64 * 0x1000, 0x1000)
+        .unwrap();
     assert_eq!(r.slot, 7);
     assert_eq!(mirror.slots_used(), (max, max));
 }
