@@ -87,11 +87,15 @@ pub struct RegionStats {
     pub present: usize,
 }
 
+/// One region. Field order is drop order, and it matters on removal: the
+/// memslot is deleted first (KVM can no longer reach the view), then the
+/// subscription is removed (no invalidation reaches the view any more),
+/// then the view is unmapped.
 pub(crate) struct Region {
     pub(crate) gpa: u64,
-    pub(crate) view: Arc<HostView>,
-    pub(crate) sub: Arc<IntervalSubscription<ViewNotifier>>,
     pub(crate) slot: Arc<parking_lot::Mutex<UserMemslot>>,
+    pub(crate) sub: Arc<IntervalSubscription<ViewNotifier>>,
+    pub(crate) view: Arc<HostView>,
 }
 
 impl Region {
