@@ -1,0 +1,238 @@
+//! Criterion benches of the KVM mirror, with the raw syscalls and ioctls
+//! measured beside it in the same run.
+//!
+//! Run: `cargo bench -p notifier-kvm --bench kvm_mirror`
+//! (skips with a message when /dev/kvm is missing).
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use kvm_ioctls::{Kvm, VcpuExit};
+use notifier_core::notifier::{Event, InvalidateRange};
+use notifier_core::primary::Primary;
+use notifier_core::PageRange;
+use notifier_kvm::baseline::{RawSlot, RawView};
+use notifier_kvm::guest::RealModeGuest;
+use notifier_kvm::testing::TestPrimary;
+use notifier_kvm::{DeviceView, KvmMirror, MemfdFrames};
+use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
+
+type Env = (Kvm, Arc<TestPrimary>, KvmMirror<TestPrimary>);
+
+fn env(frames: usize) -> Option<Env> {
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: kvm benches: /dev/kvm unavailable: {e}");
+            return None;
+        }
+    };
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
+    let primary = TestPrimary::new(store.clone());
+    let max = kvm.get_nr_memslots() as u32;
+    let mirror = KvmMirror::new(vm, primary.clone(), store, max);
+    Some((kvm, primary, mirror))
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Raw and mirror updates run interleaved in every iteration (each bench
+/// times one of the two), so both see the same KVM state and machine noise.
+fn memslot_update(c: &mut Criterion) {
+    let Some((_kvm, primary, mirror)) = env(64) else {
+        return;
+    };
+    let mut g = c.benchmark_group("kvm_memslot_update_1MiB");
+    let (a, b) = (0x1000_0000u64, 0x2000_0000u64);
+    primary.mmap_anon(a, MIB);
+    let raw = RawSlot::new(mirror.vm().clone(), 1000, 0x3000_0000, MIB).unwrap();
+    let mirror_pair = || {
+        mirror.add_region(a, MIB).unwrap();
+        mirror.remove_region(a).unwrap();
+    };
+    let raw_pair = || raw.add_delete().unwrap();
+    g.bench_function("raw_ioctl_pair_add_delete", |bn| {
+        bn.iter_custom(|n| interleaved(n, raw_pair, mirror_pair))
+    });
+    g.bench_function("mirror_add_remove_region", |bn| {
+        bn.iter_custom(|n| interleaved(n, mirror_pair, raw_pair))
+    });
+    let live = std::cell::RefCell::new(raw.add().unwrap());
+    mirror.add_region(a, MIB).unwrap();
+    let raw_move = || {
+        let mut l = live.borrow_mut();
+        l.move_to(0x4000_0000).unwrap();
+        l.move_to(0x3000_0000).unwrap();
+    };
+    let mirror_move = || {
+        mirror.move_region(a, b).unwrap();
+        mirror.move_region(b, a).unwrap();
+    };
+    g.bench_function("raw_ioctl_pair_move_there_and_back", |bn| {
+        bn.iter_custom(|n| interleaved(n, raw_move, mirror_move))
+    });
+    g.bench_function("mirror_move_region_there_and_back", |bn| {
+        bn.iter_custom(|n| interleaved(n, mirror_move, raw_move))
+    });
+    g.finish();
+}
+
+/// Time `timed` over `n` iterations, running `other` (untimed) after each.
+fn interleaved(n: u64, timed: impl Fn(), other: impl Fn()) -> Duration {
+    let mut t = Duration::ZERO;
+    for _ in 0..n {
+        let s = Instant::now();
+        timed();
+        t += s.elapsed();
+        other();
+    }
+    t
+}
+
+fn device_translation(c: &mut Criterion) {
+    let Some((_kvm, primary, mirror)) = env(64) else {
+        return;
+    };
+    primary.mmap_anon(0, MIB);
+    mirror.add_region(0, MIB).unwrap();
+    let dev = DeviceView::new(&mirror).unwrap();
+    dev.write_obj(7u64, GuestAddress(0x9000)).unwrap();
+    let mut g = c.benchmark_group("kvm_device_view_hit");
+    g.bench_function("translate_hit", |bn| {
+        bn.iter(|| black_box(dev.translate(black_box(0x9008), false).unwrap().translation))
+    });
+    g.bench_function("lookup_hit_optimistic", |bn| {
+        bn.iter(|| {
+            let (t, seq) = dev.lookup(black_box(0x9008)).unwrap();
+            black_box((t, seq))
+        })
+    });
+    let region = dev.region(0).unwrap();
+    g.bench_function("region_read_u64_hit_optimistic", |bn| {
+        bn.iter(|| {
+            black_box(
+                region
+                    .read_obj::<u64>(MemoryRegionAddress(black_box(0x9008)))
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("read_obj_u64_hit", |bn| {
+        bn.iter(|| {
+            black_box(
+                dev.read_obj::<u64>(GuestAddress(black_box(0x9008)))
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("write_obj_u64_hit", |bn| {
+        bn.iter(|| {
+            dev.write_obj(black_box(5u64), GuestAddress(black_box(0x9010)))
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn invalidate_2mib(c: &mut Criterion) {
+    let Some((_kvm, primary, mirror)) = env(1024) else {
+        return;
+    };
+    let base = 0x20_0000u64;
+    let len = 2 * MIB;
+    primary.mmap_anon(base, len);
+    mirror.add_region(base, len).unwrap();
+    let dev = DeviceView::new(&mirror).unwrap();
+    let range = InvalidateRange::new(PageRange::new(base, len).unwrap(), Event::Clear);
+    let mut g = c.benchmark_group("kvm_invalidate_2MiB");
+    g.sample_size(20).measurement_time(Duration::from_secs(4));
+    g.bench_function("mirror_and_cache_invalidate", |bn| {
+        bn.iter_batched(
+            || {
+                mirror.populate(base, len, true).unwrap();
+                for p in (base..base + len).step_by(4096) {
+                    dev.translate(p, false).unwrap();
+                }
+            },
+            |()| {
+                primary
+                    .notifiers()
+                    .invalidate_range_start(&range)
+                    .unwrap()
+                    .end()
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let raw = RawView::new(len, mirror.frames().clone()).unwrap();
+    g.bench_function("raw_mmap_prot_none_2MiB", |bn| {
+        bn.iter_batched(
+            || raw.map_all().unwrap(),
+            |()| raw.punch_all().unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+fn demand_fault(c: &mut Criterion) {
+    let Some((_kvm, primary, mirror)) = env(256) else {
+        return;
+    };
+    primary.mmap_anon(0, MIB);
+    mirror.add_region(0, MIB).unwrap();
+    let mut guest = RealModeGuest::new(&mirror, 0).unwrap();
+    let page = 0x8000u64;
+    let range = InvalidateRange::new(PageRange::new(page, 4096).unwrap(), Event::Clear);
+    guest.read_u32(&mirror, page).unwrap();
+    let mut g = c.benchmark_group("kvm_guest_fault");
+    g.bench_function("guest_read_present_4_exits", |bn| {
+        bn.iter(|| black_box(guest.read_u32(&mirror, page).unwrap()))
+    });
+    g.bench_function("guest_read_demand_fault", |bn| {
+        bn.iter_batched(
+            || {
+                primary
+                    .notifiers()
+                    .invalidate_range_start(&range)
+                    .unwrap()
+                    .end()
+            },
+            |()| black_box(guest.read_u32(&mirror, page).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    // A raw exit round trip: `mov dx, 0x13; l: out dx, al; jmp l` at 0x3000.
+    mirror
+        .mmio_write(0x3000, &[0xBA, 0x13, 0x00, 0xEE, 0xEB, 0xFD])
+        .unwrap();
+    let mut vcpu = mirror.vm().create_vcpu(1).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0x3000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    g.bench_function("raw_kvm_exit_round_trip", |bn| {
+        bn.iter(|| loop {
+            if let VcpuExit::IoOut(..) = vcpu.run().unwrap() {
+                break;
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    // (criterion_group! generates an undocumented fn)
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = memslot_update, device_translation, invalidate_2mib, demand_fault
+}
+criterion_main!(benches);

@@ -1,0 +1,41 @@
+//! # notifier-kvm
+//!
+//! A KVM guest-memory mirror: the guest-physical space of a real VM follows
+//! a notifier-core [`Primary`](notifier_core::primary::Primary), so KVM (and
+//! so the guest), the VMM's device emulation and any DMA see the primary's
+//! current frame for every guest-physical page.
+//!
+//! - [`MemfdFrames`]: frames that are pages of one memfd.
+//! - [`KvmMirror`]: the secondary MMU. Per region, a host view (reserved VA
+//!   range; present pages are memfd pages mapped `MAP_FIXED`, the others are
+//!   `PROT_NONE` holes) under a KVM memslot; an interval subscription that
+//!   punches invalidated pages back to holes; a demand-fault path that maps
+//!   pages in through the primary with `read_begin`/`read_retry`.
+//! - [`DeviceView`]: vm-memory's `GuestMemory` over the mirror through a
+//!   translation cache that is itself an interval subscriber.
+//! - [`DirtyBitmap`]: KVM's dirty log merged with VMM writes and the
+//!   mirror's write faults.
+//! - [`guest`]: a tiny real-mode guest that reads and writes guest-physical
+//!   memory on command, for tests and examples.
+//!
+//! All `unsafe` code is in the private `sys` module.
+
+mod error;
+mod memfd;
+mod sys;
+
+pub use error::KvmError;
+pub use memfd::MemfdFrames;
+mod cache;
+mod device;
+mod dirty;
+mod host_view;
+pub mod memslot;
+mod mirror;
+
+pub use device::{DeviceRegion, DeviceRegions, DeviceSlices, DeviceView, PageGuard};
+pub use dirty::DirtyBitmap;
+pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
+pub mod baseline;
+pub mod guest;
+pub mod testing;
