@@ -1,0 +1,52 @@
+//! # notifier-rdma
+//!
+//! A pinning-free RDMA memory-region registry: a registration cache whose
+//! regions are interval subscribers of a primary address space, so a
+//! change of the primary kills every affected translation before any frame
+//! is freed or reused, and the cache never serves a stale registration.
+//!
+//! - [`Registry`]: refcounted `get`/`put` of cached regions (merging,
+//!   limits with LRU eviction, statistics), direct and implicit ODP
+//!   registrations, prefetch advice.
+//! - [`Provider`]: the NIC seam. [`SoftNic`] is an in-process NIC model
+//!   with its own MTT whose DMA goes through the translations and faults on
+//!   a miss; `Ibverbs` (feature `ibverbs`) drives a real device through
+//!   rdma-sys.
+//! - [`parity`]: the registration-cache parity workloads against UCX.
+//! - [`testing`]: a minimal primary for tests and examples.
+//!
+//! ```
+//! use notifier_rdma::{testing::ModelPrimary, Access, Registry, RegistryConfig, SoftNic};
+//! use std::sync::Arc;
+//!
+//! let mm = ModelPrimary::new(64);
+//! mm.mmap(0x10000, 0x10000, true).unwrap();
+//! let nic = SoftNic::new(mm.clone());
+//! let mut reg = Registry::new(&*mm, nic.clone(), RegistryConfig::default());
+//! let h = reg.get(0x10000, 0x4000, Access::LOCAL_RW | Access::REMOTE_READ).unwrap();
+//! nic.local_write(h.lkey(), 0x10008, b"hello").unwrap();
+//! let mut buf = [0u8; 5];
+//! nic.remote_read(h.rkey(), 0x10008, &mut buf).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! reg.put(h).unwrap();
+//! mm.munmap(0x10000, 0x10000).unwrap();          // the memory goes away
+//! assert!(nic.remote_read(h.rkey(), 0x10008, &mut buf).is_err()); // its rkey is dead
+//! ```
+
+pub mod access;
+pub mod error;
+#[cfg(feature = "ibverbs")]
+pub mod ibverbs;
+pub mod parity;
+pub mod provider;
+pub mod region;
+pub mod registry;
+pub mod soft;
+pub mod testing;
+
+pub use access::{Access, Advice};
+pub use error::{DmaError, ProviderError, RegError};
+pub use provider::{Provider, ProviderMr};
+pub use region::Region;
+pub use registry::{MrHandle, Registry, RegistryConfig, Stats};
+pub use soft::{SoftMr, SoftNic};
