@@ -66,7 +66,7 @@ impl Access {
         if self.0 & !Self::ALL.0 != 0 {
             return false;
         }
-        !(self.intersects(Access(Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0)) && !self.contains(Self::LOCAL_WRITE))
+        !self.intersects(Access(Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0)) || self.contains(Self::LOCAL_WRITE)
     }
 }
 

@@ -13,7 +13,7 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
     let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let h = reg.get(BASE, 64 * KIB, RW).unwrap();
     let before = reg.stats();
-    let top = u64::MAX & !0xfff;
+    let top: u64 = !0xfff;
     for (start, len) in [(BASE, 0), (BASE + 1, 4096), (BASE, 4095), (top, 8192)] {
         let e = reg.get(start, len, RW).unwrap_err();
         assert!(matches!(e, RegError::Range(_)), "{e:?}");

@@ -437,7 +437,7 @@ impl<N: Provider> Registry<N> {
         if !access.validate() {
             return Err(RegError::InvalidAccess(access));
         }
-        let range = PageRange::new(0, u64::MAX & !(PAGE_SIZE - 1))?;
+        let range = PageRange::new(0, !(PAGE_SIZE - 1))?;
         let idx = self.create(range, access.normalize(), Kind::Direct, true)?;
         let s = &mut self.slots[idx as usize];
         s.refs = 1;
