@@ -27,7 +27,7 @@ fn a_covered_subrange_hits_the_covering_region() {
     let a = reg.get(BASE, 64 * KIB, RW).unwrap();
     let b = reg.get(BASE + 16 * KIB, 8 * KIB, Access::LOCAL_READ).unwrap();
     assert_eq!(a, b);
-    assert_eq!((b.start(), b.end()), (BASE, BASE + 64 * KIB));
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 64 * KIB));
     reg.put(a).unwrap();
     reg.put(b).unwrap();
     assert_eq!(reg.stats().hits, 1);
@@ -39,7 +39,7 @@ fn overlapping_requests_merge_into_one_region() {
     let a = reg.get(BASE, 16 * KIB, RW).unwrap();
     reg.put(a).unwrap();
     let b = reg.get(BASE + 8 * KIB, 16 * KIB, RW).unwrap();
-    assert_eq!((b.start(), b.end()), (BASE, BASE + 24 * KIB));
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 24 * KIB));
     assert_ne!(a.lkey(), b.lkey());
     reg.put(b).unwrap();
     let s = reg.stats();
@@ -54,10 +54,10 @@ fn adjacent_requests_merge_and_a_spanning_request_folds_several() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let a = reg.get(BASE, 8 * KIB, RW).unwrap();
     let b = reg.get(BASE + 8 * KIB, 8 * KIB, RW).unwrap();
-    assert_eq!((b.start(), b.end()), (BASE, BASE + 16 * KIB));
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 16 * KIB));
     let c = reg.get(BASE + 64 * KIB, 8 * KIB, RW).unwrap();
     let d = reg.get(BASE + 12 * KIB, 56 * KIB, RW).unwrap();
-    assert_eq!((d.start(), d.end()), (BASE, BASE + 72 * KIB));
+    assert_eq!(reg.bounds(d).unwrap(), (BASE, BASE + 72 * KIB));
     assert_eq!(reg.stats().merges, 3);
     assert_eq!(reg.stats().cached_regions, 1);
     // Busy merged-away regions stay valid for their holders until the last put.
@@ -73,7 +73,7 @@ fn a_request_for_wider_access_replaces_the_region_with_widened_access() {
     let a = reg.get(BASE, 16 * KIB, Access::LOCAL_READ).unwrap();
     reg.put(a).unwrap();
     let b = reg.get(BASE, 8 * KIB, Access::LOCAL_RW | Access::REMOTE_WRITE).unwrap();
-    assert_eq!((b.start(), b.end()), (BASE, BASE + 16 * KIB));
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 16 * KIB));
     assert_eq!(reg.region(b).unwrap().access(), Access::LOCAL_RW | Access::REMOTE_WRITE);
     reg.put(b).unwrap();
     // And the widened region now serves the narrow request.

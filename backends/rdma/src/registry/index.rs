@@ -1,17 +1,34 @@
 //! The hit-path index: an open-addressing hash from a region's first page
-//! to its slot (linear probing, backward-shift deletion, load at most 3/4).
+//! to a copy of what a hit needs (linear probing, backward-shift deletion,
+//! load at most 3/4).
 //!
 //! It holds exactly the indexed (cached, live) regions, keyed by start, so
-//! a `get` whose start is a region's start finds it in one or two probes
-//! of one cache line; other starts fall back to the ordered index.
+//! a `get` whose start is a region's start finds everything for its
+//! handle in one 32-byte bucket (half a cache line) with no dependent load;
+//! other starts fall back to the ordered index. The copy is exact because
+//! an indexed region's range, rights, keys and generation never change
+//! (they change only after it leaves the index).
 
 const EMPTY: u64 = u64::MAX;
+
+/// What a hit needs, copied from the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hit {
+    /// Region end with the access bits in the (page-offset) low bits.
+    pub(crate) end_access: u64,
+    pub(crate) slot: u32,
+    pub(crate) gen: u32,
+    pub(crate) lkey: u32,
+    pub(crate) rkey: u32,
+}
 
 #[derive(Clone, Copy)]
 struct Bucket {
     page: u64,
-    slot: u32,
+    hit: Hit,
 }
+
+const NO_HIT: Hit = Hit { end_access: 0, slot: 0, gen: 0, lkey: 0, rkey: 0 };
 
 /// Page-keyed hash of indexed regions.
 pub(crate) struct StartHash {
@@ -32,7 +49,7 @@ impl StartHash {
     }
 
     fn with_buckets(n: usize) -> Self {
-        Self { buckets: vec![Bucket { page: EMPTY, slot: 0 }; n].into_boxed_slice(), mask: n - 1, len: 0 }
+        Self { buckets: vec![Bucket { page: EMPTY, hit: NO_HIT }; n].into_boxed_slice(), mask: n - 1, len: 0 }
     }
 
     /// Heap bytes held.
@@ -40,14 +57,14 @@ impl StartHash {
         self.buckets.len() * core::mem::size_of::<Bucket>()
     }
 
-    /// The slot of the region starting at `page`.
-    #[inline]
-    pub(crate) fn get(&self, page: u64) -> Option<u32> {
+    /// The region starting at `page`.
+    #[inline(always)]
+    pub(crate) fn get(&self, page: u64) -> Option<&Hit> {
         let mut i = home(page, self.mask);
         loop {
-            let b = self.buckets[i];
+            let b = &self.buckets[i];
             if b.page == page {
-                return Some(b.slot);
+                return Some(&b.hit);
             }
             if b.page == EMPTY {
                 return None;
@@ -57,7 +74,7 @@ impl StartHash {
     }
 
     /// Insert or replace.
-    pub(crate) fn insert(&mut self, page: u64, slot: u32) {
+    pub(crate) fn insert(&mut self, page: u64, hit: Hit) {
         debug_assert_ne!(page, EMPTY);
         if (self.len + 1) * 4 > self.buckets.len() * 3 {
             self.grow();
@@ -66,11 +83,11 @@ impl StartHash {
         loop {
             let b = &mut self.buckets[i];
             if b.page == page {
-                b.slot = slot;
+                b.hit = hit;
                 return;
             }
             if b.page == EMPTY {
-                *b = Bucket { page, slot };
+                *b = Bucket { page, hit };
                 self.len += 1;
                 return;
             }
@@ -81,7 +98,7 @@ impl StartHash {
     fn grow(&mut self) {
         let mut bigger = Self::with_buckets(self.buckets.len() * 2);
         for b in self.buckets.iter().filter(|b| b.page != EMPTY) {
-            bigger.insert(b.page, b.slot);
+            bigger.insert(b.page, b.hit);
         }
         *self = bigger;
     }
@@ -121,7 +138,7 @@ impl StartHash {
         if self.len * 16 < self.buckets.len() && self.buckets.len() > 16 {
             let mut smaller = Self::with_buckets(self.buckets.len() / 4);
             for b in self.buckets.iter().filter(|b| b.page != EMPTY) {
-                smaller.insert(b.page, b.slot);
+                smaller.insert(b.page, b.hit);
             }
             *self = smaller;
         }
@@ -153,12 +170,13 @@ mod tests {
                 h.remove(page);
                 m.remove(&page);
             } else {
-                h.insert(page, step);
-                m.insert(page, step);
+                let hit = Hit { slot: step, ..NO_HIT };
+                h.insert(page, hit);
+                m.insert(page, hit);
             }
             if step % 1000 == 0 {
                 for p in 0..5000 {
-                    assert_eq!(h.get(p), m.get(&p).copied());
+                    assert_eq!(h.get(p), m.get(&p));
                 }
             }
         }

@@ -45,7 +45,7 @@ use crate::access::{Access, Advice};
 use crate::error::RegError;
 use crate::provider::{Provider, ProviderMr};
 use crate::region::{Region, RegionCore, Shared, DEREGISTERED, INVALIDATED, VALID};
-use index::StartHash;
+use index::{Hit, StartHash};
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
 /// order (down to 15/16 of the limit, so the scan is amortised).
@@ -87,17 +87,16 @@ pub struct Stats {
 }
 
 /// A reference to a registered region, returned by `get`, `register` and
-/// `register_implicit`. It is plain data: give it back with `put` (or
-/// `deregister` for direct registrations); a handle that outlived its
-/// region is rejected with a typed error.
+/// `register_implicit`. It is plain data (16 bytes, passed in registers):
+/// give it back with `put` (or `deregister` for direct registrations); a
+/// handle that outlived its region is rejected with a typed error. The
+/// region's bounds are [`Registry::bounds`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MrHandle {
     slot: u32,
     gen: u32,
     lkey: u32,
     rkey: u32,
-    start: u64,
-    end: u64,
 }
 
 impl MrHandle {
@@ -110,16 +109,6 @@ impl MrHandle {
     #[inline]
     pub fn rkey(&self) -> u32 {
         self.rkey
-    }
-    /// First byte of the region (may be below the requested start after a merge).
-    #[inline]
-    pub fn start(&self) -> u64 {
-        self.start
-    }
-    /// One past the last byte of the region.
-    #[inline]
-    pub fn end(&self) -> u64 {
-        self.end
     }
 }
 
@@ -134,24 +123,26 @@ enum Kind {
     Direct,
 }
 
+/// The part of a slot the slow paths use.
 struct Slot<M: ProviderMr> {
     region: Option<Region<M>>,
     start: u64,
     end: u64,
-    tick: u64,
-    refs: u32,
-    gen: u32,
     lkey: u32,
     rkey: u32,
     access: Access,
-    kind: Kind,
 }
 
-impl<M: ProviderMr> Slot<M> {
-    #[inline]
-    fn handle(&self, slot: u32) -> MrHandle {
-        MrHandle { slot, gen: self.gen, lkey: self.lkey, rkey: self.rkey, start: self.start, end: self.end }
-    }
+/// The part of a slot every `get` and `put` touches, kept dense (16 bytes)
+/// so a working set of thousands of regions stays in L1/L2.
+#[derive(Clone, Copy)]
+struct Hot {
+    refs: u32,
+    /// Value of the owner's use clock at the last `get` (wrapping; LRU age
+    /// is `now - tick`).
+    tick: u32,
+    gen: u32,
+    kind: Kind,
 }
 
 /// The registration cache over one primary and one provider.
@@ -160,6 +151,7 @@ pub struct Registry<N: Provider> {
     subs: Arc<NotifierSubscriptions>,
     shared: Arc<Shared>,
     slots: Vec<Slot<N::Mr>>,
+    hot: Vec<Hot>,
     free: Vec<u32>,
     /// Cached regions by start; they are disjoint and never adjacent.
     tree: BTreeMap<u64, u32>,
@@ -167,7 +159,7 @@ pub struct Registry<N: Provider> {
     cfg: RegistryConfig,
     cached: u64,
     cached_bytes: u64,
-    tick: u64,
+    tick: u32,
     hits: u64,
     misses: u64,
     merges: u64,
@@ -190,6 +182,7 @@ impl<N: Provider> Registry<N> {
             subs: primary.notifiers().clone(),
             shared: Arc::new(Shared::default()),
             slots: Vec::new(),
+            hot: Vec::new(),
             free: Vec::new(),
             tree: BTreeMap::new(),
             hash: StartHash::new(),
@@ -232,6 +225,7 @@ impl<N: Provider> Registry<N> {
         // A B-tree leaf holds up to 11 entries; count the entries at 3/4 fill.
         let tree = self.tree.len() * (core::mem::size_of::<u64>() + core::mem::size_of::<u32>()) * 4 / 3;
         self.slots.capacity() * core::mem::size_of::<Slot<N::Mr>>()
+            + self.hot.capacity() * core::mem::size_of::<Hot>()
             + self.free.capacity() * 4
             + tree
             + self.hash.heap_bytes()
@@ -242,12 +236,43 @@ impl<N: Provider> Registry<N> {
     /// # Errors
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn region(&self, h: MrHandle) -> Result<&Region<N::Mr>, RegError> {
-        self.slot(h)?.region.as_ref().ok_or(RegError::StaleHandle)
+        self.check(h)?;
+        self.slots[h.slot as usize].region.as_ref().ok_or(RegError::StaleHandle)
+    }
+
+    /// The bounds `[start, end)` of the handle's region (a merge may have
+    /// made it larger than the request).
+    ///
+    /// # Errors
+    /// [`RegError::StaleHandle`] if the handle outlived its region.
+    pub fn bounds(&self, h: MrHandle) -> Result<(u64, u64), RegError> {
+        self.check(h)?;
+        let s = &self.slots[h.slot as usize];
+        Ok((s.start, s.end))
+    }
+
+    /// The kind of the handle's live slot.
+    #[inline]
+    fn check(&self, h: MrHandle) -> Result<Kind, RegError> {
+        match self.hot.get(h.slot as usize) {
+            Some(x) if x.gen == h.gen && x.kind != Kind::Free => Ok(x.kind),
+            _ => Err(RegError::StaleHandle),
+        }
     }
 
     #[inline]
-    fn slot(&self, h: MrHandle) -> Result<&Slot<N::Mr>, RegError> {
-        self.slots.get(h.slot as usize).filter(|s| s.gen == h.gen && s.kind != Kind::Free).ok_or(RegError::StaleHandle)
+    fn handle(&self, idx: u32) -> MrHandle {
+        let s = &self.slots[idx as usize];
+        MrHandle { slot: idx, gen: self.hot[idx as usize].gen, lkey: s.lkey, rkey: s.rkey }
+    }
+
+    /// Take a reference on a slot (hit or new region).
+    #[inline(always)]
+    fn take_ref(&mut self, idx: u32) {
+        self.tick = self.tick.wrapping_add(1);
+        let x = &mut self.hot[idx as usize];
+        x.refs += 1;
+        x.tick = self.tick;
     }
 
     // ------------------------------------------------------------------
@@ -261,21 +286,19 @@ impl<N: Provider> Registry<N> {
     /// # Errors
     /// Bad range or access, [`RegError::LimitExceeded`], provider or
     /// notifier failures. The cache is unchanged on error.
-    #[inline]
+    #[inline(always)]
     pub fn get(&mut self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
         // Acquire pairs with the Release in the callback's queue push: a get
         // ordered after an invalidation sees the flag and drains first.
         if !self.shared.pending.load(Ordering::Acquire) && len != 0 && (start | len) & (PAGE_SIZE - 1) == 0 && access.validate() {
-            if let Some(idx) = self.hash.get(start >> PAGE_SHIFT) {
-                let tick = self.tick + 1;
-                let s = &mut self.slots[idx as usize];
-                // The hash holds cached slots only, whose start is `start`.
-                if len <= s.end - start && s.access.contains(access) {
-                    s.refs += 1;
-                    s.tick = tick;
-                    self.tick = tick;
+            if let Some(&hit) = self.hash.get(start >> PAGE_SHIFT) {
+                // The hash holds cached regions only, keyed by their start.
+                let end = hit.end_access & !(PAGE_SIZE - 1);
+                let granted = Access::from_bits(hit.end_access as u8 & Access::ALL.bits());
+                if len <= end - start && granted.contains(access) {
+                    self.take_ref(hit.slot);
                     self.hits += 1;
-                    return Ok(s.handle(idx));
+                    return Ok(MrHandle { slot: hit.slot, gen: hit.gen, lkey: hit.lkey, rkey: hit.rkey });
                 }
             }
         }
@@ -290,14 +313,12 @@ impl<N: Provider> Registry<N> {
             return Err(RegError::InvalidAccess(access));
         }
         let access = access.normalize();
-        self.tick += 1;
         if let Some((_, &idx)) = self.tree.range(..=start).next_back() {
-            let s = &mut self.slots[idx as usize];
+            let s = &self.slots[idx as usize];
             if s.end >= range.end() && s.access.contains(access) {
-                s.refs += 1;
-                s.tick = self.tick;
+                self.take_ref(idx);
                 self.hits += 1;
-                return Ok(s.handle(idx));
+                return Ok(self.handle(idx));
             }
         }
         // Miss: fold every cached region that overlaps or touches the range.
@@ -324,11 +345,8 @@ impl<N: Provider> Registry<N> {
             self.retire_if_idle(v);
         }
         self.index(idx);
-        let tick = self.tick;
-        let s = &mut self.slots[idx as usize];
-        s.refs = 1;
-        s.tick = tick;
-        Ok(s.handle(idx))
+        self.take_ref(idx);
+        Ok(self.handle(idx))
     }
 
     /// Give back a reference taken by [`Self::get`]. The last put of a
@@ -338,18 +356,18 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] for a handle of a destroyed region,
     /// [`RegError::PutWithoutGet`] when the region holds no reference (or
     /// is a direct registration).
-    #[inline]
+    #[inline(always)]
     pub fn put(&mut self, h: MrHandle) -> Result<(), RegError> {
-        let s = match self.slots.get_mut(h.slot as usize) {
-            Some(s) if s.gen == h.gen && s.kind != Kind::Free => s,
+        let x = match self.hot.get_mut(h.slot as usize) {
+            Some(x) if x.gen == h.gen && x.kind != Kind::Free => x,
             _ => return Err(RegError::StaleHandle),
         };
-        if s.refs == 0 || s.kind == Kind::Direct {
+        if x.refs == 0 || x.kind == Kind::Direct {
             return Err(RegError::PutWithoutGet);
         }
-        s.refs -= 1;
-        if s.refs == 0 {
-            if s.kind == Kind::Orphan {
+        x.refs -= 1;
+        if x.refs == 0 {
+            if x.kind == Kind::Orphan {
                 self.destroy(h.slot);
             } else if self.shared.pending.load(Ordering::Acquire) {
                 // The region may be queued as invalidated: deregister it now.
@@ -396,8 +414,8 @@ impl<N: Provider> Registry<N> {
             return;
         }
         for (idx, gen) in self.shared.take() {
-            let Some(s) = self.slots.get(idx as usize) else { continue };
-            if s.gen != gen || s.kind != Kind::Cached {
+            let Some(x) = self.hot.get(idx as usize) else { continue };
+            if x.gen != gen || x.kind != Kind::Cached {
                 continue;
             }
             self.unindex(idx);
@@ -421,9 +439,8 @@ impl<N: Provider> Registry<N> {
             return Err(RegError::InvalidAccess(access));
         }
         let idx = self.create(range, access.normalize(), Kind::Direct, false)?;
-        let s = &mut self.slots[idx as usize];
-        s.refs = 1;
-        Ok(s.handle(idx))
+        self.take_ref(idx);
+        Ok(self.handle(idx))
     }
 
     /// Register the whole address space as one implicit ODP region: its
@@ -439,9 +456,8 @@ impl<N: Provider> Registry<N> {
         }
         let range = PageRange::new(0, !(PAGE_SIZE - 1))?;
         let idx = self.create(range, access.normalize(), Kind::Direct, true)?;
-        let s = &mut self.slots[idx as usize];
-        s.refs = 1;
-        Ok(s.handle(idx))
+        self.take_ref(idx);
+        Ok(self.handle(idx))
     }
 
     /// Deregister a direct or implicit registration.
@@ -450,9 +466,9 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::NotRegistered`] for a cached region's handle or a handle
     /// already deregistered.
     pub fn deregister(&mut self, h: MrHandle) -> Result<(), RegError> {
-        match self.slot(h) {
-            Ok(s) if s.kind == Kind::Direct => {
-                self.slots[h.slot as usize].refs = 0;
+        match self.check(h) {
+            Ok(Kind::Direct) => {
+                self.hot[h.slot as usize].refs = 0;
                 self.destroy(h.slot);
                 Ok(())
             }
@@ -494,22 +510,12 @@ impl<N: Provider> Registry<N> {
             Some(i) => i,
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
-                self.slots.push(Slot {
-                    region: None,
-                    start: 0,
-                    end: 0,
-                    tick: 0,
-                    refs: 0,
-                    gen: 0,
-                    lkey: 0,
-                    rkey: 0,
-                    access: Access::NONE,
-                    kind: Kind::Free,
-                });
+                self.slots.push(Slot { region: None, start: 0, end: 0, lkey: 0, rkey: 0, access: Access::NONE });
+                self.hot.push(Hot { refs: 0, tick: 0, gen: 0, kind: Kind::Free });
                 i
             }
         };
-        let gen = self.slots[idx as usize].gen;
+        let gen = self.hot[idx as usize].gen;
         let core = RegionCore {
             state: std::sync::atomic::AtomicU8::new(VALID),
             access,
@@ -540,26 +546,31 @@ impl<N: Provider> Registry<N> {
         s.start = range.start();
         s.end = range.end();
         s.access = access;
-        s.kind = kind;
-        s.refs = 0;
-        s.tick = self.tick;
         s.region = Some(region);
+        self.hot[idx as usize] = Hot { refs: 0, tick: self.tick, gen, kind };
         Ok(idx)
     }
 
     fn index(&mut self, idx: u32) {
         let s = &self.slots[idx as usize];
         self.tree.insert(s.start, idx);
-        self.hash.insert(s.start >> PAGE_SHIFT, idx);
+        let hit = Hit {
+            end_access: s.end | u64::from(s.access.bits()),
+            slot: idx,
+            gen: self.hot[idx as usize].gen,
+            lkey: s.lkey,
+            rkey: s.rkey,
+        };
+        self.hash.insert(s.start >> PAGE_SHIFT, hit);
         self.cached += 1;
         self.cached_bytes += s.end - s.start;
     }
 
     /// Take a cached slot out of the index; it becomes an orphan.
     fn unindex(&mut self, idx: u32) {
-        let s = &mut self.slots[idx as usize];
-        debug_assert_eq!(s.kind, Kind::Cached);
-        s.kind = Kind::Orphan;
+        debug_assert_eq!(self.hot[idx as usize].kind, Kind::Cached);
+        self.hot[idx as usize].kind = Kind::Orphan;
+        let s = &self.slots[idx as usize];
         self.tree.remove(&s.start);
         self.hash.remove(s.start >> PAGE_SHIFT);
         self.cached -= 1;
@@ -567,18 +578,18 @@ impl<N: Provider> Registry<N> {
     }
 
     fn retire_if_idle(&mut self, idx: u32) {
-        if self.slots[idx as usize].refs == 0 {
+        if self.hot[idx as usize].refs == 0 {
             self.destroy(idx);
         }
     }
 
     /// Deregister and free a slot with no reference that is not indexed.
     fn destroy(&mut self, idx: u32) {
-        let s = &mut self.slots[idx as usize];
-        debug_assert!(s.refs == 0 && s.kind != Kind::Cached && s.kind != Kind::Free);
-        let region = s.region.take();
-        s.kind = Kind::Free;
-        s.gen = s.gen.wrapping_add(1);
+        let x = &mut self.hot[idx as usize];
+        debug_assert!(x.refs == 0 && x.kind != Kind::Cached && x.kind != Kind::Free);
+        x.kind = Kind::Free;
+        x.gen = x.gen.wrapping_add(1);
+        let region = self.slots[idx as usize].region.take();
         self.free.push(idx);
         if let Some(region) = region {
             region.core().state.store(DEREGISTERED, Ordering::Release);
@@ -598,13 +609,15 @@ impl<N: Provider> Registry<N> {
         if regions <= max_r && bytes <= max_b {
             return Ok(());
         }
-        let mut idle: Vec<(u64, u32)> = self
-            .slots
+        let now = self.tick;
+        let mut idle: Vec<(core::cmp::Reverse<u32>, u32)> = self
+            .hot
             .iter()
             .enumerate()
-            .filter(|(i, s)| s.kind == Kind::Cached && s.refs == 0 && !keep.contains(&(*i as u32)))
-            .map(|(i, s)| (s.tick, i as u32))
+            .filter(|(i, x)| x.kind == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32)))
+            .map(|(i, x)| (core::cmp::Reverse(now.wrapping_sub(x.tick)), i as u32))
             .collect();
+        // Oldest (largest age) first.
         idle.sort_unstable();
         let (low_r, low_b) = (max_r - max_r / 16, max_b - max_b / 16);
         let (mut r, mut b) = (regions, bytes);
@@ -631,13 +644,13 @@ impl<N: Provider> Drop for Registry<N> {
     /// Destroy every region (`ucs_rcache_destroy`): held references are
     /// forgotten, every registration is deregistered.
     fn drop(&mut self) {
-        for idx in 0..self.slots.len() as u32 {
-            let s = &mut self.slots[idx as usize];
-            if s.kind == Kind::Free {
+        for idx in 0..self.hot.len() as u32 {
+            let x = &mut self.hot[idx as usize];
+            if x.kind == Kind::Free {
                 continue;
             }
-            s.refs = 0;
-            s.kind = Kind::Orphan;
+            x.refs = 0;
+            x.kind = Kind::Orphan;
             self.destroy(idx);
         }
     }
