@@ -33,6 +33,9 @@
 //! assert!(nic.remote_read(h.rkey(), 0x10008, &mut buf).is_err()); // its rkey is dead
 //! ```
 
+// Unsafe code lives only in `ibverbs/sys.rs`, the thin verbs layer.
+#![deny(unsafe_code)]
+
 pub mod access;
 pub mod error;
 #[cfg(feature = "ibverbs")]
