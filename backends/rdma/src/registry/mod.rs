@@ -123,13 +123,11 @@ enum Kind {
     Direct,
 }
 
-/// The part of a slot the slow paths use.
-struct Slot<M: ProviderMr> {
-    region: Option<Region<M>>,
+/// What the slow paths read of a slot (from its region).
+#[derive(Clone, Copy)]
+struct Info {
     start: u64,
     end: u64,
-    lkey: u32,
-    rkey: u32,
     access: Access,
 }
 
@@ -150,7 +148,8 @@ pub struct Registry<N: Provider> {
     provider: N,
     subs: Arc<NotifierSubscriptions>,
     shared: Arc<Shared>,
-    slots: Vec<Slot<N::Mr>>,
+    /// The region of each slot (`None` when free): the cold part.
+    slots: Vec<Option<Region<N::Mr>>>,
     hot: Vec<Hot>,
     free: Vec<u32>,
     /// Cached regions by start; they are disjoint and never adjacent.
@@ -224,7 +223,7 @@ impl<N: Provider> Registry<N> {
     pub fn owner_heap_bytes(&self) -> usize {
         // A B-tree leaf holds up to 11 entries; count the entries at 3/4 fill.
         let tree = self.tree.len() * (core::mem::size_of::<u64>() + core::mem::size_of::<u32>()) * 4 / 3;
-        self.slots.capacity() * core::mem::size_of::<Slot<N::Mr>>()
+        self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
             + self.hot.capacity() * core::mem::size_of::<Hot>()
             + self.free.capacity() * 4
             + tree
@@ -237,7 +236,7 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn region(&self, h: MrHandle) -> Result<&Region<N::Mr>, RegError> {
         self.check(h)?;
-        self.slots[h.slot as usize].region.as_ref().ok_or(RegError::StaleHandle)
+        self.slots[h.slot as usize].as_ref().ok_or(RegError::StaleHandle)
     }
 
     /// The bounds `[start, end)` of the handle's region (a merge may have
@@ -247,8 +246,8 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn bounds(&self, h: MrHandle) -> Result<(u64, u64), RegError> {
         self.check(h)?;
-        let s = &self.slots[h.slot as usize];
-        Ok((s.start, s.end))
+        let i = self.info(h.slot);
+        Ok((i.start, i.end))
     }
 
     /// The kind of the handle's live slot.
@@ -262,8 +261,15 @@ impl<N: Provider> Registry<N> {
 
     #[inline]
     fn handle(&self, idx: u32) -> MrHandle {
-        let s = &self.slots[idx as usize];
-        MrHandle { slot: idx, gen: self.hot[idx as usize].gen, lkey: s.lkey, rkey: s.rkey }
+        let r = self.slots[idx as usize].as_ref().expect("live slot");
+        MrHandle { slot: idx, gen: self.hot[idx as usize].gen, lkey: r.mr().lkey(), rkey: r.mr().rkey() }
+    }
+
+    /// Range and rights of a live slot.
+    #[inline]
+    fn info(&self, idx: u32) -> Info {
+        let r = self.slots[idx as usize].as_ref().expect("live slot");
+        Info { start: r.start(), end: r.end(), access: r.access() }
     }
 
     /// Take a reference on a slot (hit or new region).
@@ -313,21 +319,20 @@ impl<N: Provider> Registry<N> {
             return Err(RegError::InvalidAccess(access));
         }
         let access = access.normalize();
-        if let Some((_, &idx)) = self.tree.range(..=start).next_back() {
-            let s = &self.slots[idx as usize];
-            if s.end >= range.end() && s.access.contains(access) {
-                self.take_ref(idx);
-                self.hits += 1;
-                return Ok(self.handle(idx));
-            }
-        }
-        // Miss: fold every cached region that overlaps or touches the range.
+        // One descent serves the covering check and the merge scan: cached
+        // regions are disjoint and never adjacent, so a region covering the
+        // range is the last one starting at or below its end.
         let (mut lo, mut hi, mut acc) = (range.start(), range.end(), access);
         let mut victims: Vec<u32> = Vec::new();
         for (_, &idx) in self.tree.range(..=range.end()).rev() {
-            let s = &self.slots[idx as usize];
+            let s = self.info(idx);
             if s.end < range.start() {
                 break;
+            }
+            if victims.is_empty() && s.start <= range.start() && s.end >= range.end() && s.access.contains(access) {
+                self.take_ref(idx);
+                self.hits += 1;
+                return Ok(self.handle(idx));
             }
             victims.push(idx);
             lo = lo.min(s.start);
@@ -335,7 +340,7 @@ impl<N: Provider> Registry<N> {
             acc = acc | s.access;
         }
         let merged = PageRange::from_bounds(lo, hi)?;
-        let victim_bytes: u64 = victims.iter().map(|&i| self.slots[i as usize].end - self.slots[i as usize].start).sum();
+        let victim_bytes: u64 = victims.iter().map(|&i| self.info(i)).map(|s| s.end - s.start).sum();
         self.make_room(self.cached - victims.len() as u64 + 1, self.cached_bytes - victim_bytes + merged.len(), &victims)?;
         let idx = self.create(merged, acc, Kind::Cached, false)?;
         self.misses += 1;
@@ -388,13 +393,13 @@ impl<N: Provider> Registry<N> {
         self.drain_pending();
         let mut hit: Vec<u32> = Vec::new();
         for (_, &idx) in self.tree.range(..range.end()).rev() {
-            if self.slots[idx as usize].end <= range.start() {
+            if self.info(idx).end <= range.start() {
                 break;
             }
             hit.push(idx);
         }
         for &idx in &hit {
-            if let Some(r) = &self.slots[idx as usize].region {
+            if let Some(r) = &self.slots[idx as usize] {
                 let core = r.core();
                 if core.state.compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     self.shared.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -510,7 +515,7 @@ impl<N: Provider> Registry<N> {
             Some(i) => i,
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
-                self.slots.push(Slot { region: None, start: 0, end: 0, lkey: 0, rkey: 0, access: Access::NONE });
+                self.slots.push(None);
                 self.hot.push(Hot { refs: 0, tick: 0, gen: 0, kind: Kind::Free });
                 i
             }
@@ -540,27 +545,16 @@ impl<N: Provider> Registry<N> {
             return Err(e);
         }
         self.registrations += 1;
-        let s = &mut self.slots[idx as usize];
-        s.lkey = region.mr().lkey();
-        s.rkey = region.mr().rkey();
-        s.start = range.start();
-        s.end = range.end();
-        s.access = access;
-        s.region = Some(region);
+        self.slots[idx as usize] = Some(region);
         self.hot[idx as usize] = Hot { refs: 0, tick: self.tick, gen, kind };
         Ok(idx)
     }
 
     fn index(&mut self, idx: u32) {
-        let s = &self.slots[idx as usize];
+        let s = self.info(idx);
+        let h = self.handle(idx);
         self.tree.insert(s.start, idx);
-        let hit = Hit {
-            end_access: s.end | u64::from(s.access.bits()),
-            slot: idx,
-            gen: self.hot[idx as usize].gen,
-            lkey: s.lkey,
-            rkey: s.rkey,
-        };
+        let hit = Hit { end_access: s.end | u64::from(s.access.bits()), slot: idx, gen: h.gen, lkey: h.lkey, rkey: h.rkey };
         self.hash.insert(s.start >> PAGE_SHIFT, hit);
         self.cached += 1;
         self.cached_bytes += s.end - s.start;
@@ -570,7 +564,7 @@ impl<N: Provider> Registry<N> {
     fn unindex(&mut self, idx: u32) {
         debug_assert_eq!(self.hot[idx as usize].kind, Kind::Cached);
         self.hot[idx as usize].kind = Kind::Orphan;
-        let s = &self.slots[idx as usize];
+        let s = self.info(idx);
         self.tree.remove(&s.start);
         self.hash.remove(s.start >> PAGE_SHIFT);
         self.cached -= 1;
@@ -589,7 +583,7 @@ impl<N: Provider> Registry<N> {
         debug_assert!(x.refs == 0 && x.kind != Kind::Cached && x.kind != Kind::Free);
         x.kind = Kind::Free;
         x.gen = x.gen.wrapping_add(1);
-        let region = self.slots[idx as usize].region.take();
+        let region = self.slots[idx as usize].take();
         self.free.push(idx);
         if let Some(region) = region {
             region.core().state.store(DEREGISTERED, Ordering::Release);
@@ -625,7 +619,7 @@ impl<N: Provider> Registry<N> {
             if r <= low_r && b <= low_b {
                 break;
             }
-            let len = self.slots[idx as usize].end - self.slots[idx as usize].start;
+            let len = self.info(idx).end - self.info(idx).start;
             self.unindex(idx);
             self.destroy(idx);
             self.evictions += 1;

@@ -270,7 +270,7 @@ impl SoftNic {
                 if !region.is_valid() {
                     return Err(DmaError::Invalidated(key));
                 }
-                if let Some(t) = mtt.pages.get(&page) {
+                if let Some(t) = mtt.get(page) {
                     if !write || t.writable {
                         if let Some(obs) = &self.inner.observer {
                             obs(&DmaAccess { key, page, pfn: t.pfn, write });

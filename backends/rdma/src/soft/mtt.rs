@@ -33,20 +33,39 @@ use parking_lot::RwLock;
 use crate::provider::ProviderMr;
 use crate::region::Region;
 
-/// The translations of one region: page address to frame.
+/// The translations of one region: page address to frame. Allocated on
+/// the first fault, so an untouched region costs one pointer.
 #[derive(Debug, Default)]
 pub(crate) struct Mtt {
-    pub(crate) pages: BTreeMap<u64, Translation>,
+    pages: Option<Box<BTreeMap<u64, Translation>>>,
 }
 
 impl Mtt {
+    #[inline]
+    pub(crate) fn get(&self, page: u64) -> Option<&Translation> {
+        self.pages.as_ref()?.get(&page)
+    }
+
+    pub(crate) fn insert(&mut self, page: u64, t: Translation) {
+        self.pages.get_or_insert_with(Box::default).insert(page, t);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pages.as_ref().map_or(0, |p| p.len())
+    }
+
+    fn clear(&mut self) {
+        self.pages = None;
+    }
+
     fn remove_range(&mut self, start: u64, end: u64) {
-        if self.pages.is_empty() {
-            return;
-        }
-        let keys: Vec<u64> = self.pages.range(start..end).map(|(k, _)| *k).collect();
+        let Some(pages) = &mut self.pages else { return };
+        let keys: Vec<u64> = pages.range(start..end).map(|(k, _)| *k).collect();
         for k in keys {
-            self.pages.remove(&k);
+            pages.remove(&k);
+        }
+        if pages.is_empty() {
+            self.pages = None;
         }
     }
 }
@@ -62,12 +81,12 @@ pub struct SoftMr {
 impl SoftMr {
     /// Translations currently in the MTT.
     pub fn mapped_pages(&self) -> usize {
-        self.mtt.read().pages.len()
+        self.mtt.read().len()
     }
 
     /// The MTT entry of `page`, if any.
     pub fn translation(&self, page: u64) -> Option<Translation> {
-        self.mtt.read().pages.get(&page).copied()
+        self.mtt.read().get(page).copied()
     }
 }
 
@@ -99,7 +118,7 @@ impl ProviderMr for SoftMr {
     }
 
     fn zap(&self) {
-        self.mtt.write().pages.clear();
+        self.mtt.write().clear();
     }
 }
 
@@ -154,7 +173,7 @@ pub(crate) fn fault_in(primary: &dyn Primary, region: &Region<SoftMr>, page: u64
         if !region.is_valid() {
             return Err(FaultError::Invalidated);
         }
-        mtt.pages.insert(page, t);
+        mtt.insert(page, t);
         return Ok(true);
     }
 }
