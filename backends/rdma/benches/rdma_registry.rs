@@ -19,11 +19,14 @@ const STRIDE: u64 = 128 << 10;
 
 fn setup(regions: u32) -> (std::sync::Arc<ModelPrimary>, SoftNic, Registry<SoftNic>) {
     let mm = ModelPrimary::new(64);
-    mm.mmap(BASE, u64::from(regions.max(1)) * STRIDE, true).unwrap();
+    mm.mmap(BASE, u64::from(regions.max(1)) * STRIDE, true)
+        .unwrap();
     let nic = SoftNic::new(mm.clone());
     let mut reg = Registry::new(&*mm, nic.clone(), RegistryConfig::default());
     for i in 0..regions {
-        let h = reg.get(BASE + u64::from(i) * STRIDE, REGION, Access::LOCAL_RW).unwrap();
+        let h = reg
+            .get(BASE + u64::from(i) * STRIDE, REGION, Access::LOCAL_RW)
+            .unwrap();
         reg.put(h).unwrap();
     }
     (mm, nic, reg)
@@ -37,7 +40,9 @@ fn hit(c: &mut Criterion) {
             b.iter(|| {
                 i = i.wrapping_add(1);
                 let idx = i.wrapping_mul(2_654_435_761) & (r - 1);
-                let h = reg.get(BASE + u64::from(idx) * STRIDE, REGION, Access::LOCAL_RW).unwrap();
+                let h = reg
+                    .get(BASE + u64::from(idx) * STRIDE, REGION, Access::LOCAL_RW)
+                    .unwrap();
                 reg.put(black_box(h)).unwrap();
             })
         });
@@ -75,7 +80,10 @@ fn dma(c: &mut Criterion) {
     let mut buf = [0u8; 64];
     nic.remote_read(h.rkey(), BASE, &mut buf).unwrap();
     c.bench_function("rdma_softnic_remote_read_64b_warm", |b| {
-        b.iter(|| nic.remote_read(h.rkey(), BASE + 128, black_box(&mut buf)).unwrap())
+        b.iter(|| {
+            nic.remote_read(h.rkey(), BASE + 128, black_box(&mut buf))
+                .unwrap()
+        })
     });
     reg.put(h).unwrap();
 }

@@ -29,7 +29,10 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn main() {
-    let cfg = notifier_rdma::parity::ParityConfig { alloc_probe: Some(|| LIVE.load(Ordering::Relaxed)), ..Default::default() };
+    let cfg = notifier_rdma::parity::ParityConfig {
+        alloc_probe: Some(|| LIVE.load(Ordering::Relaxed)),
+        ..Default::default()
+    };
     if let Err(e) = notifier_rdma::parity::run(&cfg) {
         eprintln!("rcache parity: {e}");
         std::process::exit(1);

@@ -16,7 +16,14 @@ const BASE: u64 = 0x7f00_0000_0000;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mm = ModelPrimary::new(1024);
     let nic = SoftNic::new(mm.clone());
-    let mut reg = Registry::new(&*mm, nic.clone(), RegistryConfig { max_regions: 64, ..Default::default() });
+    let mut reg = Registry::new(
+        &*mm,
+        nic.clone(),
+        RegistryConfig {
+            max_regions: 64,
+            ..Default::default()
+        },
+    );
     let access = Access::LOCAL_RW | Access::REMOTE_READ | Access::REMOTE_WRITE;
     let addr = |i: u64| BASE + i * 2 * BUF;
 
@@ -65,6 +72,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let s = reg.stats();
     println!("after free + reallocate: {s:?}");
     assert_eq!(s.invalidations, 4);
-    println!("no stale registration served; {} NIC faults, {} page accesses", nic.stats().faults, nic.stats().page_accesses);
+    println!(
+        "no stale registration served; {} NIC faults, {} page accesses",
+        nic.stats().faults,
+        nic.stats().page_accesses
+    );
     Ok(())
 }

@@ -26,9 +26,11 @@ impl Access {
     /// Every right.
     pub const ALL: Access = Access(0x1f);
     /// Any remote right.
-    pub const REMOTE: Access = Access(Self::REMOTE_READ.0 | Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0);
+    pub const REMOTE: Access =
+        Access(Self::REMOTE_READ.0 | Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0);
     /// Rights that let the NIC write memory.
-    pub const ANY_WRITE: Access = Access(Self::LOCAL_WRITE.0 | Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0);
+    pub const ANY_WRITE: Access =
+        Access(Self::LOCAL_WRITE.0 | Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0);
 
     /// The raw bits.
     #[inline]
@@ -66,7 +68,8 @@ impl Access {
         if self.0 & !Self::ALL.0 != 0 {
             return false;
         }
-        !self.intersects(Access(Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0)) || self.contains(Self::LOCAL_WRITE)
+        !self.intersects(Access(Self::REMOTE_WRITE.0 | Self::REMOTE_ATOMIC.0))
+            || self.contains(Self::LOCAL_WRITE)
     }
 }
 
@@ -80,7 +83,13 @@ impl core::ops::BitOr for Access {
 
 impl core::fmt::Debug for Access {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        const NAMES: [&str; 5] = ["LOCAL_READ", "LOCAL_WRITE", "REMOTE_READ", "REMOTE_WRITE", "REMOTE_ATOMIC"];
+        const NAMES: [&str; 5] = [
+            "LOCAL_READ",
+            "LOCAL_WRITE",
+            "REMOTE_READ",
+            "REMOTE_WRITE",
+            "REMOTE_ATOMIC",
+        ];
         let mut first = true;
         for (i, n) in NAMES.iter().enumerate() {
             if self.0 & (1 << i) != 0 {
@@ -111,7 +120,11 @@ pub enum Advice {
 
 impl Advice {
     /// Every advice, for tests.
-    pub const ALL: [Advice; 3] = [Advice::Prefetch, Advice::PrefetchWrite, Advice::PrefetchNoFault];
+    pub const ALL: [Advice; 3] = [
+        Advice::Prefetch,
+        Advice::PrefetchWrite,
+        Advice::PrefetchNoFault,
+    ];
 }
 
 #[cfg(test)]

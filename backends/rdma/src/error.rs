@@ -38,7 +38,11 @@ pub enum ProviderError {
 pub enum RegError {
     /// The range is empty, misaligned or wraps.
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// The access combination is not valid (unknown bits, or remote write/atomic without local write).
     #[error("invalid access flags {0:?}")]
     InvalidAccess(Access),
@@ -70,13 +74,25 @@ pub enum RegError {
     Invalidated,
     /// The primary could not fault a page in.
     #[error("page fault failed")]
-    Fault(#[from] #[source] PrimaryFault),
+    Fault(
+        #[from]
+        #[source]
+        PrimaryFault,
+    ),
     /// Subscribing to the primary's notifiers failed (e.g. the address space was released).
     #[error("notifier subscription failed")]
-    Notifier(#[from] #[source] NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        NotifierError,
+    ),
     /// The provider failed.
     #[error("provider failed")]
-    Provider(#[from] #[source] ProviderError),
+    Provider(
+        #[from]
+        #[source]
+        ProviderError,
+    ),
 }
 
 /// An error of one DMA operation of the software NIC. Nothing was
@@ -114,7 +130,11 @@ pub enum DmaError {
     Misaligned(u64),
     /// The NIC page fault failed (no mapping, permission, SIGBUS).
     #[error("NIC page fault failed")]
-    Fault(#[from] #[source] PrimaryFault),
+    Fault(
+        #[from]
+        #[source]
+        PrimaryFault,
+    ),
     /// The frame store refused the access.
     #[error("frame access failed")]
     Frame(#[source] notifier_core::frame::FrameError),

@@ -22,7 +22,10 @@ const REGION: u64 = 64 << 10;
 const STRIDE: u64 = 128 << 10;
 const BASE: u64 = 0x1000_0000_0000;
 const ACCESS: Access = Access::from_bits(
-    Access::LOCAL_READ.bits() | Access::LOCAL_WRITE.bits() | Access::REMOTE_READ.bits() | Access::REMOTE_WRITE.bits(),
+    Access::LOCAL_READ.bits()
+        | Access::LOCAL_WRITE.bits()
+        | Access::REMOTE_READ.bits()
+        | Access::REMOTE_WRITE.bits(),
 );
 
 /// The workload sizes (defaults are the document's).
@@ -85,16 +88,32 @@ pub enum ParityError {
     Check(String),
     /// The registry failed.
     #[error("registry failed")]
-    Registry(#[from] #[source] RegError),
+    Registry(
+        #[from]
+        #[source]
+        RegError,
+    ),
     /// The model primary failed.
     #[error("model primary failed")]
-    Model(#[from] #[source] ModelError),
+    Model(
+        #[from]
+        #[source]
+        ModelError,
+    ),
     /// Delivering an event failed.
     #[error("notifier failed")]
-    Notifier(#[from] #[source] NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        NotifierError,
+    ),
     /// Writing the report failed.
     #[error("writing the report failed")]
-    Io(#[from] #[source] std::io::Error),
+    Io(
+        #[from]
+        #[source]
+        std::io::Error,
+    ),
 }
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), ParityError> {
@@ -149,24 +168,84 @@ pub fn run_to(cfg: &ParityConfig, out: &mut dyn Write) -> Result<Vec<Metric>, Pa
         Ok(())
     };
     writeln!(out, "# notifier-rdma registry, provider softnic, model primary; region 64 KiB at 128 KiB stride, access {ACCESS:?}")?;
-    for (r, name) in [(1u32, "hit_getput_r1"), (64, "hit_getput_r64"), (4096, "hit_getput_r4096")] {
+    for (r, name) in [
+        (1u32, "hit_getput_r1"),
+        (64, "hit_getput_r64"),
+        (4096, "hit_getput_r4096"),
+    ] {
         let v = hit(cfg, r, out)?;
-        emit(out, Metric { name, value: v, unit: "ns/op" })?;
+        emit(
+            out,
+            Metric {
+                name,
+                value: v,
+                unit: "ns/op",
+            },
+        )?;
     }
     let (grow, destroy) = miss_grow_and_destroy(cfg, out)?;
-    emit(out, Metric { name: "miss_getput_grow", value: grow, unit: "ns/op" })?;
-    emit(out, Metric { name: "destroy_dereg", value: destroy, unit: "ns/region" })?;
+    emit(
+        out,
+        Metric {
+            name: "miss_getput_grow",
+            value: grow,
+            unit: "ns/op",
+        },
+    )?;
+    emit(
+        out,
+        Metric {
+            name: "destroy_dereg",
+            value: destroy,
+            unit: "ns/region",
+        },
+    )?;
     let cycle = reg_dereg_cycle(cfg, out)?;
-    emit(out, Metric { name: "reg_dereg_cycle", value: cycle, unit: "ns/op" })?;
+    emit(
+        out,
+        Metric {
+            name: "reg_dereg_cycle",
+            value: cycle,
+            unit: "ns/op",
+        },
+    )?;
     let (unreg, reg, drain) = unmap_events(cfg, out)?;
-    emit(out, Metric { name: "vm_unmap_event_unregistered", value: unreg, unit: "ns/region" })?;
-    emit(out, Metric { name: "vm_unmap_event_registered", value: reg, unit: "ns/region" })?;
-    emit(out, Metric { name: "vm_unmap_event_invalidate_overhead", value: reg - unreg, unit: "ns/region" })?;
+    emit(
+        out,
+        Metric {
+            name: "vm_unmap_event_unregistered",
+            value: unreg,
+            unit: "ns/region",
+        },
+    )?;
+    emit(
+        out,
+        Metric {
+            name: "vm_unmap_event_registered",
+            value: reg,
+            unit: "ns/region",
+        },
+    )?;
+    emit(
+        out,
+        Metric {
+            name: "vm_unmap_event_invalidate_overhead",
+            value: reg - unreg,
+            unit: "ns/region",
+        },
+    )?;
     writeln!(
         out,
         "# deregistration is deferred: the callback kills keys and translations, the next get (or put) drains the queue"
     )?;
-    emit(out, Metric { name: "deferred_dereg_drain", value: drain, unit: "ns/region" })?;
+    emit(
+        out,
+        Metric {
+            name: "deferred_dereg_drain",
+            value: drain,
+            unit: "ns/region",
+        },
+    )?;
     Ok(metrics)
 }
 
@@ -177,7 +256,9 @@ fn hit(cfg: &ParityConfig, r: u32, out: &mut dyn Write) -> Result<f64, ParityErr
         b.reg.put(h)?;
     }
     let regs = b.reg.stats().registrations;
-    check(regs == u64::from(r), || format!("r{r}: {regs} registrations for {r} regions"))?;
+    check(regs == u64::from(r), || {
+        format!("r{r}: {regs} registrations for {r} regions")
+    })?;
     let mask = r - 1;
     let reg = &mut b.reg;
     let mut op = |i: u64| -> Result<(), RegError> {
@@ -199,13 +280,27 @@ fn hit(cfg: &ParityConfig, r: u32, out: &mut dyn Write) -> Result<f64, ParityErr
     }
     let s = b.reg.stats();
     check(s.registrations == regs && s.misses == u64::from(r), || {
-        format!("r{r}: registration during the hit loops ({} registrations, {} misses)", s.registrations, s.misses)
+        format!(
+            "r{r}: registration during the hit loops ({} registrations, {} misses)",
+            s.registrations, s.misses
+        )
     })?;
-    writeln!(out, "# hit r{r}: loops {:?} ns/op, {} hits, 0 registrations in the loops", loops.iter().map(|v| (v * 100.0).round() / 100.0).collect::<Vec<_>>(), s.hits)?;
+    writeln!(
+        out,
+        "# hit r{r}: loops {:?} ns/op, {} hits, 0 registrations in the loops",
+        loops
+            .iter()
+            .map(|v| (v * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        s.hits
+    )?;
     Ok(median(loops))
 }
 
-fn miss_grow_and_destroy(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64, f64), ParityError> {
+fn miss_grow_and_destroy(
+    cfg: &ParityConfig,
+    out: &mut dyn Write,
+) -> Result<(f64, f64), ParityError> {
     let n = cfg.regions;
     let mut b = fresh(8 << 30)?;
     let before = cfg.alloc_probe.map(|p| p());
@@ -218,9 +313,15 @@ fn miss_grow_and_destroy(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64
     let after = cfg.alloc_probe.map(|p| p());
     let s = b.reg.stats();
     let nic = b.nic.stats();
-    check(s.misses == u64::from(n) && nic.registrations == u64::from(n) && nic.deregistrations == 0, || {
-        format!("miss_getput_grow: {} misses, {} registrations, {} deregistrations for {n} regions", s.misses, nic.registrations, nic.deregistrations)
-    })?;
+    check(
+        s.misses == u64::from(n) && nic.registrations == u64::from(n) && nic.deregistrations == 0,
+        || {
+            format!(
+                "miss_getput_grow: {} misses, {} registrations, {} deregistrations for {n} regions",
+                s.misses, nic.registrations, nic.deregistrations
+            )
+        },
+    )?;
     if let (Some(a), Some(z)) = (before, after) {
         writeln!(
             out,
@@ -239,8 +340,15 @@ fn miss_grow_and_destroy(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64
     drop(reg);
     let destroy = t.elapsed().as_nanos() as f64 / f64::from(n);
     let s = nic.stats();
-    check(s.deregistrations == u64::from(n), || format!("destroy_dereg: {} deregistrations for {n} regions", s.deregistrations))?;
-    check(mm.notifiers().interval_count() == 0, || "destroy_dereg: subscriptions left behind".into())?;
+    check(s.deregistrations == u64::from(n), || {
+        format!(
+            "destroy_dereg: {} deregistrations for {n} regions",
+            s.deregistrations
+        )
+    })?;
+    check(mm.notifiers().interval_count() == 0, || {
+        "destroy_dereg: subscriptions left behind".into()
+    })?;
     Ok((grow, destroy))
 }
 
@@ -255,15 +363,26 @@ fn reg_dereg_cycle(cfg: &ParityConfig, _out: &mut dyn Write) -> Result<f64, Pari
     }
     let v = t.elapsed().as_nanos() as f64 / f64::from(n);
     let s = b.nic.stats();
-    check(s.registrations == u64::from(n) && s.deregistrations == u64::from(n), || {
-        format!("reg_dereg_cycle: {} registrations, {} deregistrations for {n} regions", s.registrations, s.deregistrations)
-    })?;
+    check(
+        s.registrations == u64::from(n) && s.deregistrations == u64::from(n),
+        || {
+            format!(
+                "reg_dereg_cycle: {} registrations, {} deregistrations for {n} regions",
+                s.registrations, s.deregistrations
+            )
+        },
+    )?;
     Ok(v)
 }
 
 fn unmap_events(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64, f64, f64), ParityError> {
     let k = cfg.unmap_slots;
-    let range = |i: u32| InvalidateRange::new(PageRange::new(addr(i), REGION).expect("aligned"), Event::Unmap);
+    let range = |i: u32| {
+        InvalidateRange::new(
+            PageRange::new(addr(i), REGION).expect("aligned"),
+            Event::Unmap,
+        )
+    };
     let deliver = |b: &Bench| -> Result<f64, ParityError> {
         let subs = b.mm.notifiers();
         let t = Instant::now();
@@ -274,7 +393,9 @@ fn unmap_events(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64, f64, f6
     };
     // Nothing registered.
     let b = fresh(u64::from(k) * STRIDE)?;
-    let unreg: Vec<f64> = (0..cfg.unmap_reps).map(|_| deliver(&b)).collect::<Result<_, _>>()?;
+    let unreg: Vec<f64> = (0..cfg.unmap_reps)
+        .map(|_| deliver(&b))
+        .collect::<Result<_, _>>()?;
     drop(b);
 
     let mut b = fresh(u64::from(k) * STRIDE)?;
@@ -297,21 +418,37 @@ fn unmap_events(cfg: &ParityConfig, out: &mut dyn Write) -> Result<(f64, f64, f6
         for i in 0..k {
             let h = b.reg.get(addr(i), REGION, ACCESS)?;
             b.reg.put(h)?;
-            check(h.lkey() != keys[i as usize], || format!("rep {rep}: stale hit on slot {i} after its unmap event"))?;
+            check(h.lkey() != keys[i as usize], || {
+                format!("rep {rep}: stale hit on slot {i} after its unmap event")
+            })?;
             keys[i as usize] = h.lkey();
         }
         let s = b.reg.stats();
         check(s.registrations == regs + u64::from(k), || {
-            format!("rep {rep}: {} new registrations after {k} invalidations", s.registrations - regs)
+            format!(
+                "rep {rep}: {} new registrations after {k} invalidations",
+                s.registrations - regs
+            )
         })?;
-        check(s.invalidations == (rep as u64 + 1) * u64::from(k), || format!("rep {rep}: {} invalidations", s.invalidations))?;
+        check(s.invalidations == (rep as u64 + 1) * u64::from(k), || {
+            format!("rep {rep}: {} invalidations", s.invalidations)
+        })?;
     }
-    let Bench { nic, reg: registry, .. } = b;
+    let Bench {
+        nic, reg: registry, ..
+    } = b;
     drop(registry);
     let s = nic.stats();
     check(s.registrations == s.deregistrations, || {
-        format!("{} registrations but {} deregistrations at the end", s.registrations, s.deregistrations)
+        format!(
+            "{} registrations but {} deregistrations at the end",
+            s.registrations, s.deregistrations
+        )
     })?;
-    writeln!(out, "# unmap events: {k} slots x {} reps; registrations == deregistrations == {} at the end", cfg.unmap_reps, s.registrations)?;
+    writeln!(
+        out,
+        "# unmap events: {k} slots x {} reps; registrations == deregistrations == {} at the end",
+        cfg.unmap_reps, s.registrations
+    )?;
     Ok((median(unreg), median(reg), median(drain)))
 }

@@ -29,7 +29,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Create the per-region state for `range` with `access`: allocate keys,
     /// build no translation. `implicit` asks for an implicit ODP region over
     /// the whole address space.
-    fn create_mr(&self, range: PageRange, access: Access, implicit: bool) -> Result<Self::Mr, ProviderError>;
+    fn create_mr(
+        &self,
+        range: PageRange,
+        access: Access,
+        implicit: bool,
+    ) -> Result<Self::Mr, ProviderError>;
 
     /// Make the region reachable by DMA (publish its keys, or register it
     /// with the device). Called after the region subscribed to the primary,
@@ -42,7 +47,12 @@ pub trait Provider: Send + Sync + 'static {
     fn dereg_mr(&self, region: &Region<Self::Mr>);
 
     /// Prefetch translations of `range` (inside the region) according to `advice`.
-    fn advise_mr(&self, region: &Region<Self::Mr>, advice: Advice, range: PageRange) -> Result<(), RegError>;
+    fn advise_mr(
+        &self,
+        region: &Region<Self::Mr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError>;
 }
 
 /// The provider's state of one region, reached from the notifier callback.
@@ -90,7 +100,12 @@ impl<T: Provider + ?Sized> Provider for Arc<T> {
     fn on_demand(&self) -> bool {
         (**self).on_demand()
     }
-    fn create_mr(&self, range: PageRange, access: Access, implicit: bool) -> Result<Self::Mr, ProviderError> {
+    fn create_mr(
+        &self,
+        range: PageRange,
+        access: Access,
+        implicit: bool,
+    ) -> Result<Self::Mr, ProviderError> {
         (**self).create_mr(range, access, implicit)
     }
     fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError> {
@@ -99,7 +114,12 @@ impl<T: Provider + ?Sized> Provider for Arc<T> {
     fn dereg_mr(&self, region: &Region<Self::Mr>) {
         (**self).dereg_mr(region)
     }
-    fn advise_mr(&self, region: &Region<Self::Mr>, advice: Advice, range: PageRange) -> Result<(), RegError> {
+    fn advise_mr(
+        &self,
+        region: &Region<Self::Mr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError> {
         (**self).advise_mr(region, advice, range)
     }
 }

@@ -15,7 +15,9 @@
 
 use std::sync::Arc;
 
-use notifier_core::notifier::{Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange};
+use notifier_core::notifier::{
+    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
+};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
@@ -71,8 +73,14 @@ impl<M: ProviderMr> IntervalNotifierOps for RegionCore<M> {
     /// Drop the translations of the range under the provider's lock; an
     /// unmap (or any event for a pinned region) also kills the region: its
     /// keys are rejected from now on and the owner will deregister it.
-    fn invalidate(&self, sub: &IntervalNotifier, range: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
-        let kill = !self.implicit && (matches!(range.event, Event::Unmap | Event::Release) || !self.mr.on_demand());
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        range: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
+        let kill = !self.implicit
+            && (matches!(range.event, Event::Unmap | Event::Release) || !self.mr.on_demand());
         let mut killed = false;
         let mut mark = || {
             if kill {
@@ -82,7 +90,14 @@ impl<M: ProviderMr> IntervalNotifierOps for RegionCore<M> {
                     .is_ok();
             }
         };
-        self.mr.invalidate(sub, range.start, range.end, cur_seq, range.blockable, &mut mark)?;
+        self.mr.invalidate(
+            sub,
+            range.start,
+            range.end,
+            cur_seq,
+            range.blockable,
+            &mut mark,
+        )?;
         if killed {
             self.shared.invalidated(self.slot, self.gen);
         }
@@ -90,7 +105,11 @@ impl<M: ProviderMr> IntervalNotifierOps for RegionCore<M> {
     }
 
     fn release(&self, _sub: &IntervalNotifier) {
-        if self.state.compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if self
+            .state
+            .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             self.mr.zap();
             self.shared.invalidated(self.slot, self.gen);
         }

@@ -26,13 +26,21 @@ use parking_lot::Mutex;
 pub enum ModelError {
     /// Bad range.
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// `mmap` over an existing area (no MAP_FIXED here).
     #[error("range overlaps an existing mapping")]
     Overlap,
     /// The notifiers were released or refused.
     #[error("notifier failure")]
-    Notifier(#[from] #[source] notifier_core::notifier::NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        notifier_core::notifier::NotifierError,
+    ),
 }
 
 #[derive(Default)]
@@ -59,7 +67,10 @@ pub struct ModelPrimary {
 impl core::fmt::Debug for ModelPrimary {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let t = self.tables.lock();
-        f.debug_struct("ModelPrimary").field("areas", &t.areas.len()).field("ptes", &t.ptes.len()).finish()
+        f.debug_struct("ModelPrimary")
+            .field("areas", &t.areas.len())
+            .field("ptes", &t.ptes.len())
+            .finish()
     }
 }
 
@@ -80,7 +91,11 @@ impl ModelPrimary {
     pub fn mmap(&self, start: u64, len: u64, writable: bool) -> Result<(), ModelError> {
         let r = PageRange::new(start, len)?;
         let mut t = self.tables.lock();
-        let overlaps = t.areas.range(..r.end()).next_back().is_some_and(|(_, &(e, _))| e > r.start());
+        let overlaps = t
+            .areas
+            .range(..r.end())
+            .next_back()
+            .is_some_and(|(_, &(e, _))| e > r.start());
         if overlaps {
             return Err(ModelError::Overlap);
         }
@@ -108,7 +123,9 @@ impl ModelPrimary {
 
     fn change(&self, start: u64, len: u64, event: Event, unmap: bool) -> Result<(), ModelError> {
         let r = PageRange::new(start, len)?;
-        let inv = self.subs.invalidate_range_start(&InvalidateRange::new(r, event))?;
+        let inv = self
+            .subs
+            .invalidate_range_start(&InvalidateRange::new(r, event))?;
         let mut freed: Vec<Pfn> = Vec::new();
         {
             let mut t = self.tables.lock();
@@ -190,6 +207,10 @@ impl Primary for ModelPrimary {
     }
 
     fn lookup_page(&self, addr: u64) -> Option<Translation> {
-        self.tables.lock().ptes.get(&(addr & !(PAGE_SIZE - 1))).copied()
+        self.tables
+            .lock()
+            .ptes
+            .get(&(addr & !(PAGE_SIZE - 1)))
+            .copied()
     }
 }

@@ -17,12 +17,27 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
     for (start, len) in [(BASE, 0), (BASE + 1, 4096), (BASE, 4095), (top, 8192)] {
         let e = reg.get(start, len, RW).unwrap_err();
         assert!(matches!(e, RegError::Range(_)), "{e:?}");
-        assert!(matches!(reg.register(start, len, RW), Err(RegError::Range(_))));
-        assert!(matches!(reg.invalidate(start, len), Err(RegError::Range(_))));
-        assert!(matches!(reg.advise(h, Advice::Prefetch, start, len), Err(RegError::Range(_))));
+        assert!(matches!(
+            reg.register(start, len, RW),
+            Err(RegError::Range(_))
+        ));
+        assert!(matches!(
+            reg.invalidate(start, len),
+            Err(RegError::Range(_))
+        ));
+        assert!(matches!(
+            reg.advise(h, Advice::Prefetch, start, len),
+            Err(RegError::Range(_))
+        ));
     }
-    assert!(matches!(reg.get(BASE, 0, RW), Err(RegError::Range(RangeError::Empty))));
-    assert!(matches!(reg.get(top, 8192, RW), Err(RegError::Range(RangeError::Wraps { .. }))));
+    assert!(matches!(
+        reg.get(BASE, 0, RW),
+        Err(RegError::Range(RangeError::Empty))
+    ));
+    assert!(matches!(
+        reg.get(top, 8192, RW),
+        Err(RegError::Range(RangeError::Wraps { .. }))
+    ));
     assert_eq!(reg.stats(), before);
     assert_eq!(nic.stats().registrations, 1);
     reg.put(h).unwrap();
@@ -32,11 +47,24 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
 fn invalid_access_combinations_are_rejected() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let h = reg.get(BASE, 64 * KIB, Access::ALL).unwrap();
-    for bad in [Access::REMOTE_WRITE, Access::REMOTE_ATOMIC | Access::LOCAL_READ, Access::from_bits(0x80)] {
+    for bad in [
+        Access::REMOTE_WRITE,
+        Access::REMOTE_ATOMIC | Access::LOCAL_READ,
+        Access::from_bits(0x80),
+    ] {
         // Even when a cached region would grant more, an invalid request is an error.
-        assert!(matches!(reg.get(BASE, 64 * KIB, bad), Err(RegError::InvalidAccess(_))));
-        assert!(matches!(reg.register(BASE, 64 * KIB, bad), Err(RegError::InvalidAccess(_))));
-        assert!(matches!(reg.register_implicit(bad), Err(RegError::InvalidAccess(_))));
+        assert!(matches!(
+            reg.get(BASE, 64 * KIB, bad),
+            Err(RegError::InvalidAccess(_))
+        ));
+        assert!(matches!(
+            reg.register(BASE, 64 * KIB, bad),
+            Err(RegError::InvalidAccess(_))
+        ));
+        assert!(matches!(
+            reg.register_implicit(bad),
+            Err(RegError::InvalidAccess(_))
+        ));
     }
     reg.put(h).unwrap();
 }
@@ -71,6 +99,9 @@ fn stale_handles_double_puts_and_double_deregistrations_are_errors() {
 fn advice_outside_the_region_is_an_error() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let h = reg.get(BASE, 16 * KIB, RW).unwrap();
-    assert!(matches!(reg.advise(h, Advice::Prefetch, BASE + 8 * KIB, 16 * KIB), Err(RegError::OutOfRegion { .. })));
+    assert!(matches!(
+        reg.advise(h, Advice::Prefetch, BASE + 8 * KIB, 16 * KIB),
+        Err(RegError::OutOfRegion { .. })
+    ));
     reg.put(h).unwrap();
 }

@@ -23,7 +23,9 @@ fn opening_without_a_device_is_a_typed_error_and_with_one_registers() {
             let start = (buf.as_ptr() as u64 + 4095) & !4095;
             let mm = notifier_rdma::testing::ModelPrimary::new(1);
             let mut reg = Registry::new(&*mm, dev.clone(), RegistryConfig::default());
-            let h = reg.get(start, 64 * 1024, Access::LOCAL_RW | Access::REMOTE_READ).unwrap();
+            let h = reg
+                .get(start, 64 * 1024, Access::LOCAL_RW | Access::REMOTE_READ)
+                .unwrap();
             assert_ne!(h.lkey(), 0);
             reg.put(h).unwrap();
             drop(reg);
@@ -34,5 +36,8 @@ fn opening_without_a_device_is_a_typed_error_and_with_one_registers() {
 
 #[test]
 fn a_named_device_that_does_not_exist_is_no_device() {
-    assert!(matches!(Ibverbs::open(Some("no-such-device-0")), Err(ProviderError::NoDevice(_))));
+    assert!(matches!(
+        Ibverbs::open(Some("no-such-device-0")),
+        Err(ProviderError::NoDevice(_))
+    ));
 }

@@ -17,7 +17,10 @@ fn second_get_of_a_range_is_a_hit_with_the_same_keys() {
     assert_eq!((a.lkey(), a.rkey()), (b.lkey(), b.rkey()));
     reg.put(b).unwrap();
     let s = reg.stats();
-    assert_eq!((s.hits, s.misses, s.registrations, s.cached_regions), (1, 1, 1, 1));
+    assert_eq!(
+        (s.hits, s.misses, s.registrations, s.cached_regions),
+        (1, 1, 1, 1)
+    );
     assert_eq!(nic.stats().registrations, 1);
 }
 
@@ -25,7 +28,9 @@ fn second_get_of_a_range_is_a_hit_with_the_same_keys() {
 fn a_covered_subrange_hits_the_covering_region() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let a = reg.get(BASE, 64 * KIB, RW).unwrap();
-    let b = reg.get(BASE + 16 * KIB, 8 * KIB, Access::LOCAL_READ).unwrap();
+    let b = reg
+        .get(BASE + 16 * KIB, 8 * KIB, Access::LOCAL_READ)
+        .unwrap();
     assert_eq!(a, b);
     assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 64 * KIB));
     reg.put(a).unwrap();
@@ -43,7 +48,10 @@ fn overlapping_requests_merge_into_one_region() {
     assert_ne!(a.lkey(), b.lkey());
     reg.put(b).unwrap();
     let s = reg.stats();
-    assert_eq!((s.merges, s.cached_regions, s.cached_bytes), (1, 1, 24 * KIB));
+    assert_eq!(
+        (s.merges, s.cached_regions, s.cached_bytes),
+        (1, 1, 24 * KIB)
+    );
     // The idle merged-away region was deregistered at once.
     assert_eq!(nic.stats().deregistrations, 1);
     assert!(matches!(reg.put(a), Err(RegError::StaleHandle)));
@@ -72,9 +80,14 @@ fn a_request_for_wider_access_replaces_the_region_with_widened_access() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let a = reg.get(BASE, 16 * KIB, Access::LOCAL_READ).unwrap();
     reg.put(a).unwrap();
-    let b = reg.get(BASE, 8 * KIB, Access::LOCAL_RW | Access::REMOTE_WRITE).unwrap();
+    let b = reg
+        .get(BASE, 8 * KIB, Access::LOCAL_RW | Access::REMOTE_WRITE)
+        .unwrap();
     assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 16 * KIB));
-    assert_eq!(reg.region(b).unwrap().access(), Access::LOCAL_RW | Access::REMOTE_WRITE);
+    assert_eq!(
+        reg.region(b).unwrap().access(),
+        Access::LOCAL_RW | Access::REMOTE_WRITE
+    );
     reg.put(b).unwrap();
     // And the widened region now serves the narrow request.
     let c = reg.get(BASE, 16 * KIB, Access::LOCAL_READ).unwrap();
@@ -85,7 +98,10 @@ fn a_request_for_wider_access_replaces_the_region_with_widened_access() {
 
 #[test]
 fn the_region_limit_evicts_the_least_recently_used_idle_region() {
-    let cfg = RegistryConfig { max_regions: 3, ..RegistryConfig::default() };
+    let cfg = RegistryConfig {
+        max_regions: 3,
+        ..RegistryConfig::default()
+    };
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, cfg);
     let addr = |i: u64| BASE + i * 128 * KIB;
     let mut hs = Vec::new();
@@ -113,7 +129,10 @@ fn the_region_limit_evicts_the_least_recently_used_idle_region() {
 
 #[test]
 fn the_byte_limit_evicts_idle_regions_but_never_busy_ones() {
-    let cfg = RegistryConfig { max_bytes: 128 * KIB, ..RegistryConfig::default() };
+    let cfg = RegistryConfig {
+        max_bytes: 128 * KIB,
+        ..RegistryConfig::default()
+    };
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, cfg);
     let a = reg.get(BASE, 64 * KIB, RW).unwrap(); // held
     let b = reg.get(BASE + 128 * KIB, 64 * KIB, RW).unwrap();
@@ -123,7 +142,10 @@ fn the_byte_limit_evicts_idle_regions_but_never_busy_ones() {
     assert!(reg.region(a).unwrap().is_valid());
     // Both remaining regions are busy: no room for a fourth.
     let before = reg.stats();
-    assert!(matches!(reg.get(BASE + 384 * KIB, 64 * KIB, RW), Err(RegError::LimitExceeded)));
+    assert!(matches!(
+        reg.get(BASE + 384 * KIB, 64 * KIB, RW),
+        Err(RegError::LimitExceeded)
+    ));
     assert_eq!(reg.stats().cached_regions, before.cached_regions);
     assert_eq!(reg.stats().registrations, before.registrations);
     reg.put(a).unwrap();

@@ -27,10 +27,14 @@ struct Oracle {
 impl Oracle {
     fn check(&self, mm: &ModelPrimary, a: &DmaAccess) {
         self.checked.fetch_add(1, Ordering::Relaxed);
-        let ok = matches!(mm.lookup_page(a.page), Some(t) if t.pfn == a.pfn && (t.writable || !a.write));
+        let ok =
+            matches!(mm.lookup_page(a.page), Some(t) if t.pfn == a.pfn && (t.writable || !a.write));
         if !ok {
             self.violations.fetch_add(1, Ordering::Relaxed);
-            eprintln!("VIOLATION: {a:?} but the primary maps {:?}", mm.lookup_page(a.page));
+            eprintln!(
+                "VIOLATION: {a:?} but the primary maps {:?}",
+                mm.lookup_page(a.page)
+            );
         }
     }
 }
@@ -54,11 +58,23 @@ fn dma_threads_never_touch_a_frame_the_primary_does_not_map_there() {
         Arc::new(move |a: &DmaAccess| oracle.check(&mm, a))
     };
     // The oracle can fail: a made-up access is a violation.
-    observer(&DmaAccess { key: 0, page: BASE, pfn: notifier_core::frame::Pfn(1), write: false });
+    observer(&DmaAccess {
+        key: 0,
+        page: BASE,
+        pfn: notifier_core::frame::Pfn(1),
+        write: false,
+    });
     assert_eq!(oracle.violations.swap(0, Ordering::Relaxed), 1);
 
     let nic = SoftNic::with_observer(mm.clone(), observer);
-    let reg = Mutex::new(Registry::new(&*mm, nic.clone(), RegistryConfig { max_regions: 6, ..Default::default() }));
+    let reg = Mutex::new(Registry::new(
+        &*mm,
+        nic.clone(),
+        RegistryConfig {
+            max_regions: 6,
+            ..Default::default()
+        },
+    ));
     let ok = AtomicU64::new(0);
     let refused = AtomicU64::new(0);
 
@@ -71,7 +87,9 @@ fn dma_threads_never_touch_a_frame_the_primary_does_not_map_there() {
                     let r = rng(&mut seed);
                     let k = r % BUFS;
                     let base = BASE + k * STRIDE;
-                    let Ok(h) = reg.lock().get(base, BUF_LEN, Access::ALL) else { continue };
+                    let Ok(h) = reg.lock().get(base, BUF_LEN, Access::ALL) else {
+                        continue;
+                    };
                     let addr = base + (r >> 8) % (BUF_LEN - 64) / 8 * 8;
                     let mut buf = [0u8; 48];
                     let res = match (r >> 4) % 4 {
@@ -82,9 +100,9 @@ fn dma_threads_never_touch_a_frame_the_primary_does_not_map_there() {
                     };
                     match res {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(DmaError::Invalidated(_) | DmaError::Fault(_) | DmaError::UnknownKey(_)) => {
-                            refused.fetch_add(1, Ordering::Relaxed)
-                        }
+                        Err(
+                            DmaError::Invalidated(_) | DmaError::Fault(_) | DmaError::UnknownKey(_),
+                        ) => refused.fetch_add(1, Ordering::Relaxed),
                         Err(e) => panic!("unexpected DMA error {e}"),
                     };
                     reg.lock().put(h).unwrap();

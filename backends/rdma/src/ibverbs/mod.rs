@@ -39,7 +39,10 @@ pub struct Ibverbs {
 
 impl core::fmt::Debug for Ibverbs {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Ibverbs").field("device", &self.dev.name).field("odp", &self.dev.caps).finish()
+        f.debug_struct("Ibverbs")
+            .field("device", &self.dev.name)
+            .field("odp", &self.dev.caps)
+            .finish()
     }
 }
 
@@ -50,7 +53,9 @@ impl Ibverbs {
     /// [`ProviderError::NoDevice`] without a usable device,
     /// [`ProviderError::Verbs`] when opening or allocating fails.
     pub fn open(name: Option<&str>) -> Result<Self, ProviderError> {
-        Ok(Self { dev: Arc::new(sys::Device::open(name)?) })
+        Ok(Self {
+            dev: Arc::new(sys::Device::open(name)?),
+        })
     }
 
     /// The device's name.
@@ -123,7 +128,11 @@ impl ProviderMr for IbvMr {
         blockable: bool,
         mark: &mut dyn FnMut(),
     ) -> Result<(), Again> {
-        let mut mr = if blockable { self.mr.lock() } else { self.mr.try_lock().ok_or(Again)? };
+        let mut mr = if blockable {
+            self.mr.lock()
+        } else {
+            self.mr.try_lock().ok_or(Again)?
+        };
         sub.set_seq(cur_seq);
         mark();
         if !self.odp {
@@ -156,7 +165,12 @@ impl Provider for Ibverbs {
         self.dev.caps.odp
     }
 
-    fn create_mr(&self, range: PageRange, access: Access, implicit: bool) -> Result<IbvMr, ProviderError> {
+    fn create_mr(
+        &self,
+        range: PageRange,
+        access: Access,
+        implicit: bool,
+    ) -> Result<IbvMr, ProviderError> {
         if implicit && !self.dev.caps.implicit {
             return Err(ProviderError::Unsupported("implicit ODP"));
         }
@@ -174,7 +188,11 @@ impl Provider for Ibverbs {
     fn activate_mr(&self, region: &Region<IbvMr>) -> Result<(), RegError> {
         let m = region.mr();
         let access = verbs_access(m.access, m.odp);
-        let (addr, len) = if m.implicit { (0, usize::MAX) } else { (m.range.start(), m.range.len() as usize) };
+        let (addr, len) = if m.implicit {
+            (0, usize::MAX)
+        } else {
+            (m.range.start(), m.range.len() as usize)
+        };
         let sub = region.notifier();
         loop {
             let seq = sub.read_begin();
@@ -198,7 +216,12 @@ impl Provider for Ibverbs {
         }
     }
 
-    fn advise_mr(&self, region: &Region<IbvMr>, advice: Advice, range: PageRange) -> Result<(), RegError> {
+    fn advise_mr(
+        &self,
+        region: &Region<IbvMr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError> {
         let m = region.mr();
         if !m.odp {
             // Pinned pages are always present: nothing to prefetch.
@@ -206,8 +229,12 @@ impl Provider for Ibverbs {
         }
         let advice = match advice {
             Advice::Prefetch => ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH,
-            Advice::PrefetchWrite => ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE,
-            Advice::PrefetchNoFault => ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT,
+            Advice::PrefetchWrite => {
+                ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE
+            }
+            Advice::PrefetchNoFault => {
+                ib_uverbs_advise_mr_advice::IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT
+            }
         };
         let guard = m.mr.lock();
         let mr = guard.as_ref().ok_or(RegError::Invalidated)?;

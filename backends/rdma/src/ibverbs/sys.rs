@@ -6,9 +6,10 @@ use std::io;
 use std::ptr::NonNull;
 
 use rdma_sys::{
-    ib_uverbs_advise_mr_advice, ibv_access_flags, ibv_advise_mr, ibv_alloc_pd, ibv_close_device, ibv_context,
-    ibv_dealloc_pd, ibv_dereg_mr, ibv_device_attr_ex, ibv_free_device_list, ibv_get_device_list, ibv_get_device_name,
-    ibv_mr, ibv_odp_general_caps, ibv_odp_transport_cap_bits, ibv_open_device, ibv_pd, ibv_query_device_ex,
+    ib_uverbs_advise_mr_advice, ibv_access_flags, ibv_advise_mr, ibv_alloc_pd, ibv_close_device,
+    ibv_context, ibv_dealloc_pd, ibv_dereg_mr, ibv_device_attr_ex, ibv_free_device_list,
+    ibv_get_device_list, ibv_get_device_name, ibv_mr, ibv_odp_general_caps,
+    ibv_odp_transport_cap_bits, ibv_open_device, ibv_pd, ibv_query_device_ex,
     ibv_query_device_ex_input, ibv_reg_mr, ibv_sge,
 };
 
@@ -39,7 +40,10 @@ unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
 fn verbs(call: &'static str) -> ProviderError {
-    ProviderError::Verbs { call, source: io::Error::last_os_error() }
+    ProviderError::Verbs {
+        call,
+        source: io::Error::last_os_error(),
+    }
 }
 
 impl Device {
@@ -61,7 +65,9 @@ impl Device {
             let dev = unsafe { *list.add(i) };
             // SAFETY: `dev` is a valid device; the name is a NUL-terminated
             // string owned by the device, copied out before the list is freed.
-            let dname = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }.to_string_lossy().into_owned();
+            let dname = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }
+                .to_string_lossy()
+                .into_owned();
             if name.is_none_or(|want| want == dname) {
                 chosen = Some((dev, dname));
                 break;
@@ -75,7 +81,9 @@ impl Device {
         // SAFETY: `list` came from ibv_get_device_list and is freed once.
         unsafe { ibv_free_device_list(list) };
         let Some((ctx, dname)) = opened else {
-            return Err(ProviderError::NoDevice(io::Error::from_raw_os_error(19 /* ENODEV */)));
+            return Err(ProviderError::NoDevice(io::Error::from_raw_os_error(
+                19, /* ENODEV */
+            )));
         };
         let ctx = NonNull::new(ctx).ok_or_else(|| verbs("ibv_open_device"))?;
         // SAFETY: `ctx` is an open context.
@@ -88,7 +96,12 @@ impl Device {
                 return Err(e);
             }
         };
-        let mut dev = Self { ctx, pd, name: dname, caps: OdpCaps::default() };
+        let mut dev = Self {
+            ctx,
+            pd,
+            name: dname,
+            caps: OdpCaps::default(),
+        };
         dev.caps = dev.query_odp();
         Ok(dev)
     }
@@ -105,9 +118,15 @@ impl Device {
         }
         let general = attr.odp_caps.general_caps;
         let rc_caps = attr.odp_caps.per_transport_caps.rc_odp_caps;
-        let rw = ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_READ.0 | ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_WRITE.0;
-        let odp = general & u64::from(ibv_odp_general_caps::IBV_ODP_SUPPORT.0) != 0 && rc_caps & rw == rw;
-        OdpCaps { odp, implicit: odp && general & u64::from(ibv_odp_general_caps::IBV_ODP_SUPPORT_IMPLICIT.0) != 0 }
+        let rw = ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_READ.0
+            | ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_WRITE.0;
+        let odp =
+            general & u64::from(ibv_odp_general_caps::IBV_ODP_SUPPORT.0) != 0 && rc_caps & rw == rw;
+        OdpCaps {
+            odp,
+            implicit: odp
+                && general & u64::from(ibv_odp_general_caps::IBV_ODP_SUPPORT_IMPLICIT.0) != 0,
+        }
     }
 
     /// Register `[addr, addr + len)` (`ibv_reg_mr`); `addr == 0` with
@@ -118,7 +137,12 @@ impl Device {
     /// address space tracks: the device will read and write it by DMA,
     /// outside the Rust memory model, until the returned MR is
     /// deregistered (pinned) or its translations are invalidated (ODP).
-    pub(crate) unsafe fn reg_mr(&self, addr: u64, len: usize, access: ibv_access_flags) -> Result<Mr, ProviderError> {
+    pub(crate) unsafe fn reg_mr(
+        &self,
+        addr: u64,
+        len: usize,
+        access: ibv_access_flags,
+    ) -> Result<Mr, ProviderError> {
         // SAFETY: the PD is live; the caller guarantees the range contract.
         let mr = unsafe { ibv_reg_mr(self.pd.as_ptr(), addr as *mut _, len, access.0 as i32) };
         NonNull::new(mr).map(Mr).ok_or_else(|| verbs("ibv_reg_mr"))
@@ -126,7 +150,12 @@ impl Device {
 
     /// Register a range of the registry's primary, which for this provider
     /// is the process's own memory (see the module docs of `ibverbs`).
-    pub(crate) fn register(&self, addr: u64, len: usize, access: ibv_access_flags) -> Result<Mr, ProviderError> {
+    pub(crate) fn register(
+        &self,
+        addr: u64,
+        len: usize,
+        access: ibv_access_flags,
+    ) -> Result<Mr, ProviderError> {
         // SAFETY: the provider's contract: the registry's primary is this
         // process's memory, tracked by the kernel; a pinned registration is
         // dropped by the first invalidation of its range.
@@ -134,16 +163,37 @@ impl Device {
     }
 
     /// Prefetch `[addr, addr + len)` of `mr` (`ibv_advise_mr`, flushing).
-    pub(crate) fn advise_mr(&self, mr: &Mr, advice: ib_uverbs_advise_mr_advice::Type, addr: u64, len: u32) -> Result<(), ProviderError> {
-        let mut sge = ibv_sge { addr, length: len, lkey: mr.lkey() };
+    pub(crate) fn advise_mr(
+        &self,
+        mr: &Mr,
+        advice: ib_uverbs_advise_mr_advice::Type,
+        addr: u64,
+        len: u32,
+    ) -> Result<(), ProviderError> {
+        let mut sge = ibv_sge {
+            addr,
+            length: len,
+            lkey: mr.lkey(),
+        };
         const IBV_ADVISE_MR_FLAG_FLUSH: u32 = 1;
         // SAFETY: the PD is live, `sge` names a live MR of this PD and is
         // valid for the call; advise only changes the device's translations.
-        let rc = unsafe { ibv_advise_mr(self.pd.as_ptr(), advice, IBV_ADVISE_MR_FLAG_FLUSH, &mut sge, 1) };
+        let rc = unsafe {
+            ibv_advise_mr(
+                self.pd.as_ptr(),
+                advice,
+                IBV_ADVISE_MR_FLAG_FLUSH,
+                &mut sge,
+                1,
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {
-            Err(ProviderError::Verbs { call: "ibv_advise_mr", source: io::Error::from_raw_os_error(rc) })
+            Err(ProviderError::Verbs {
+                call: "ibv_advise_mr",
+                source: io::Error::from_raw_os_error(rc),
+            })
         }
     }
 }
@@ -184,7 +234,10 @@ impl Mr {
         if rc == 0 {
             Ok(())
         } else {
-            Err(ProviderError::Verbs { call: "ibv_dereg_mr", source: io::Error::from_raw_os_error(rc) })
+            Err(ProviderError::Verbs {
+                call: "ibv_dereg_mr",
+                source: io::Error::from_raw_os_error(rc),
+            })
         }
     }
 }

@@ -28,7 +28,13 @@ struct Bucket {
     hit: Hit,
 }
 
-const NO_HIT: Hit = Hit { end_access: 0, slot: 0, gen: 0, lkey: 0, rkey: 0 };
+const NO_HIT: Hit = Hit {
+    end_access: 0,
+    slot: 0,
+    gen: 0,
+    lkey: 0,
+    rkey: 0,
+};
 
 /// Page-keyed hash of indexed regions.
 pub(crate) struct StartHash {
@@ -49,7 +55,18 @@ impl StartHash {
     }
 
     fn with_buckets(n: usize) -> Self {
-        Self { buckets: vec![Bucket { page: EMPTY, hit: NO_HIT }; n].into_boxed_slice(), mask: n - 1, len: 0 }
+        Self {
+            buckets: vec![
+                Bucket {
+                    page: EMPTY,
+                    hit: NO_HIT
+                };
+                n
+            ]
+            .into_boxed_slice(),
+            mask: n - 1,
+            len: 0,
+        }
     }
 
     /// Heap bytes held.
@@ -126,7 +143,11 @@ impl StartHash {
                 break;
             }
             let k = home(b.page, self.mask);
-            let stays = if i <= j { i < k && k <= j } else { i < k || k <= j };
+            let stays = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
             if stays {
                 continue;
             }
@@ -170,7 +191,10 @@ mod tests {
                 h.remove(page);
                 m.remove(&page);
             } else {
-                let hit = Hit { slot: step, ..NO_HIT };
+                let hit = Hit {
+                    slot: step,
+                    ..NO_HIT
+                };
                 h.insert(page, hit);
                 m.insert(page, hit);
             }

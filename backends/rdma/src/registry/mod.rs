@@ -59,7 +59,10 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { max_regions: usize::MAX, max_bytes: u64::MAX }
+        Self {
+            max_regions: usize::MAX,
+            max_bytes: u64::MAX,
+        }
     }
 }
 
@@ -169,7 +172,10 @@ pub struct Registry<N: Provider> {
 
 impl<N: Provider> core::fmt::Debug for Registry<N> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Registry").field("provider", &self.provider.name()).field("stats", &self.stats()).finish()
+        f.debug_struct("Registry")
+            .field("provider", &self.provider.name())
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -222,7 +228,8 @@ impl<N: Provider> Registry<N> {
     /// excluding the per-region allocations (subscription, provider state).
     pub fn owner_heap_bytes(&self) -> usize {
         // A B-tree leaf holds up to 11 entries; count the entries at 3/4 fill.
-        let tree = self.tree.len() * (core::mem::size_of::<u64>() + core::mem::size_of::<u32>()) * 4 / 3;
+        let tree =
+            self.tree.len() * (core::mem::size_of::<u64>() + core::mem::size_of::<u32>()) * 4 / 3;
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
             + self.hot.capacity() * core::mem::size_of::<Hot>()
             + self.free.capacity() * 4
@@ -236,7 +243,9 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn region(&self, h: MrHandle) -> Result<&Region<N::Mr>, RegError> {
         self.check(h)?;
-        self.slots[h.slot as usize].as_ref().ok_or(RegError::StaleHandle)
+        self.slots[h.slot as usize]
+            .as_ref()
+            .ok_or(RegError::StaleHandle)
     }
 
     /// The bounds `[start, end)` of the handle's region (a merge may have
@@ -262,14 +271,23 @@ impl<N: Provider> Registry<N> {
     #[inline]
     fn handle(&self, idx: u32) -> MrHandle {
         let r = self.slots[idx as usize].as_ref().expect("live slot");
-        MrHandle { slot: idx, gen: self.hot[idx as usize].gen, lkey: r.mr().lkey(), rkey: r.mr().rkey() }
+        MrHandle {
+            slot: idx,
+            gen: self.hot[idx as usize].gen,
+            lkey: r.mr().lkey(),
+            rkey: r.mr().rkey(),
+        }
     }
 
     /// Range and rights of a live slot.
     #[inline]
     fn info(&self, idx: u32) -> Info {
         let r = self.slots[idx as usize].as_ref().expect("live slot");
-        Info { start: r.start(), end: r.end(), access: r.access() }
+        Info {
+            start: r.start(),
+            end: r.end(),
+            access: r.access(),
+        }
     }
 
     /// Take a reference on a slot (hit or new region).
@@ -296,7 +314,11 @@ impl<N: Provider> Registry<N> {
     pub fn get(&mut self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
         // Acquire pairs with the Release in the callback's queue push: a get
         // ordered after an invalidation sees the flag and drains first.
-        if !self.shared.pending.load(Ordering::Acquire) && len != 0 && (start | len) & (PAGE_SIZE - 1) == 0 && access.validate() {
+        if !self.shared.pending.load(Ordering::Acquire)
+            && len != 0
+            && (start | len) & (PAGE_SIZE - 1) == 0
+            && access.validate()
+        {
             if let Some(&hit) = self.hash.get(start >> PAGE_SHIFT) {
                 // The hash holds cached regions only, keyed by their start.
                 let end = hit.end_access & !(PAGE_SIZE - 1);
@@ -304,7 +326,12 @@ impl<N: Provider> Registry<N> {
                 if len <= end - start && granted.contains(access) {
                     self.take_ref(hit.slot);
                     self.hits += 1;
-                    return Ok(MrHandle { slot: hit.slot, gen: hit.gen, lkey: hit.lkey, rkey: hit.rkey });
+                    return Ok(MrHandle {
+                        slot: hit.slot,
+                        gen: hit.gen,
+                        lkey: hit.lkey,
+                        rkey: hit.rkey,
+                    });
                 }
             }
         }
@@ -329,7 +356,11 @@ impl<N: Provider> Registry<N> {
             if s.end < range.start() {
                 break;
             }
-            if victims.is_empty() && s.start <= range.start() && s.end >= range.end() && s.access.contains(access) {
+            if victims.is_empty()
+                && s.start <= range.start()
+                && s.end >= range.end()
+                && s.access.contains(access)
+            {
                 self.take_ref(idx);
                 self.hits += 1;
                 return Ok(self.handle(idx));
@@ -340,8 +371,16 @@ impl<N: Provider> Registry<N> {
             acc = acc | s.access;
         }
         let merged = PageRange::from_bounds(lo, hi)?;
-        let victim_bytes: u64 = victims.iter().map(|&i| self.info(i)).map(|s| s.end - s.start).sum();
-        self.make_room(self.cached - victims.len() as u64 + 1, self.cached_bytes - victim_bytes + merged.len(), &victims)?;
+        let victim_bytes: u64 = victims
+            .iter()
+            .map(|&i| self.info(i))
+            .map(|s| s.end - s.start)
+            .sum();
+        self.make_room(
+            self.cached - victims.len() as u64 + 1,
+            self.cached_bytes - victim_bytes + merged.len(),
+            &victims,
+        )?;
         let idx = self.create(merged, acc, Kind::Cached, false)?;
         self.misses += 1;
         self.merges += victims.len() as u64;
@@ -401,7 +440,11 @@ impl<N: Provider> Registry<N> {
         for &idx in &hit {
             if let Some(r) = &self.slots[idx as usize] {
                 let core = r.core();
-                if core.state.compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if core
+                    .state
+                    .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     self.shared.invalidations.fetch_add(1, Ordering::Relaxed);
                 }
                 r.mr().zap();
@@ -419,7 +462,9 @@ impl<N: Provider> Registry<N> {
             return;
         }
         for (idx, gen) in self.shared.take() {
-            let Some(x) = self.hot.get(idx as usize) else { continue };
+            let Some(x) = self.hot.get(idx as usize) else {
+                continue;
+            };
             if x.gen != gen || x.kind != Kind::Cached {
                 continue;
             }
@@ -491,7 +536,13 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::PermissionDenied`] for [`Advice::PrefetchWrite`] on a
     /// region without local write, [`RegError::OutOfRegion`],
     /// [`RegError::Invalidated`], faults of the primary.
-    pub fn advise(&self, h: MrHandle, advice: Advice, start: u64, len: u64) -> Result<(), RegError> {
+    pub fn advise(
+        &self,
+        h: MrHandle,
+        advice: Advice,
+        start: u64,
+        len: u64,
+    ) -> Result<(), RegError> {
         let range = PageRange::new(start, len)?;
         let region = self.region(h)?;
         if !region.covers(range.start(), range.len()) {
@@ -509,14 +560,25 @@ impl<N: Provider> Registry<N> {
     // ------------------------------------------------------------------
     // Internals.
 
-    fn create(&mut self, range: PageRange, access: Access, kind: Kind, implicit: bool) -> Result<u32, RegError> {
+    fn create(
+        &mut self,
+        range: PageRange,
+        access: Access,
+        kind: Kind,
+        implicit: bool,
+    ) -> Result<u32, RegError> {
         let mr = self.provider.create_mr(range, access, implicit)?;
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
                 self.slots.push(None);
-                self.hot.push(Hot { refs: 0, tick: 0, gen: 0, kind: Kind::Free });
+                self.hot.push(Hot {
+                    refs: 0,
+                    tick: 0,
+                    gen: 0,
+                    kind: Kind::Free,
+                });
                 i
             }
         };
@@ -530,7 +592,10 @@ impl<N: Provider> Registry<N> {
             shared: self.shared.clone(),
             mr,
         };
-        let sub = match self.subs.interval_subscribe(range.start(), range.len(), core) {
+        let sub = match self
+            .subs
+            .interval_subscribe(range.start(), range.len(), core)
+        {
             Ok(s) => s,
             Err(e) => {
                 self.free.push(idx);
@@ -546,7 +611,12 @@ impl<N: Provider> Registry<N> {
         }
         self.registrations += 1;
         self.slots[idx as usize] = Some(region);
-        self.hot[idx as usize] = Hot { refs: 0, tick: self.tick, gen, kind };
+        self.hot[idx as usize] = Hot {
+            refs: 0,
+            tick: self.tick,
+            gen,
+            kind,
+        };
         Ok(idx)
     }
 
@@ -554,7 +624,13 @@ impl<N: Provider> Registry<N> {
         let s = self.info(idx);
         let h = self.handle(idx);
         self.tree.insert(s.start, idx);
-        let hit = Hit { end_access: s.end | u64::from(s.access.bits()), slot: idx, gen: h.gen, lkey: h.lkey, rkey: h.rkey };
+        let hit = Hit {
+            end_access: s.end | u64::from(s.access.bits()),
+            slot: idx,
+            gen: h.gen,
+            lkey: h.lkey,
+            rkey: h.rkey,
+        };
         self.hash.insert(s.start >> PAGE_SHIFT, hit);
         self.cached += 1;
         self.cached_bytes += s.end - s.start;

@@ -94,13 +94,19 @@ pub struct SoftNic {
 
 impl core::fmt::Debug for SoftNic {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("SoftNic").field("stats", &self.stats()).finish()
+        f.debug_struct("SoftNic")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
 #[inline]
 fn split_key(key: u32) -> (usize, u8, bool) {
-    (((key >> 9) as usize).wrapping_sub(1), ((key >> 1) & 0xff) as u8, key & 1 == 1)
+    (
+        ((key >> 9) as usize).wrapping_sub(1),
+        ((key >> 1) & 0xff) as u8,
+        key & 1 == 1,
+    )
 }
 
 impl SoftNic {
@@ -192,10 +198,19 @@ impl SoftNic {
         let region = self.resolve(rkey, true, Access::REMOTE_ATOMIC, addr, 8)?;
         let page = addr & !(PAGE_SIZE - 1);
         let off = (addr - page) as usize;
-        self.with_page(&region, rkey, page, true, |frames, pfn| frames.fetch_add(pfn, off, add))
+        self.with_page(&region, rkey, page, true, |frames, pfn| {
+            frames.fetch_add(pfn, off, add)
+        })
     }
 
-    fn read(&self, key: u32, remote: bool, need: Access, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    fn read(
+        &self,
+        key: u32,
+        remote: bool,
+        need: Access,
+        addr: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DmaError> {
         let region = self.resolve(key, remote, need, addr, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
@@ -204,13 +219,22 @@ impl SoftNic {
             let off = (a - page) as usize;
             let n = (PAGE_SIZE as usize - off).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
-            self.with_page(&region, key, page, false, |frames, pfn| frames.read(pfn, off, chunk))?;
+            self.with_page(&region, key, page, false, |frames, pfn| {
+                frames.read(pfn, off, chunk)
+            })?;
             done += n;
         }
         Ok(())
     }
 
-    fn write(&self, key: u32, remote: bool, need: Access, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+    fn write(
+        &self,
+        key: u32,
+        remote: bool,
+        need: Access,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DmaError> {
         let region = self.resolve(key, remote, need, addr, data.len() as u64)?;
         let mut done = 0usize;
         while done < data.len() {
@@ -219,14 +243,23 @@ impl SoftNic {
             let off = (a - page) as usize;
             let n = (PAGE_SIZE as usize - off).min(data.len() - done);
             let chunk = &data[done..done + n];
-            self.with_page(&region, key, page, true, |frames, pfn| frames.write(pfn, off, chunk))?;
+            self.with_page(&region, key, page, true, |frames, pfn| {
+                frames.write(pfn, off, chunk)
+            })?;
             done += n;
         }
         Ok(())
     }
 
     /// Resolve a key and check kind, state, rights and bounds.
-    fn resolve(&self, key: u32, remote: bool, need: Access, addr: u64, len: u64) -> Result<Region<SoftMr>, DmaError> {
+    fn resolve(
+        &self,
+        key: u32,
+        remote: bool,
+        need: Access,
+        addr: u64,
+        len: u64,
+    ) -> Result<Region<SoftMr>, DmaError> {
         let (idx, gen, is_remote) = split_key(key);
         let region = {
             let t = self.inner.keys.read();
@@ -243,7 +276,10 @@ impl SoftNic {
             return Err(DmaError::Invalidated(key));
         }
         if !region.access().contains(need) {
-            return Err(DmaError::AccessDenied { granted: region.access(), needed: need });
+            return Err(DmaError::AccessDenied {
+                granted: region.access(),
+                needed: need,
+            });
         }
         if len == 0 || !region.covers(addr, len) {
             return Err(DmaError::OutOfBounds { addr, len });
@@ -273,7 +309,12 @@ impl SoftNic {
                 if let Some(t) = mtt.get(page) {
                     if !write || t.writable {
                         if let Some(obs) = &self.inner.observer {
-                            obs(&DmaAccess { key, page, pfn: t.pfn, write });
+                            obs(&DmaAccess {
+                                key,
+                                page,
+                                pfn: t.pfn,
+                                write,
+                            });
                         }
                         self.inner.page_accesses.fetch_add(1, Ordering::Relaxed);
                         let f = f.take().expect("called once");
@@ -282,7 +323,11 @@ impl SoftNic {
                 }
             }
             self.inner.faults.fetch_add(1, Ordering::Relaxed);
-            let mode = if write { FaultMode::Write } else { FaultMode::Read };
+            let mode = if write {
+                FaultMode::Write
+            } else {
+                FaultMode::Read
+            };
             match fault_in(&*self.inner.primary, region, page, mode) {
                 Ok(_) => {}
                 Err(FaultError::Primary(e)) => return Err(DmaError::Fault(e)),
@@ -303,7 +348,12 @@ impl Provider for SoftNic {
         true
     }
 
-    fn create_mr(&self, _range: PageRange, _access: Access, _implicit: bool) -> Result<SoftMr, ProviderError> {
+    fn create_mr(
+        &self,
+        _range: PageRange,
+        _access: Access,
+        _implicit: bool,
+    ) -> Result<SoftMr, ProviderError> {
         Ok(SoftMr::default())
     }
 
@@ -333,7 +383,9 @@ impl Provider for SoftNic {
         let (idx, gen, _) = split_key(lkey);
         let old = {
             let mut t = self.inner.keys.write();
-            let Some(e) = t.entries.get_mut(idx) else { return };
+            let Some(e) = t.entries.get_mut(idx) else {
+                return;
+            };
             if e.gen != gen || e.region.is_none() {
                 return;
             }
@@ -350,7 +402,12 @@ impl Provider for SoftNic {
         self.inner.deregistrations.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn advise_mr(&self, region: &Region<SoftMr>, advice: Advice, range: PageRange) -> Result<(), RegError> {
+    fn advise_mr(
+        &self,
+        region: &Region<SoftMr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError> {
         let mode = match advice {
             Advice::Prefetch => FaultMode::Read,
             Advice::PrefetchWrite => FaultMode::Write,

@@ -112,7 +112,11 @@ impl ProviderMr for SoftMr {
         blockable: bool,
         mark: &mut dyn FnMut(),
     ) -> Result<(), Again> {
-        let mut mtt = if blockable { self.mtt.write() } else { self.mtt.try_write().ok_or(Again)? };
+        let mut mtt = if blockable {
+            self.mtt.write()
+        } else {
+            self.mtt.try_write().ok_or(Again)?
+        };
         sub.set_seq(cur_seq);
         mark();
         mtt.remove_range(start, end);
@@ -149,15 +153,24 @@ pub(crate) enum FaultMode {
 /// # Locking
 /// Takes no lock across the primary's fault; takes the region's MTT write
 /// lock for the retry check and the write. May sleep in `read_begin`.
-pub(crate) fn fault_in(primary: &dyn Primary, region: &Region<SoftMr>, page: u64, mode: FaultMode) -> Result<bool, FaultError> {
+pub(crate) fn fault_in(
+    primary: &dyn Primary,
+    region: &Region<SoftMr>,
+    page: u64,
+    mode: FaultMode,
+) -> Result<bool, FaultError> {
     debug_assert_eq!(page % PAGE_SIZE, 0);
     let sub = region.notifier();
     loop {
         let seq = sub.read_begin();
         let t = match mode {
-            FaultMode::Read => primary.fault_page(page, false).map_err(FaultError::Primary)?,
+            FaultMode::Read => primary
+                .fault_page(page, false)
+                .map_err(FaultError::Primary)?,
             FaultMode::Write => {
-                let t = primary.fault_page(page, true).map_err(FaultError::Primary)?;
+                let t = primary
+                    .fault_page(page, true)
+                    .map_err(FaultError::Primary)?;
                 if !t.writable {
                     return Err(FaultError::Primary(PrimaryFault::Permission(page)));
                 }

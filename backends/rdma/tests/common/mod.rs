@@ -11,7 +11,11 @@ pub const BASE: u64 = 0x4000_0000;
 
 /// A model primary with `frames` frames and one writable area of `len`
 /// bytes at [`BASE`], a software NIC and a registry over both.
-pub fn setup(frames: usize, len: u64, cfg: RegistryConfig) -> (Arc<ModelPrimary>, SoftNic, Registry<SoftNic>) {
+pub fn setup(
+    frames: usize,
+    len: u64,
+    cfg: RegistryConfig,
+) -> (Arc<ModelPrimary>, SoftNic, Registry<SoftNic>) {
     let mm = ModelPrimary::new(frames);
     mm.mmap(BASE, len, true).unwrap();
     let nic = SoftNic::new(mm.clone());
