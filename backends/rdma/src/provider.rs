@@ -42,8 +42,9 @@ pub trait Provider: Send + Sync + 'static {
     /// `read_begin`/`read_retry`.
     fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError>;
 
-    /// Make the region unreachable and free its keys. Called once, after the
-    /// region's state became deregistered and its translations were zapped.
+    /// Make the region unreachable and free its keys (deregister it from
+    /// the device). Called once, after the region's state became
+    /// deregistered, so the registry already rejects its keys.
     fn dereg_mr(&self, region: &Region<Self::Mr>);
 
     /// Prefetch translations of `range` (inside the region) according to `advice`.
@@ -69,9 +70,10 @@ pub trait ProviderMr: Send + Sync + 'static {
     ///
     /// Take the lock that guards the translations (or `try` it and answer
     /// [`Again`] when `!blockable`), call `sub.set_seq(cur_seq)`, call
-    /// `mark()` (the registry's bookkeeping: state change), drop the
-    /// translations of `[start, end)` (a pinned region: deregister from
-    /// the device), unlock. When it returns, no DMA through this region
+    /// `mark()` (the registry's bookkeeping; it returns whether the region
+    /// died), drop the translations of `[start, end)`, and when the region
+    /// died or is pinned make the device stop honouring its keys
+    /// (deregister it); unlock. When it returns, no DMA through this region
     /// reaches a frame of the range until it faults again.
     ///
     /// # Locking
@@ -84,11 +86,13 @@ pub trait ProviderMr: Send + Sync + 'static {
         end: u64,
         cur_seq: u64,
         blockable: bool,
-        mark: &mut dyn FnMut(),
+        mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again>;
 
-    /// Drop every translation (explicit invalidation and deregistration),
-    /// waiting for DMAs in progress on this region.
+    /// The region died outside a notifier callback (explicit invalidation,
+    /// release of the address space): make the device stop honouring its
+    /// keys now. A provider that checks the region's state on every access
+    /// (the software NIC) has nothing to do.
     fn zap(&self);
 }
 

@@ -89,6 +89,7 @@ impl<M: ProviderMr> IntervalNotifierOps for RegionCore<M> {
                     .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();
             }
+            kill
         };
         self.mr.invalidate(
             sub,

@@ -126,7 +126,7 @@ impl ProviderMr for IbvMr {
         _end: u64,
         cur_seq: u64,
         blockable: bool,
-        mark: &mut dyn FnMut(),
+        mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again> {
         let mut mr = if blockable {
             self.mr.lock()
@@ -134,10 +134,12 @@ impl ProviderMr for IbvMr {
             self.mr.try_lock().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
-        mark();
-        if !self.odp {
-            // A pinned registration cannot follow the change: the device
-            // loses it now. (An ODP MR is invalidated by the kernel itself.)
+        let died = mark();
+        // A pinned registration cannot follow the change, and a dead ODP
+        // region's rkey must stop working (otherwise it would reach the new
+        // memory at the old address): the device loses it now. A live ODP
+        // region's translations are invalidated by the kernel itself.
+        if died || !self.odp {
             if let Some(m) = mr.take() {
                 let _ = m.dereg();
             }
@@ -146,10 +148,8 @@ impl ProviderMr for IbvMr {
     }
 
     fn zap(&self) {
-        if !self.odp {
-            if let Some(m) = self.mr.lock().take() {
-                let _ = m.dereg();
-            }
+        if let Some(m) = self.mr.lock().take() {
+            let _ = m.dereg();
         }
     }
 }

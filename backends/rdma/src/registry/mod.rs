@@ -158,6 +158,8 @@ pub struct Registry<N: Provider> {
     /// Cached regions by start; they are disjoint and never adjacent.
     tree: BTreeMap<u64, u32>,
     hash: StartHash,
+    /// Reused buffer of slot indices for merges and invalidations.
+    scratch: Vec<u32>,
     cfg: RegistryConfig,
     cached: u64,
     cached_bytes: u64,
@@ -166,6 +168,8 @@ pub struct Registry<N: Provider> {
     misses: u64,
     merges: u64,
     evictions: u64,
+    /// Explicit invalidations (the callbacks count theirs in `shared`).
+    invalidations: u64,
     registrations: u64,
     deregistrations: u64,
 }
@@ -191,6 +195,7 @@ impl<N: Provider> Registry<N> {
             free: Vec::new(),
             tree: BTreeMap::new(),
             hash: StartHash::new(),
+            scratch: Vec::new(),
             cfg,
             cached: 0,
             cached_bytes: 0,
@@ -199,6 +204,7 @@ impl<N: Provider> Registry<N> {
             misses: 0,
             merges: 0,
             evictions: 0,
+            invalidations: 0,
             registrations: 0,
             deregistrations: 0,
         }
@@ -216,7 +222,7 @@ impl<N: Provider> Registry<N> {
             misses: self.misses,
             merges: self.merges,
             evictions: self.evictions,
-            invalidations: self.shared.invalidations.load(Ordering::Relaxed),
+            invalidations: self.shared.invalidations.load(Ordering::Relaxed) + self.invalidations,
             registrations: self.registrations,
             deregistrations: self.deregistrations,
             cached_regions: self.cached,
@@ -350,7 +356,9 @@ impl<N: Provider> Registry<N> {
         // regions are disjoint and never adjacent, so a region covering the
         // range is the last one starting at or below its end.
         let (mut lo, mut hi, mut acc) = (range.start(), range.end(), access);
-        let mut victims: Vec<u32> = Vec::new();
+        // A reused buffer: no allocation per miss.
+        let mut victims = core::mem::take(&mut self.scratch);
+        victims.clear();
         for (_, &idx) in self.tree.range(..=range.end()).rev() {
             let s = self.info(idx);
             if s.end < range.start() {
@@ -363,6 +371,7 @@ impl<N: Provider> Registry<N> {
             {
                 self.take_ref(idx);
                 self.hits += 1;
+                self.scratch = victims;
                 return Ok(self.handle(idx));
             }
             victims.push(idx);
@@ -370,6 +379,22 @@ impl<N: Provider> Registry<N> {
             hi = hi.max(s.end);
             acc = acc | s.access;
         }
+        let r = self.merge_in(&victims, lo, hi, acc);
+        self.scratch = victims;
+        let idx = r?;
+        self.index(idx);
+        self.take_ref(idx);
+        Ok(self.handle(idx))
+    }
+
+    /// Register `[lo, hi)` with `acc`, replacing the cached `victims`.
+    fn merge_in(
+        &mut self,
+        victims: &[u32],
+        lo: u64,
+        hi: u64,
+        acc: Access,
+    ) -> Result<u32, RegError> {
         let merged = PageRange::from_bounds(lo, hi)?;
         let victim_bytes: u64 = victims
             .iter()
@@ -379,18 +404,16 @@ impl<N: Provider> Registry<N> {
         self.make_room(
             self.cached - victims.len() as u64 + 1,
             self.cached_bytes - victim_bytes + merged.len(),
-            &victims,
+            victims,
         )?;
         let idx = self.create(merged, acc, Kind::Cached, false)?;
         self.misses += 1;
         self.merges += victims.len() as u64;
-        for v in victims {
+        for &v in victims {
             self.unindex(v);
             self.retire_if_idle(v);
         }
-        self.index(idx);
-        self.take_ref(idx);
-        Ok(self.handle(idx))
+        Ok(idx)
     }
 
     /// Give back a reference taken by [`Self::get`]. The last put of a
@@ -430,7 +453,8 @@ impl<N: Provider> Registry<N> {
     pub fn invalidate(&mut self, start: u64, len: u64) -> Result<usize, RegError> {
         let range = PageRange::new(start, len)?;
         self.drain_pending();
-        let mut hit: Vec<u32> = Vec::new();
+        let mut hit = core::mem::take(&mut self.scratch);
+        hit.clear();
         for (_, &idx) in self.tree.range(..range.end()).rev() {
             if self.info(idx).end <= range.start() {
                 break;
@@ -445,14 +469,16 @@ impl<N: Provider> Registry<N> {
                     .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    self.shared.invalidations.fetch_add(1, Ordering::Relaxed);
+                    self.invalidations += 1;
                 }
                 r.mr().zap();
             }
             self.unindex(idx);
             self.retire_if_idle(idx);
         }
-        Ok(hit.len())
+        let n = hit.len();
+        self.scratch = hit;
+        Ok(n)
     }
 
     /// Apply the invalidations the notifier callbacks queued.
@@ -663,7 +689,6 @@ impl<N: Provider> Registry<N> {
         self.free.push(idx);
         if let Some(region) = region {
             region.core().state.store(DEREGISTERED, Ordering::Release);
-            region.mr().zap();
             self.provider.dereg_mr(&region);
             // NotSubscribed/Released: the address space is gone; nothing to undo.
             let _ = region.0.unsubscribe();

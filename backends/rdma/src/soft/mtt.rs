@@ -56,10 +56,6 @@ impl Mtt {
         self.pages.as_ref().map_or(0, |p| p.len())
     }
 
-    fn clear(&mut self) {
-        self.pages = None;
-    }
-
     fn remove_range(&mut self, start: u64, end: u64) {
         let Some(pages) = &mut self.pages else { return };
         let keys: Vec<u64> = pages.range(start..end).map(|(k, _)| *k).collect();
@@ -110,7 +106,7 @@ impl ProviderMr for SoftMr {
         end: u64,
         cur_seq: u64,
         blockable: bool,
-        mark: &mut dyn FnMut(),
+        mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again> {
         let mut mtt = if blockable {
             self.mtt.write()
@@ -118,14 +114,17 @@ impl ProviderMr for SoftMr {
             self.mtt.try_write().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
+        // A dead region's keys are rejected by its state, checked under this
+        // lock by every DMA; only the translations of the range must go.
         mark();
         mtt.remove_range(start, end);
         Ok(())
     }
 
-    fn zap(&self) {
-        self.mtt.write().clear();
-    }
+    /// Nothing to do: every DMA checks the region's state under the MTT
+    /// lock, so a dead region's translations are never used again; they
+    /// are freed with the region.
+    fn zap(&self) {}
 }
 
 /// Why a NIC fault did not produce a translation.
