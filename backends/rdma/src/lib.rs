@@ -15,6 +15,31 @@
 //! - [`parity`]: the registration-cache parity workloads against UCX.
 //! - [`testing`]: a minimal primary for tests and examples.
 //!
+//! # Design notes
+//!
+//! - **One owner, plain counters.** A [`Registry`] is used through
+//!   `&mut self` (like a UCX worker's rcache; wrap it in a mutex to share
+//!   it). Its hit path is a page-keyed hash probe that yields everything
+//!   for the handle, plus a 16-byte hot record with a plain reference
+//!   count and LRU tick: no atomic read-modify-write on get or put.
+//! - **Regions are interval subscribers.** Each region subscribes to the
+//!   primary's notifiers. Its callback, under the provider's translation
+//!   lock, records the sequence, kills the region on an unmap (or any event
+//!   for a pinned registration) and drops the range's translations, before
+//!   the primary may free a frame. ODP regions survive other events
+//!   (clear, protection, migrate): the NIC faults the new pages in.
+//! - **Invalidation eager, deregistration deferred.** The callback does
+//!   what protects memory; unindexing, provider deregistration and
+//!   unsubscribing happen at the owner's next `get` or `put` (the callback
+//!   may be non-blockable and cannot wait for the grace period of
+//!   unsubscribing). Keys of a dead region are rejected at once and never
+//!   reissued while any handle can name it.
+//! - **Costs set by the core.** A region's interval subscription costs
+//!   104 bytes of entry plus its index node, and inserting into and
+//!   removing from the core's interval tree dominate registration and
+//!   deregistration at tens of thousands of regions (see the parity
+//!   diagnostics).
+//!
 //! ```
 //! use notifier_rdma::{testing::ModelPrimary, Access, Registry, RegistryConfig, SoftNic};
 //! use std::sync::Arc;

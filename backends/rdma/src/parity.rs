@@ -11,10 +11,12 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use notifier_core::notifier::{Event, InvalidateRange, NotifierError};
+use notifier_core::notifier::{Event, InvalidateRange, NotifierError, NotifierSubscriptions};
 use notifier_core::primary::Primary;
 use notifier_core::PageRange;
 
+use crate::region::RegionCore;
+use crate::soft::SoftMr;
 use crate::testing::{ModelError, ModelPrimary};
 use crate::{Access, RegError, Registry, RegistryConfig, SoftNic};
 
@@ -329,9 +331,14 @@ fn miss_grow_and_destroy(
             (z.saturating_sub(a)) / n as usize
         )?;
     }
+    let subs = b.mm.notifiers();
     writeln!(
         out,
-        "# registry owner structures: {} bytes/region; softnic key table {} bytes/region",
+        "# per region: subscription entry {} B + notifier index {} B (core), region handle {} B, \
+         registry owner structures {} B (slots, hash, ordered index), softnic key table {} B",
+        NotifierSubscriptions::subscription_bytes::<RegionCore<SoftMr>>(),
+        subs.index_heap_bytes() / n as usize,
+        2 * core::mem::size_of::<usize>() + core::mem::size_of::<usize>(),
         b.reg.owner_heap_bytes() / n as usize,
         b.nic.key_table_heap_bytes() / n as usize
     )?;

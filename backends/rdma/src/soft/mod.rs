@@ -4,7 +4,7 @@
 //! does. The NIC resolves the key in its key table, checks the rights and
 //! the bounds, and touches each page through the region's MTT while
 //! holding the MTT read lock; a missing or read-only entry is a NIC page
-//! fault, served through the sequence-retry protocol ([`mtt`]). The bytes
+//! fault, served through the sequence-retry protocol (see `soft/mtt.rs`). The bytes
 //! live in the primary's [`FrameStore`](notifier_core::frame::FrameStore).
 //!
 //! # Keys
