@@ -1,0 +1,129 @@
+//! The provider seam: what a NIC (software or real) must do for the registry.
+//!
+//! The registry owns the policy (caching, merging, limits, invalidation
+//! bookkeeping); a provider owns the translations and the keys. The split
+//! follows the kernel's ODP layering: the registry is the `ib_umem_odp`
+//! owner, the provider the driver that programs the MTT.
+
+use std::sync::Arc;
+
+use notifier_core::notifier::{Again, IntervalNotifier};
+use notifier_core::PageRange;
+
+use crate::access::{Access, Advice};
+use crate::error::{ProviderError, RegError};
+use crate::region::Region;
+
+/// A NIC that registers memory regions.
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's per-region state (keys, translation table or device MR).
+    type Mr: ProviderMr;
+
+    /// Short name for diagnostics.
+    fn name(&self) -> &'static str;
+
+    /// Whether the provider translates on demand (ODP). When false every
+    /// registration is pinned and dies on any invalidation.
+    fn on_demand(&self) -> bool;
+
+    /// Create the per-region state for `range` with `access`: allocate keys,
+    /// build no translation. `implicit` asks for an implicit ODP region over
+    /// the whole address space.
+    fn create_mr(
+        &self,
+        range: PageRange,
+        access: Access,
+        implicit: bool,
+    ) -> Result<Self::Mr, ProviderError>;
+
+    /// Make the region reachable by DMA (publish its keys, or register it
+    /// with the device). Called after the region subscribed to the primary,
+    /// so a pinning provider can detect a racing invalidation with
+    /// `read_begin`/`read_retry`.
+    fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError>;
+
+    /// Make the region unreachable and free its keys (deregister it from
+    /// the device). Called once, after the region's state became
+    /// deregistered, so the registry already rejects its keys.
+    fn dereg_mr(&self, region: &Region<Self::Mr>);
+
+    /// Prefetch translations of `range` (inside the region) according to `advice`.
+    fn advise_mr(
+        &self,
+        region: &Region<Self::Mr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError>;
+}
+
+/// The provider's state of one region, reached from the notifier callback.
+pub trait ProviderMr: Send + Sync + 'static {
+    /// The local key (0 before activation).
+    fn lkey(&self) -> u32;
+    /// The remote key (0 before activation).
+    fn rkey(&self) -> u32;
+    /// Whether this region translates on demand; a pinned region must be
+    /// deregistered by the first invalidation that touches it.
+    fn on_demand(&self) -> bool;
+
+    /// The interval-notifier callback's provider half.
+    ///
+    /// Take the lock that guards the translations (or `try` it and answer
+    /// [`Again`] when `!blockable`), call `sub.set_seq(cur_seq)`, call
+    /// `mark()` (the registry's bookkeeping; it returns whether the region
+    /// died), drop the translations of `[start, end)`, and when the region
+    /// died or is pinned make the device stop honouring its keys
+    /// (deregister it); unlock. When it returns, no DMA through this region
+    /// reaches a frame of the range until it faults again.
+    ///
+    /// # Locking
+    /// Runs from the primary's invalidation; must not take the registry's
+    /// owner side or the provider's key table.
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        start: u64,
+        end: u64,
+        cur_seq: u64,
+        blockable: bool,
+        mark: &mut dyn FnMut() -> bool,
+    ) -> Result<(), Again>;
+
+    /// The region died outside a notifier callback (explicit invalidation,
+    /// release of the address space): make the device stop honouring its
+    /// keys now. A provider that checks the region's state on every access
+    /// (the software NIC) has nothing to do.
+    fn zap(&self);
+}
+
+impl<T: Provider + ?Sized> Provider for Arc<T> {
+    type Mr = T::Mr;
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn on_demand(&self) -> bool {
+        (**self).on_demand()
+    }
+    fn create_mr(
+        &self,
+        range: PageRange,
+        access: Access,
+        implicit: bool,
+    ) -> Result<Self::Mr, ProviderError> {
+        (**self).create_mr(range, access, implicit)
+    }
+    fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError> {
+        (**self).activate_mr(region)
+    }
+    fn dereg_mr(&self, region: &Region<Self::Mr>) {
+        (**self).dereg_mr(region)
+    }
+    fn advise_mr(
+        &self,
+        region: &Region<Self::Mr>,
+        advice: Advice,
+        range: PageRange,
+    ) -> Result<(), RegError> {
+        (**self).advise_mr(region, advice, range)
+    }
+}

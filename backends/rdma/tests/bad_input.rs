@@ -1,0 +1,107 @@
+//! Every bad argument is a typed error and leaves the registry as it was.
+
+mod common;
+
+use common::*;
+use notifier_core::RangeError;
+use notifier_rdma::{Access, Advice, RegError, RegistryConfig};
+
+const RW: Access = Access::LOCAL_RW;
+
+#[test]
+fn bad_ranges_are_typed_errors_and_change_nothing() {
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    let h = reg.get(BASE, 64 * KIB, RW).unwrap();
+    let before = reg.stats();
+    let top: u64 = !0xfff;
+    for (start, len) in [(BASE, 0), (BASE + 1, 4096), (BASE, 4095), (top, 8192)] {
+        let e = reg.get(start, len, RW).unwrap_err();
+        assert!(matches!(e, RegError::Range(_)), "{e:?}");
+        assert!(matches!(
+            reg.register(start, len, RW),
+            Err(RegError::Range(_))
+        ));
+        assert!(matches!(
+            reg.invalidate(start, len),
+            Err(RegError::Range(_))
+        ));
+        assert!(matches!(
+            reg.advise(h, Advice::Prefetch, start, len),
+            Err(RegError::Range(_))
+        ));
+    }
+    assert!(matches!(
+        reg.get(BASE, 0, RW),
+        Err(RegError::Range(RangeError::Empty))
+    ));
+    assert!(matches!(
+        reg.get(top, 8192, RW),
+        Err(RegError::Range(RangeError::Wraps { .. }))
+    ));
+    assert_eq!(reg.stats(), before);
+    assert_eq!(nic.stats().registrations, 1);
+    reg.put(h).unwrap();
+}
+
+#[test]
+fn invalid_access_combinations_are_rejected() {
+    let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    let h = reg.get(BASE, 64 * KIB, Access::ALL).unwrap();
+    for bad in [
+        Access::REMOTE_WRITE,
+        Access::REMOTE_ATOMIC | Access::LOCAL_READ,
+        Access::from_bits(0x80),
+    ] {
+        // Even when a cached region would grant more, an invalid request is an error.
+        assert!(matches!(
+            reg.get(BASE, 64 * KIB, bad),
+            Err(RegError::InvalidAccess(_))
+        ));
+        assert!(matches!(
+            reg.register(BASE, 64 * KIB, bad),
+            Err(RegError::InvalidAccess(_))
+        ));
+        assert!(matches!(
+            reg.register_implicit(bad),
+            Err(RegError::InvalidAccess(_))
+        ));
+    }
+    reg.put(h).unwrap();
+}
+
+#[test]
+fn stale_handles_double_puts_and_double_deregistrations_are_errors() {
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    let h = reg.get(BASE, 64 * KIB, RW).unwrap();
+    reg.put(h).unwrap();
+    // Put without a get.
+    assert!(matches!(reg.put(h), Err(RegError::PutWithoutGet)));
+    // A cached region cannot be deregistered directly.
+    assert!(matches!(reg.deregister(h), Err(RegError::NotRegistered)));
+    // After invalidation the idle region is destroyed: its handle is stale.
+    reg.invalidate(BASE, 64 * KIB).unwrap();
+    assert!(matches!(reg.put(h), Err(RegError::StaleHandle)));
+    assert!(matches!(reg.region(h), Err(RegError::StaleHandle)));
+
+    let d = reg.register(BASE, 64 * KIB, RW).unwrap();
+    assert!(matches!(reg.put(d), Err(RegError::PutWithoutGet)));
+    reg.deregister(d).unwrap();
+    assert!(matches!(reg.deregister(d), Err(RegError::NotRegistered)));
+    // The registry still works and its books balance.
+    let g = reg.get(BASE, 64 * KIB, RW).unwrap();
+    reg.put(g).unwrap();
+    let s = reg.stats();
+    assert_eq!(s.registrations - s.deregistrations, 1);
+    assert_eq!(nic.stats().registrations - nic.stats().deregistrations, 1);
+}
+
+#[test]
+fn advice_outside_the_region_is_an_error() {
+    let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    let h = reg.get(BASE, 16 * KIB, RW).unwrap();
+    assert!(matches!(
+        reg.advise(h, Advice::Prefetch, BASE + 8 * KIB, 16 * KIB),
+        Err(RegError::OutOfRegion { .. })
+    ));
+    reg.put(h).unwrap();
+}
