@@ -279,6 +279,9 @@ impl AccessCheck for Oracle {
         self.check(device, addr, pfn, write);
     }
     fn on_fill(&self, addr: u64, pfn: Pfn, writable: bool) {
+        if let OracleMode::Liveness(gen) = &self.mode {
+            self.filled.lock().insert((addr, pfn.0), gen(pfn));
+        }
         self.push(|seq| HistoryEvent::Fill {
             seq,
             addr,
