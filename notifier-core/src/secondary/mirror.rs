@@ -179,6 +179,10 @@ pub struct MirrorInject {
     /// later (at each device's next miss): after the end, when the primary
     /// may already have freed the frame.
     flush_after_end: AtomicU8,
+    /// Busy-wait this many spins between asking the primary and taking the
+    /// mirror lock in `fault_in`: widens the window `read_retry` guards, so
+    /// races that need a slow device fault path happen in short runs.
+    fault_delay: std::sync::atomic::AtomicU32,
 }
 
 impl MirrorInject {
@@ -196,6 +200,10 @@ impl MirrorInject {
     /// Defer TLB flushes to after the invalidation.
     pub fn set_flush_after_end(&self, on: bool) {
         self.flush_after_end.store(on as u8, Ordering::Relaxed);
+    }
+    /// Widen the fault-in window by `spins` busy-wait iterations (0: off).
+    pub fn set_fault_delay(&self, spins: u32) {
+        self.fault_delay.store(spins, Ordering::Relaxed);
     }
     #[inline]
     fn skips(&self, event: Event) -> bool {
@@ -462,6 +470,10 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                     .lookup_page(page)
                     .ok_or(PrimaryFault::NotPresent(page))?,
             };
+            let spins = sh.inject.fault_delay.load(Ordering::Relaxed);
+            for _ in 0..spins {
+                core::hint::spin_loop();
+            }
             let g = sh.lock.lock();
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq) {
                 drop(g);
@@ -553,6 +565,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                         let op = op.take().expect("op runs once");
                         return Ok(op(self.primary.frames(), pfn));
                     }
+                    // A read-only entry and a write: drop it from this
+                    // TLB so the upgraded entry is walked after the fault.
+                    d.tlb.flush_page(ext);
                 }
             }
             self.fault_in(page, write, FaultMode::Fault)?;

@@ -114,6 +114,9 @@ impl core::fmt::Display for Violation {
     }
 }
 
+/// Re-reads of the source before a mismatch counts (see `check`).
+const SETTLE: usize = 64;
+
 /// How many violations keep their full report.
 const KEEP: usize = 16;
 /// Events kept in the history ring.
@@ -238,7 +241,16 @@ impl Oracle {
         self.checks.fetch_add(1, Ordering::Relaxed);
         let ok = match &self.mode {
             OracleMode::Strict => {
-                matches!((self.source)(addr), Some(t) if t.pfn == pfn && (t.writable || !write))
+                let good = |t: Option<Translation>| matches!(t, Some(t) if t.pfn == pfn && (t.writable || !write));
+                // The shadow of a software primary learns of a PTE store
+                // just after it: a store another thread made (and this
+                // device already observed through the fault path) may not
+                // be reported yet. Wait for it, boundedly; a stale access
+                // stays stale however long we wait.
+                good((self.source)(addr)) || (0..SETTLE).any(|_| {
+                    std::thread::yield_now();
+                    good((self.source)(addr))
+                })
             }
             OracleMode::Liveness(gen) => self.filled.lock().get(&(addr, pfn.0)).is_some_and(|g| *g == gen(pfn)),
         };

@@ -1,7 +1,7 @@
 //! Notifier machinery: invalidation dispatch over a large interval index,
 //! the read side of the sequence protocol, subscribe/unsubscribe.
 //!
-//! `cargo bench -p notifier-bench --bench notifier`
+//! `cargo bench -p notifier-bench --bench machinery`
 
 // criterion_group! generates an undocumented function.
 #![allow(missing_docs)]

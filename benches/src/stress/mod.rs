@@ -1,0 +1,279 @@
+//! `notifier stress`: mutator threads change the primary while device
+//! threads use secondaries; the coherence oracle checks every access.
+//!
+//! Two schedulers:
+//! * **threads** (default): real OS threads for `--seconds`;
+//! * **deterministic** (`--record`, `--replay`, or `--steps`): one OS
+//!   thread interleaves the logical mutators and devices from the seed, so
+//!   a run (including any violation) replays exactly.
+
+mod report;
+mod soft;
+mod timing;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use report::{Report, StageReport};
+pub use soft::SoftWorld;
+use timing::Stages;
+
+use crate::rng::Rng;
+
+/// A primary operation of the mutators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// munmap a range, then map it again.
+    Munmap,
+    /// mprotect read-only, then read-write.
+    Mprotect,
+    /// mremap (shrink, then map the tail again).
+    Mremap,
+    /// madvise(DONTNEED).
+    MadviseDontNeed,
+    /// madvise(FREE).
+    MadviseFree,
+    /// remap_file_pages of one window page.
+    RemapFilePages,
+    /// migrate a range to new frames.
+    Migrate,
+    /// reclaim (try_to_unmap) a range.
+    Reclaim,
+    /// fork, then the child exits.
+    Fork,
+    /// zap and re-fault a special-mapping page through its callback.
+    SpecialFault,
+    /// a CPU write (faults, COW).
+    CpuWrite,
+}
+
+impl OpKind {
+    /// Every kind, in report order.
+    pub const ALL: [OpKind; 11] = [
+        OpKind::Munmap,
+        OpKind::Mprotect,
+        OpKind::Mremap,
+        OpKind::MadviseDontNeed,
+        OpKind::MadviseFree,
+        OpKind::RemapFilePages,
+        OpKind::Migrate,
+        OpKind::Reclaim,
+        OpKind::Fork,
+        OpKind::SpecialFault,
+        OpKind::CpuWrite,
+    ];
+    /// Relative weights (fork walks the whole layout: keep it rare).
+    const WEIGHTS: [u64; 11] = [10, 8, 6, 10, 4, 10, 10, 8, 1, 6, 27];
+
+    fn pick(rng: &mut Rng) -> OpKind {
+        let total: u64 = Self::WEIGHTS.iter().sum();
+        let mut x = rng.below(total);
+        for (k, w) in Self::ALL.iter().zip(Self::WEIGHTS) {
+            if x < w {
+                return *k;
+            }
+            x -= w;
+        }
+        OpKind::CpuWrite
+    }
+
+    /// Stable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Munmap => "munmap",
+            OpKind::Mprotect => "mprotect",
+            OpKind::Mremap => "mremap",
+            OpKind::MadviseDontNeed => "madvise_dontneed",
+            OpKind::MadviseFree => "madvise_free",
+            OpKind::RemapFilePages => "remap_file_pages",
+            OpKind::Migrate => "migrate",
+            OpKind::Reclaim => "reclaim",
+            OpKind::Fork => "fork",
+            OpKind::SpecialFault => "special_fault",
+            OpKind::CpuWrite => "cpu_write",
+        }
+    }
+}
+
+/// A fault-injection mode (`--inject`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inject {
+    /// Mirrors skip their invalidate callback for `Event::Unmap`.
+    SkipInvalidate,
+    /// Mirrors accept fault-ins without `read_retry`.
+    SkipReadRetry,
+    /// Mirrors flush device TLBs only after the invalidation ended.
+    LateFlush,
+    /// The primary frees frames before the bracket ends (checked with
+    /// end-flushing mirrors and the oracle's liveness mode).
+    FreeBeforeEnd,
+}
+
+/// Which secondaries the devices use (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The software primary with TLB-based mirrors.
+    Soft,
+}
+
+/// A stress run's parameters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StressConfig {
+    /// Backend.
+    pub backend: Backend,
+    /// Total threads (mutators + devices); 1 interleaves both on one thread.
+    pub threads: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Duration for the threaded scheduler.
+    pub seconds: f64,
+    /// Steps for the deterministic scheduler (`None`: threaded).
+    pub steps: Option<u64>,
+    /// Fault injection.
+    pub inject: Option<Inject>,
+    /// Idle interval subscriptions added to the index.
+    pub subscriptions: usize,
+    /// Mirrors.
+    pub mirrors: usize,
+    /// Target rate of primary operations per second over all mutators in
+    /// a threaded run (0: as fast as they go).
+    #[serde(default)]
+    pub ops_per_sec: u64,
+    /// Busy-wait spins inside every mirror fault-in (widens the window the
+    /// sequence protocol guards; a correct run stays at zero violations).
+    #[serde(default)]
+    pub fault_delay: u32,
+}
+
+impl StressConfig {
+    /// Mutator and device thread counts.
+    pub fn split(&self) -> (usize, usize) {
+        let t = self.threads.max(1);
+        if t == 1 {
+            (1, 1)
+        } else {
+            let m = (t / 2).max(1);
+            (m, t - m)
+        }
+    }
+}
+
+/// Progress callback: (elapsed seconds, accesses, ops, violations).
+pub type Progress<'a> = &'a (dyn Fn(f64, u64, u64, u64) + Sync);
+
+/// Run a stress and return its report.
+pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String> {
+    let (mutators, devices) = cfg.split();
+    let world = SoftWorld::new(cfg, devices)?;
+    let start = Instant::now();
+    let mut stages = Stages::default();
+    let mut ops_by_kind = std::collections::BTreeMap::new();
+    let mut log_hash: u64 = 0xcbf2_9ce4_8422_2325;
+
+    if let Some(steps) = cfg.steps {
+        // Deterministic: one thread, the seed picks who acts.
+        let mut rng = Rng::new(cfg.seed);
+        for step in 0..steps {
+            if rng.chance(1, 40) {
+                let k = world.mutator_step(&mut rng, &mut stages);
+                *ops_by_kind.entry(k).or_insert(0u64) += 1;
+                log_hash = (log_hash ^ (k as u64 + 1)).wrapping_mul(0x100_0000_01b3);
+            } else {
+                let dev = rng.below(devices as u64 * cfg.mirrors.max(1) as u64) as usize;
+                world.device_step(&mut rng, dev);
+            }
+            if step % 65536 == 0 {
+                let c = &world.counters;
+                progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
+            }
+        }
+    } else if cfg.threads <= 1 {
+        let mut rng = Rng::new(cfg.seed);
+        let deadline = start + Duration::from_secs_f64(cfg.seconds);
+        let mut n = 0u64;
+        while Instant::now() < deadline {
+            for _ in 0..1024 {
+                if rng.chance(1, 40) {
+                    let k = world.mutator_step(&mut rng, &mut stages);
+                    *ops_by_kind.entry(k).or_insert(0u64) += 1;
+                } else {
+                    world.device_step(&mut rng, n as usize % world.mirrors.len());
+                }
+                n += 1;
+            }
+            let c = &world.counters;
+            progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
+        }
+    } else {
+        let stop = AtomicBool::new(false);
+        let per_mutator: Vec<(Stages, std::collections::BTreeMap<OpKind, u64>)> = std::thread::scope(|s| {
+            let world = &world;
+            let stop = &stop;
+            for d in 0..devices {
+                let seed = cfg.seed ^ (0xD0 + d as u64) << 32;
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    let mut k = d;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..256 {
+                            world.device_step(&mut rng, k);
+                            k = (k + devices) % (devices * world.mirrors.len());
+                        }
+                    }
+                });
+            }
+            let handles: Vec<_> = (0..mutators)
+                .map(|m| {
+                    let seed = cfg.seed ^ (0x30 + m as u64) << 40;
+                    let rate = cfg.ops_per_sec as f64 / mutators as f64;
+                    s.spawn(move || {
+                        let mut rng = Rng::new(seed);
+                        let mut st = Stages::default();
+                        let mut kinds = std::collections::BTreeMap::new();
+                        let t0 = Instant::now();
+                        let mut done = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            if rate > 0.0 {
+                                // Pace: stay within the target rate.
+                                let due = t0.elapsed().as_secs_f64() * rate;
+                                if done as f64 > due + 1.0 {
+                                    std::thread::sleep(Duration::from_secs_f64(((done as f64 - due) / rate).min(0.005)));
+                                    continue;
+                                }
+                            }
+                            let k = world.mutator_step(&mut rng, &mut st);
+                            *kinds.entry(k).or_insert(0u64) += 1;
+                            done += 1;
+                        }
+                        (st, kinds)
+                    })
+                })
+                .collect();
+            let deadline = start + Duration::from_secs_f64(cfg.seconds);
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+                let c = &world.counters;
+                progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
+            }
+            stop.store(true, Ordering::Relaxed);
+            handles.into_iter().map(|h| h.join().expect("mutator thread")).collect()
+        });
+        for (st, kinds) in per_mutator {
+            stages.merge(&st);
+            for (k, n) in kinds {
+                *ops_by_kind.entry(k).or_insert(0) += n;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(Report::build(cfg, &world, seconds, &stages, ops_by_kind, if cfg.steps.is_some() { Some(log_hash) } else { None }))
+}

@@ -1,0 +1,213 @@
+//! The stress report: the final table, JSON, and SVG latency plots.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::soft::SoftWorld;
+use super::timing::Stages;
+use super::{OpKind, StressConfig};
+use notifier_core::verify::{LatencyHistogram, Percentiles};
+
+/// Percentiles of one latency stage, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+impl From<Percentiles> for StageReport {
+    fn from(p: Percentiles) -> Self {
+        Self { count: p.count, p50: p.p50, p99: p.p99, p999: p.p999, max: p.max }
+    }
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// The configuration.
+    pub config: StressConfig,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Stale accesses found by the oracle.
+    pub violations: u64,
+    /// Device accesses completed (each checked by the oracle).
+    pub accesses: u64,
+    /// Device accesses the primary refused (unmapped or read-only pages).
+    pub denied: u64,
+    /// Oracle checks.
+    pub checks: u64,
+    /// Primary operations applied.
+    pub operations: u64,
+    /// Primary operations rejected by the primary.
+    pub rejected: u64,
+    /// Operations by kind.
+    pub ops_by_kind: BTreeMap<String, u64>,
+    /// Mirror fault-ins (external-table fills).
+    pub faults: u64,
+    /// Fault-ins retried after a collision.
+    pub retries: u64,
+    /// Mirror invalidate callbacks.
+    pub invalidations: u64,
+    /// TLB hit rate over all devices.
+    pub tlb_hit_rate: f64,
+    /// TLB shootdowns.
+    pub tlb_shootdowns: u64,
+    /// Accesses per second.
+    pub accesses_per_sec: f64,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Latency stages.
+    pub latency: BTreeMap<String, StageReport>,
+    /// Interval subscriptions in the index at the end.
+    pub subscriptions: usize,
+    /// Deterministic runs: a hash of the operation sequence.
+    pub op_log_hash: Option<u64>,
+    /// The first violations, with their page histories.
+    pub first_violations: Vec<String>,
+    /// Histogram buckets per stage for plots: (upper bound ns, count).
+    #[serde(skip)]
+    pub buckets: BTreeMap<String, Vec<(u64, u64)>>,
+}
+
+impl Report {
+    pub(super) fn build(
+        cfg: &StressConfig,
+        w: &SoftWorld,
+        seconds: f64,
+        stages: &Stages,
+        ops: BTreeMap<OpKind, u64>,
+        op_log_hash: Option<u64>,
+    ) -> Self {
+        let ms = w.mirror_stats();
+        let c = &w.counters;
+        let accesses = c.accesses.load(Ordering::Relaxed);
+        let operations = c.ops.load(Ordering::Relaxed);
+        let mut latency = BTreeMap::new();
+        let mut buckets = BTreeMap::new();
+        let named: [(&str, &LatencyHistogram); 3] = [
+            ("event_to_start", &stages.event_to_start),
+            ("start_to_flushed", &stages.start_to_flushed),
+            ("stale_window", &stages.stale_window),
+        ];
+        for (n, h) in named {
+            latency.insert(n.to_string(), StageReport::from(h.percentiles()));
+            buckets.insert(n.to_string(), h.buckets());
+        }
+        Self {
+            config: cfg.clone(),
+            seconds,
+            violations: w.oracle.violation_count(),
+            accesses,
+            denied: c.denied.load(Ordering::Relaxed),
+            checks: w.oracle.checks(),
+            operations,
+            rejected: c.rejected.load(Ordering::Relaxed),
+            ops_by_kind: ops.into_iter().map(|(k, n)| (k.name().to_string(), n)).collect(),
+            faults: ms.faults,
+            retries: ms.retries,
+            invalidations: ms.invalidations,
+            tlb_hit_rate: ms.tlb.hit_rate(),
+            tlb_shootdowns: ms.tlb.shootdowns,
+            accesses_per_sec: accesses as f64 / seconds.max(1e-9),
+            ops_per_sec: operations as f64 / seconds.max(1e-9),
+            latency,
+            subscriptions: w.mm.notifiers().interval_count(),
+            op_log_hash,
+            first_violations: w.oracle.violations().iter().take(3).map(|v| v.to_string()).collect(),
+            buckets,
+        }
+    }
+
+    /// The counts a replay must reproduce exactly.
+    pub fn replay_key(&self) -> (u64, u64, u64, u64, u64, u64, u64, Option<u64>, BTreeMap<String, u64>) {
+        (
+            self.violations,
+            self.accesses,
+            self.denied,
+            self.operations,
+            self.faults,
+            self.retries,
+            self.invalidations,
+            self.op_log_hash,
+            self.ops_by_kind.clone(),
+        )
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            s,
+            "notifier stress: backend {:?}, {} thread(s), seed {}, {:.2} s{}",
+            c.backend,
+            c.threads,
+            c.seed,
+            self.seconds,
+            c.inject.map_or(String::new(), |i| format!(", inject {i:?}"))
+        );
+        let _ = writeln!(s, "  {:<28}{:>14}", "verified accesses", self.accesses);
+        let _ = writeln!(s, "  {:<28}{:>14.0}", "accesses / s", self.accesses_per_sec);
+        let _ = writeln!(s, "  {:<28}{:>14}", "denied accesses", self.denied);
+        let _ = writeln!(s, "  {:<28}{:>14}", "primary operations", self.operations);
+        let _ = writeln!(s, "  {:<28}{:>14.0}", "operations / s", self.ops_per_sec);
+        let _ = writeln!(s, "  {:<28}{:>14}", "rejected operations", self.rejected);
+        for (k, n) in &self.ops_by_kind {
+            let _ = writeln!(s, "    {:<26}{:>14}", k, n);
+        }
+        let _ = writeln!(s, "  {:<28}{:>14}", "faults (fills)", self.faults);
+        let _ = writeln!(s, "  {:<28}{:>14}", "retries", self.retries);
+        let _ = writeln!(s, "  {:<28}{:>14}", "invalidations", self.invalidations);
+        let _ = writeln!(s, "  {:<28}{:>13.1}%", "TLB hit rate", 100.0 * self.tlb_hit_rate);
+        let _ = writeln!(s, "  {:<28}{:>14}", "interval subscriptions", self.subscriptions);
+        let _ = writeln!(s, "  latency (ns)                      p50       p99     p99.9       max   samples");
+        for (n, l) in &self.latency {
+            let _ = writeln!(s, "    {:<26}{:>10}{:>10}{:>10}{:>10}{:>10}", n, l.p50, l.p99, l.p999, l.max, l.count);
+        }
+        let _ = writeln!(s, "  {:<28}{:>14}", "violations", self.violations);
+        s
+    }
+
+    /// Write the latency histograms as an SVG.
+    pub fn plot(&self, path: &std::path::Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let max_x = self.buckets.values().flat_map(|b| b.iter().map(|x| x.0)).max().unwrap_or(1).max(2);
+        let max_y = self.buckets.values().flat_map(|b| b.iter().map(|x| x.1)).max().unwrap_or(1).max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("notifier stress: invalidation latency", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((1u64..max_x).log_scale(), 0u64..max_y + max_y / 10)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("latency (ns, log)")
+            .y_desc("operations")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (name, b)) in self.buckets.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(b.iter().map(|&(x, y)| (x.max(1), y)), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,284 @@
+//! The software backend of the stress benchmark: one `mm::Mm` with an
+//! anonymous arena, a shared file window that `remap_file_pages` shuffles
+//! and a special mapping served by a fault callback; TLB-based mirrors over
+//! all of it; every device access checked by the coherence oracle.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use notifier_core::frame::{FrameStore, HeapFrames, Pfn};
+use notifier_core::mm::{
+    Advice, FileOptions, MmapRequest, Mm, Prot, SpecialFault, SpecialFaultError, SpecialMapping,
+    SpecialSource,
+};
+use notifier_core::notifier::{
+    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
+};
+use notifier_core::secondary::{FlushPolicy, Mirror, MirrorConfig, MirrorError, TlbConfig, Va};
+use notifier_core::verify::{Oracle, TrackedFrames};
+use notifier_core::PAGE_SIZE;
+
+use super::timing::{Stages, TimedCheck};
+use super::{Inject, OpKind, StressConfig};
+use crate::rng::Rng;
+
+/// Pages of the anonymous arena.
+const ARENA_PAGES: u64 = 512;
+/// Pages of the nonlinear file window (the file has four times as many).
+const FILE_PAGES: u64 = 64;
+/// Pages of the special mapping.
+const SPECIAL_PAGES: u64 = 16;
+/// Where the layout starts.
+const BASE: u64 = 0x10_0000_0000;
+const FRAMES: usize = 16 * 1024;
+
+/// A subscriber that only records the sequence: it makes the interval
+/// index as large as `--subscriptions` asks.
+struct Idle;
+
+impl IntervalNotifierOps for Idle {
+    fn invalidate(&self, sub: &IntervalNotifier, _: &InvalidateRange, seq: u64) -> Result<(), Again> {
+        sub.set_seq(seq);
+        Ok(())
+    }
+}
+
+/// Counters shared by the threads (progress and totals).
+#[derive(Default)]
+pub struct Counters {
+    /// Device accesses completed and checked.
+    pub accesses: AtomicU64,
+    /// Device accesses refused by the primary (unmapped, read-only, ...).
+    pub denied: AtomicU64,
+    /// Primary operations applied.
+    pub ops: AtomicU64,
+    /// Primary operations the primary rejected (a layout race, by design).
+    pub rejected: AtomicU64,
+}
+
+/// The software world.
+pub struct SoftWorld {
+    /// The primary.
+    pub mm: Arc<Mm>,
+    /// The oracle.
+    pub oracle: Arc<Oracle>,
+    /// The mirrors.
+    pub mirrors: Vec<Mirror<Mm, Va>>,
+    special: Arc<SpecialMapping>,
+    file: Arc<notifier_core::mm::FileObj>,
+    _idle: Vec<IntervalSubscription<Idle>>,
+    /// Shared counters.
+    pub counters: Counters,
+    devices: usize,
+}
+
+/// Start of the arena.
+pub const ARENA: u64 = BASE;
+/// Start of the file window.
+pub const WINDOW: u64 = BASE + ARENA_PAGES * PAGE_SIZE;
+/// Start of the special mapping.
+pub const SPECIAL: u64 = WINDOW + FILE_PAGES * PAGE_SIZE;
+/// End of the layout.
+pub const END: u64 = SPECIAL + SPECIAL_PAGES * PAGE_SIZE;
+
+impl SoftWorld {
+    /// Build the layout, the mirrors (`mirrors` of them, each with
+    /// `devices` devices) and `subscriptions` idle interval subscriptions.
+    pub fn new(cfg: &StressConfig, devices: usize) -> Result<Self, String> {
+        let heap = HeapFrames::new(0x1000, FRAMES);
+        let (mm, oracle) = if cfg.inject == Some(Inject::FreeBeforeEnd) {
+            // Liveness mode: mirrors flush at the bracket's end, which is
+            // safe only while frames outlive the bracket.
+            let tracked = Arc::new(TrackedFrames::new(heap, 0x1000, FRAMES));
+            let mm = Mm::new(tracked.clone() as Arc<dyn FrameStore>);
+            let oracle = Oracle::liveness(&mm, tracked);
+            (mm, oracle)
+        } else {
+            let mm = Mm::new(Arc::new(heap));
+            let oracle = Oracle::for_mm(&mm);
+            (mm, oracle)
+        };
+        let e = |what: &str, err: &dyn std::fmt::Debug| format!("setting up the soft world: {what}: {err:?}");
+
+        mm.mmap(&MmapRequest::anon(ARENA_PAGES * PAGE_SIZE, Prot::RW).at(ARENA)).map_err(|x| e("arena", &x))?;
+        let file = mm.create_file(FileOptions::new(4 * FILE_PAGES));
+        for p in 0..4 * FILE_PAGES {
+            file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes()).map_err(|x| e("file", &x))?;
+        }
+        mm.mmap(&MmapRequest::file(file.clone(), 0, FILE_PAGES * PAGE_SIZE, Prot::RW).shared().at(WINDOW))
+            .map_err(|x| e("file window", &x))?;
+        // The special mapping's frames: the callback hands out one per page
+        // offset, filled with a recognisable pattern.
+        let frames: Vec<Pfn> = (0..SPECIAL_PAGES).map(|_| mm.alloc_page()).collect::<Result<_, _>>().map_err(|x| e("special frames", &x))?;
+        for (i, f) in frames.iter().enumerate() {
+            mm.frames().store(*f, 0, 0x5EC1_0000 + i as u64).map_err(|x| e("special frame", &x))?;
+        }
+        let special = Arc::new(SpecialMapping {
+            name: "[stress]",
+            source: SpecialSource::Fault(Box::new(move |f: &SpecialFault| {
+                frames.get(f.pgoff as usize).copied().ok_or(SpecialFaultError)
+            })),
+        });
+        mm.mmap(&MmapRequest::special(special.clone(), SPECIAL_PAGES * PAGE_SIZE, Prot::READ).at(SPECIAL))
+            .map_err(|x| e("special mapping", &x))?;
+
+        let flush = if cfg.inject == Some(Inject::FreeBeforeEnd) { FlushPolicy::AtEnd } else { FlushPolicy::InCallback };
+        let check = Arc::new(TimedCheck { oracle: oracle.clone() });
+        let mut mirrors = Vec::new();
+        for i in 0..cfg.mirrors.max(1) {
+            let mcfg = MirrorConfig {
+                start: ARENA,
+                len: END - ARENA,
+                ext_base: 0x1000_0000 * (i as u64 + 1),
+                devices,
+                tlb: TlbConfig::default(),
+                flush_batch: 64,
+                flush,
+            };
+            let m = Mirror::new(mm.clone(), mcfg, Some(check.clone() as Arc<dyn notifier_core::secondary::AccessCheck>))
+                .map_err(|x| e("mirror", &x))?;
+            m.inject().set_fault_delay(cfg.fault_delay);
+            match cfg.inject {
+                Some(Inject::SkipInvalidate) => m.inject().set_skip_event(Some(Event::Unmap)),
+                Some(Inject::SkipReadRetry) => {
+                    m.inject().set_skip_read_retry(true);
+                    // A slow device fault path, so the race happens often.
+                    m.inject().set_fault_delay(cfg.fault_delay.max(2000));
+                }
+                Some(Inject::LateFlush) => m.inject().set_flush_after_end(true),
+                _ => {}
+            }
+            mirrors.push(m);
+        }
+        if cfg.inject == Some(Inject::FreeBeforeEnd) {
+            mm.inject().set_free_before_end(true);
+        }
+        // Idle subscriptions: one page each, every fourth inside the layout.
+        let mut idle = Vec::with_capacity(cfg.subscriptions);
+        for i in 0..cfg.subscriptions as u64 {
+            let addr = if i % 4 == 0 { ARENA + (i / 4 % (ARENA_PAGES + FILE_PAGES)) * PAGE_SIZE } else { 0x20_0000_0000 + i * 2 * PAGE_SIZE };
+            idle.push(mm.notifiers().interval_subscribe(addr, PAGE_SIZE, Idle).map_err(|x| e("subscription", &x))?);
+        }
+        Ok(Self { mm, oracle, mirrors, special, file, _idle: idle, counters: Counters::default(), devices })
+    }
+
+    /// One device access by device `dev` (of mirror `dev % mirrors`).
+    #[inline]
+    pub fn device_step(&self, rng: &mut Rng, dev: usize) {
+        let m = &self.mirrors[dev % self.mirrors.len()];
+        let d = dev / self.mirrors.len() % self.devices;
+        let page = ARENA + rng.below((END - ARENA) / PAGE_SIZE) * PAGE_SIZE;
+        let addr = page + 8 * rng.below(512);
+        let write = page < SPECIAL && rng.chance(1, 4);
+        let r: Result<(), MirrorError> = if write {
+            m.write_u64(d, addr, rng.next_u64())
+        } else {
+            m.read_u64(d, addr).map(|_| ())
+        };
+        match r {
+            Ok(()) => self.counters.accesses.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.denied.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// One primary operation; returns its kind.
+    pub fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind {
+        let kind = OpKind::pick(rng);
+        let pages = 1 + rng.below(8);
+        let first = rng.below(ARENA_PAGES - pages);
+        let addr = ARENA + first * PAGE_SIZE;
+        let len = pages * PAGE_SIZE;
+        let t0 = Instant::now();
+        let ok = match kind {
+            OpKind::Munmap => {
+                self.oracle.record_op("munmap", addr, addr + len);
+                self.mm.munmap(addr, len).is_ok() && self.mm.mmap(&MmapRequest::anon(len, Prot::RW).at(addr)).is_ok()
+            }
+            OpKind::Mprotect => {
+                self.oracle.record_op("mprotect", addr, addr + len);
+                self.mm.mprotect(addr, len, Prot::READ).is_ok() && self.mm.mprotect(addr, len, Prot::RW).is_ok()
+            }
+            OpKind::Mremap => {
+                // Shrink to half (the tail is unmapped), then map the tail again.
+                self.oracle.record_op("mremap", addr, addr + len);
+                let half = (pages / 2).max(1) * PAGE_SIZE;
+                if half == len {
+                    self.mm.munmap(addr, len).is_ok() && self.mm.mmap(&MmapRequest::anon(len, Prot::RW).at(addr)).is_ok()
+                } else {
+                    self.mm.mremap(addr, len, half, Default::default()).is_ok()
+                        && self.mm.mmap(&MmapRequest::anon(len - half, Prot::RW).at(addr + half)).is_ok()
+                }
+            }
+            OpKind::MadviseDontNeed => {
+                self.oracle.record_op("madvise_dontneed", addr, addr + len);
+                self.mm.madvise(addr, len, Advice::DontNeed).is_ok()
+            }
+            OpKind::MadviseFree => {
+                self.oracle.record_op("madvise_free", addr, addr + len);
+                self.mm.madvise(addr, len, Advice::Free).is_ok()
+            }
+            OpKind::RemapFilePages => {
+                let p = rng.below(FILE_PAGES);
+                let pgoff = rng.below(4 * FILE_PAGES);
+                let a = WINDOW + p * PAGE_SIZE;
+                self.oracle.record_op("remap_file_pages", a, a + PAGE_SIZE);
+                self.mm.remap_file_pages(a, PAGE_SIZE, 0, pgoff, 0).is_ok()
+            }
+            OpKind::Migrate => {
+                self.oracle.record_op("migrate", addr, addr + len);
+                self.mm.migrate(addr, len).is_ok()
+            }
+            OpKind::Reclaim => {
+                self.oracle.record_op("reclaim", addr, addr + len);
+                self.mm.try_to_unmap(addr, len).is_ok()
+            }
+            OpKind::Fork => {
+                self.oracle.record_op("fork", ARENA, END);
+                match self.mm.fork() {
+                    Ok(child) => {
+                        child.exit();
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            OpKind::SpecialFault => {
+                let p = rng.below(SPECIAL_PAGES);
+                let a = SPECIAL + p * PAGE_SIZE;
+                self.oracle.record_op("special_fault", a, a + PAGE_SIZE);
+                // Zap the special page, then touch it: the callback serves it.
+                let zapped = self.mm.madvise(a, PAGE_SIZE, Advice::DontNeed).is_ok();
+                zapped && self.mm.read_u64(a).is_ok_and(|v| v == 0x5EC1_0000 + p)
+            }
+            OpKind::CpuWrite => self.mm.write_u64(addr + 8 * rng.below(512), rng.next_u64()).is_ok(),
+        };
+        stages.finish_op(t0);
+        if ok {
+            self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        kind
+    }
+
+    /// Sum of the mirrors' counters.
+    pub fn mirror_stats(&self) -> notifier_core::secondary::MirrorStats {
+        let mut t = notifier_core::secondary::MirrorStats::default();
+        for m in &self.mirrors {
+            let s = m.stats();
+            t.accesses += s.accesses;
+            t.faults += s.faults;
+            t.retries += s.retries;
+            t.invalidations += s.invalidations;
+            t.invalidated_pages += s.invalidated_pages;
+            t.tlb.add(&s.tlb);
+        }
+        t
+    }
+
+    /// Keep the special mapping and the file alive for the run.
+    pub fn keep_alive(&self) -> (usize, u64) {
+        (Arc::strong_count(&self.special), self.file.id())
+    }
+}
