@@ -148,11 +148,14 @@ impl Report {
         use std::fmt::Write;
         let mut s = String::new();
         let c = &self.config;
+        let sched = match c.steps {
+            Some(n) => format!("deterministic, {n} steps"),
+            None => format!("{} thread(s)", c.threads),
+        };
         let _ = writeln!(
             s,
-            "notifier stress: backend {:?}, {} thread(s), seed {}, {:.2} s{}",
+            "notifier stress: backend {:?}, {sched}, seed {}, {:.2} s{}",
             c.backend,
-            c.threads,
             c.seed,
             self.seconds,
             c.inject.map_or(String::new(), |i| format!(", inject {i:?}"))
