@@ -68,7 +68,8 @@ fn bench_mirror(c: &mut Criterion) {
     c.bench_function("fault_in_present_page", |b| {
         b.iter(|| {
             i = (i + 1) & 511;
-            m.fault_in(BASE + i * PAGE_SIZE, false, FaultMode::Fault).unwrap()
+            m.fault_in(BASE + i * PAGE_SIZE, false, FaultMode::Fault)
+                .unwrap()
         })
     });
 
@@ -78,7 +79,8 @@ fn bench_mirror(c: &mut Criterion) {
     c.bench_function("invalidate_2m_mapped", |b| {
         b.iter_batched(
             || {
-                m.prefetch(BASE, 2 << 20, false, FaultMode::Snapshot).unwrap();
+                m.prefetch(BASE, 2 << 20, false, FaultMode::Snapshot)
+                    .unwrap();
                 for i in 0..512 {
                     let _ = m.translate(0, BASE + i * PAGE_SIZE);
                 }
@@ -91,7 +93,8 @@ fn bench_mirror(c: &mut Criterion) {
     // Device reads on a warm TLB, without and with the oracle.
     let plain = Mirror::<_, Va>::new(p.clone(), MirrorConfig::identity(BASE, len), None).unwrap();
     let oracle = Oracle::new(p.clone());
-    let checked = Mirror::<_, Va>::new(p.clone(), MirrorConfig::identity(BASE, len), Some(oracle)).unwrap();
+    let checked =
+        Mirror::<_, Va>::new(p.clone(), MirrorConfig::identity(BASE, len), Some(oracle)).unwrap();
     for mm in [&plain, &checked] {
         for i in 0..64 {
             mm.read_u64(0, BASE + i * PAGE_SIZE).unwrap();

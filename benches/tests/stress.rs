@@ -26,7 +26,14 @@ fn quiet(_: f64, _: u64, _: u64, _: u64) {}
 #[test]
 fn clean_runs_find_no_violation() {
     for threads in [1, 2, 3] {
-        let r = run(&StressConfig { threads, ..cfg(1.0, None) }, &quiet).unwrap();
+        let r = run(
+            &StressConfig {
+                threads,
+                ..cfg(1.0, None)
+            },
+            &quiet,
+        )
+        .unwrap();
         assert_eq!(r.violations, 0, "{}", r.first_violations.join("\n"));
         assert!(r.accesses > 10_000 && r.operations > 1_000, "{}", r.table());
         assert!(r.invalidations > 0 && r.faults > 0);
@@ -36,16 +43,36 @@ fn clean_runs_find_no_violation() {
 
 #[test]
 fn a_clean_run_with_a_slow_fault_path_still_finds_nothing() {
-    let r = run(&StressConfig { fault_delay: 2000, ..cfg(1.0, None) }, &quiet).unwrap();
+    let r = run(
+        &StressConfig {
+            fault_delay: 2000,
+            ..cfg(1.0, None)
+        },
+        &quiet,
+    )
+    .unwrap();
     assert_eq!(r.violations, 0);
-    assert!(r.retries > 0, "the widened window must produce collisions: {}", r.table());
+    assert!(
+        r.retries > 0,
+        "the widened window must produce collisions: {}",
+        r.table()
+    );
 }
 
 #[test]
 fn every_injection_mode_is_caught() {
-    for inject in [Inject::SkipInvalidate, Inject::SkipReadRetry, Inject::LateFlush, Inject::FreeBeforeEnd] {
+    for inject in [
+        Inject::SkipInvalidate,
+        Inject::SkipReadRetry,
+        Inject::LateFlush,
+        Inject::FreeBeforeEnd,
+    ] {
         let r = run(&cfg(2.0, Some(inject)), &quiet).unwrap();
-        assert!(r.violations >= 1, "{inject:?} found nothing:\n{}", r.table());
+        assert!(
+            r.violations >= 1,
+            "{inject:?} found nothing:\n{}",
+            r.table()
+        );
         assert!(!r.first_violations.is_empty());
     }
 }
@@ -53,7 +80,10 @@ fn every_injection_mode_is_caught() {
 #[test]
 fn deterministic_runs_replay_exactly() {
     for inject in [None, Some(Inject::LateFlush)] {
-        let c = StressConfig { steps: Some(40_000), ..cfg(0.0, inject) };
+        let c = StressConfig {
+            steps: Some(40_000),
+            ..cfg(0.0, inject)
+        };
         let a = run(&c, &quiet).unwrap();
         let b = run(&c, &quiet).unwrap();
         assert_eq!(a.replay_key(), b.replay_key());
@@ -75,14 +105,29 @@ fn cli_exit_codes_and_record_replay() {
     let json = dir.join("report.json");
     let svg = dir.join("lat.svg");
     let st = notifier()
-        .args(["stress", "--quiet", "--steps", "30000", "--inject", "late-flush", "--record"])
+        .args([
+            "stress",
+            "--quiet",
+            "--steps",
+            "30000",
+            "--inject",
+            "late-flush",
+            "--record",
+        ])
         .arg(&rec)
         .status()
         .unwrap();
     assert_eq!(st.code(), Some(1), "violations exit 1");
-    let out = notifier().args(["stress", "--quiet", "--replay"]).arg(&rec).output().unwrap();
+    let out = notifier()
+        .args(["stress", "--quiet", "--replay"])
+        .arg(&rec)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("replay matches the recording exactly"), "{text}");
+    assert!(
+        text.contains("replay matches the recording exactly"),
+        "{text}"
+    );
     assert_eq!(out.status.code(), Some(1));
     let st = notifier()
         .args(["stress", "--quiet", "--seconds", "1", "--json"])
@@ -92,8 +137,16 @@ fn cli_exit_codes_and_record_replay() {
         .status()
         .unwrap();
     assert_eq!(st.code(), Some(0));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for k in ["violations", "accesses", "invalidations", "faults", "retries", "seconds"] {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in [
+        "violations",
+        "accesses",
+        "invalidations",
+        "faults",
+        "retries",
+        "seconds",
+    ] {
         assert!(v.get(k).is_some(), "JSON lacks {k}");
     }
     assert_eq!(v["violations"], 0);
@@ -106,11 +159,33 @@ fn cli_exit_codes_and_record_replay() {
         vec!["stress", "--bogus"],
         vec!["bench", "nope"],
     ] {
-        assert_eq!(notifier().args(&bad).output().unwrap().status.code(), Some(2), "{bad:?}");
+        assert_eq!(
+            notifier().args(&bad).output().unwrap().status.code(),
+            Some(2),
+            "{bad:?}"
+        );
     }
     let missing = dir.join("missing.json");
-    assert_eq!(notifier().args(["stress", "--replay"]).arg(&missing).output().unwrap().status.code(), Some(2));
+    assert_eq!(
+        notifier()
+            .args(["stress", "--replay"])
+            .arg(&missing)
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
     std::fs::write(dir.join("garbage.json"), "not json").unwrap();
-    assert_eq!(notifier().args(["stress", "--replay"]).arg(dir.join("garbage.json")).output().unwrap().status.code(), Some(2));
+    assert_eq!(
+        notifier()
+            .args(["stress", "--replay"])
+            .arg(dir.join("garbage.json"))
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

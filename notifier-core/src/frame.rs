@@ -203,7 +203,10 @@ impl HeapFrames {
     #[inline]
     fn frame(&self, pfn: Pfn) -> Result<&Frame, FrameError> {
         let i = pfn.0.wrapping_sub(self.base);
-        self.frames.get(i as usize).filter(|_| i < self.frames.len() as u64).ok_or(FrameError::InvalidPfn(pfn.0))
+        self.frames
+            .get(i as usize)
+            .filter(|_| i < self.frames.len() as u64)
+            .ok_or(FrameError::InvalidPfn(pfn.0))
     }
 
     #[inline]
@@ -283,7 +286,8 @@ impl FrameStore for HeapFrames {
     fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
         let s = self.frame(src)?;
         let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
-        self.allocated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.allocated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let d = self.frame(Pfn(pfn))?;
         for (a, b) in s.iter().zip(d.iter()) {
             b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use notifier_core::frame::{FrameStore, HeapFrames};
-use notifier_core::mm::{MmapRequest, Mm, Prot};
+use notifier_core::mm::{Mm, MmapRequest, Prot};
 use notifier_core::notifier::Event;
 use notifier_core::primary::Primary;
 use notifier_core::secondary::*;
@@ -16,12 +16,19 @@ const PAGES: u64 = 32;
 fn mm_with_anon() -> (Arc<Mm>, u64, Arc<Oracle>) {
     let mm = Mm::new(Arc::new(HeapFrames::new(0x10000, 4096)));
     let oracle = Oracle::for_mm(&mm);
-    let base = mm.mmap(&MmapRequest::anon(PAGES * PAGE_SIZE, Prot::RW)).unwrap();
+    let base = mm
+        .mmap(&MmapRequest::anon(PAGES * PAGE_SIZE, Prot::RW))
+        .unwrap();
     (mm, base, oracle)
 }
 
 fn checked(mm: &Arc<Mm>, base: u64, oracle: Arc<Oracle>) -> CheckedMirror<Mm, Va> {
-    CheckedMirror::with_oracle(mm.clone(), MirrorConfig::identity(base, PAGES * PAGE_SIZE), oracle).unwrap()
+    CheckedMirror::with_oracle(
+        mm.clone(),
+        MirrorConfig::identity(base, PAGES * PAGE_SIZE),
+        oracle,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -73,13 +80,22 @@ fn freeing_before_end_is_caught() {
         }
     }
     for inject in [false, true] {
-        let frames = Arc::new(TrackedFrames::new(HeapFrames::new(0x10000, 4096), 0x10000, 4096));
+        let frames = Arc::new(TrackedFrames::new(
+            HeapFrames::new(0x10000, 4096),
+            0x10000,
+            4096,
+        ));
         let mm = Mm::new(frames.clone() as Arc<dyn FrameStore>);
-        let base = mm.mmap(&MmapRequest::anon(PAGES * PAGE_SIZE, Prot::RW)).unwrap();
+        let base = mm
+            .mmap(&MmapRequest::anon(PAGES * PAGE_SIZE, Prot::RW))
+            .unwrap();
         let oracle = Oracle::liveness(&mm, frames.clone());
         let device = Arc::new(DeviceAtEnd(std::sync::Mutex::new(None)));
         let _hook = mm.notifiers().register(device.clone()).unwrap();
-        let cfg = MirrorConfig { flush: FlushPolicy::AtEnd, ..MirrorConfig::identity(base, PAGES * PAGE_SIZE) };
+        let cfg = MirrorConfig {
+            flush: FlushPolicy::AtEnd,
+            ..MirrorConfig::identity(base, PAGES * PAGE_SIZE)
+        };
         let m = Arc::new(Mirror::<_, Va>::new(mm.clone(), cfg, Some(oracle.clone())).unwrap());
         mm.write_u64(base, 5).unwrap();
         assert_eq!(m.read_u64(0, base).unwrap(), 5);
@@ -89,10 +105,17 @@ fn freeing_before_end_is_caught() {
         *device.0.lock().unwrap() = Some(Arc::new(move || {
             let _ = m2.read_u64(0, base);
         }));
-        mm.inject().free_before_end.store(inject, std::sync::atomic::Ordering::Relaxed);
+        mm.inject()
+            .free_before_end
+            .store(inject, std::sync::atomic::Ordering::Relaxed);
         mm.munmap(base, PAGE_SIZE).unwrap();
         *device.0.lock().unwrap() = None;
-        assert_eq!(oracle.violation_count() >= 1, inject, "inject={inject}: {:?}", oracle.violations().first().map(|v| v.to_string()));
+        assert_eq!(
+            oracle.violation_count() >= 1,
+            inject,
+            "inject={inject}: {:?}",
+            oracle.violations().first().map(|v| v.to_string())
+        );
         assert!(oracle.checks() >= 2);
     }
 }

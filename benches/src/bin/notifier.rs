@@ -20,7 +20,11 @@ use clap::{Parser, Subcommand};
 use notifier_bench::stress::{self, Backend, Inject, Report, StressConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "notifier", version, about = "Userspace secondary-MMU framework: stress with verified coherence, parity benches")]
+#[command(
+    name = "notifier",
+    version,
+    about = "Userspace secondary-MMU framework: stress with verified coherence, parity benches"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -118,20 +122,27 @@ fn bench_cmd(name: Option<&str>) -> ExitCode {
             println!("criterion benches: cargo bench -p notifier-bench (machinery, secondary), -p notifier-core (mm), -p notifier-rdma, -p notifier-kvm");
             ExitCode::SUCCESS
         }
-        Some("rcache") => match notifier_rdma::parity::run(&notifier_rdma::parity::ParityConfig::default()) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("notifier bench rcache: {e}");
-                ExitCode::from(1)
+        Some("rcache") => {
+            match notifier_rdma::parity::run(&notifier_rdma::parity::ParityConfig::default()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("notifier bench rcache: {e}");
+                    ExitCode::from(1)
+                }
             }
-        },
-        Some(other) => usage(&format!("unknown bench {other:?}; `notifier bench` lists them")),
+        }
+        Some(other) => usage(&format!(
+            "unknown bench {other:?}; `notifier bench` lists them"
+        )),
     }
 }
 
 fn stress_cmd(a: StressArgs) -> ExitCode {
     if !(a.seconds > 0.0 && a.seconds <= 86_400.0) {
-        return usage(&format!("--seconds must be in (0, 86400], got {}", a.seconds));
+        return usage(&format!(
+            "--seconds must be in (0, 86400], got {}",
+            a.seconds
+        ));
     }
     if a.threads == 0 || a.threads > 256 {
         return usage(&format!("--threads must be in 1..=256, got {}", a.threads));
@@ -147,9 +158,17 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
     }
     let recorded: Option<Report> = match &a.replay {
         None => None,
-        Some(p) => match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|s| serde_json::from_str::<Report>(&s).map_err(|e| e.to_string())) {
+        Some(p) => match std::fs::read_to_string(p)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str::<Report>(&s).map_err(|e| e.to_string()))
+        {
             Ok(r) if r.config.steps.is_some() => Some(r),
-            Ok(_) => return usage(&format!("{}: not a recorded (deterministic) run", p.display())),
+            Ok(_) => {
+                return usage(&format!(
+                    "{}: not a recorded (deterministic) run",
+                    p.display()
+                ))
+            }
             Err(e) => return usage(&format!("cannot read replay file {}: {e}", p.display())),
         },
     };
@@ -175,13 +194,20 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
             Some(_) => 100,
             None => (cfg.seconds * 10.0) as u64,
         });
-        b.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}").expect("template"));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+                .expect("template"),
+        );
         b
     });
     let last_line = parking_lot::Mutex::new(0.0f64);
     let quiet = a.quiet;
     let progress = |t: f64, acc: u64, ops: u64, viol: u64| {
-        let msg = format!("{:.1} M accesses/s, {:.0} ops/s, {viol} violations", acc as f64 / t.max(1e-9) / 1e6, ops as f64 / t.max(1e-9));
+        let msg = format!(
+            "{:.1} M accesses/s, {:.0} ops/s, {viol} violations",
+            acc as f64 / t.max(1e-9) / 1e6,
+            ops as f64 / t.max(1e-9)
+        );
         if let Some(b) = &bar {
             if cfg.steps.is_none() {
                 b.set_position((t * 10.0) as u64);
@@ -207,13 +233,19 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
     }
     print!("{}", report.table());
     if let Some(p) = &a.json {
-        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&report).expect("serialisable")) {
+        if let Err(e) = std::fs::write(
+            p,
+            serde_json::to_string_pretty(&report).expect("serialisable"),
+        ) {
             eprintln!("notifier stress: writing {}: {e}", p.display());
             return ExitCode::from(2);
         }
     }
     if let Some(p) = &a.record {
-        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&report).expect("serialisable")) {
+        if let Err(e) = std::fs::write(
+            p,
+            serde_json::to_string_pretty(&report).expect("serialisable"),
+        ) {
             eprintln!("notifier stress: writing {}: {e}", p.display());
             return ExitCode::from(2);
         }
@@ -227,12 +259,18 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
     }
     if let Some(r) = &recorded {
         if r.replay_key() != report.replay_key() {
-            println!("replay DIVERGED from {}:", a.replay.as_ref().expect("replay path").display());
+            println!(
+                "replay DIVERGED from {}:",
+                a.replay.as_ref().expect("replay path").display()
+            );
             println!("  recorded: {:?}", r.replay_key());
             println!("  replayed: {:?}", report.replay_key());
             return ExitCode::from(1);
         }
-        println!("replay matches the recording exactly ({} violations, {} accesses, {} operations)", report.violations, report.accesses, report.operations);
+        println!(
+            "replay matches the recording exactly ({} violations, {} accesses, {} operations)",
+            report.violations, report.accesses, report.operations
+        );
     }
     if report.violations > 0 {
         for v in &report.first_violations {

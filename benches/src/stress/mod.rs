@@ -189,7 +189,12 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
             }
             if step % 65536 == 0 {
                 let c = &world.counters;
-                progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
+                progress(
+                    start.elapsed().as_secs_f64(),
+                    c.accesses.load(Ordering::Relaxed),
+                    c.ops.load(Ordering::Relaxed),
+                    world.oracle.violation_count(),
+                );
             }
         }
     } else if cfg.threads <= 1 {
@@ -207,66 +212,82 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
                 n += 1;
             }
             let c = &world.counters;
-            progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
+            progress(
+                start.elapsed().as_secs_f64(),
+                c.accesses.load(Ordering::Relaxed),
+                c.ops.load(Ordering::Relaxed),
+                world.oracle.violation_count(),
+            );
         }
     } else {
         let stop = AtomicBool::new(false);
-        let per_mutator: Vec<(Stages, std::collections::BTreeMap<OpKind, u64>)> = std::thread::scope(|s| {
-            let world = &world;
-            let stop = &stop;
-            for d in 0..devices {
-                let seed = cfg.seed ^ (0xD0 + d as u64) << 32;
-                s.spawn(move || {
-                    let mut rng = Rng::new(seed);
-                    let mut k = d;
-                    while !stop.load(Ordering::Relaxed) {
-                        for _ in 0..256 {
-                            world.device_step(&mut rng, k);
-                            k = (k + devices) % (devices * world.mirrors.len());
-                        }
-                    }
-                });
-            }
-            let handles: Vec<_> = (0..mutators)
-                .map(|m| {
-                    let seed = cfg.seed ^ (0x30 + m as u64) << 40;
-                    let rate = cfg.ops_per_sec as f64 / mutators as f64;
+        let per_mutator: Vec<(Stages, std::collections::BTreeMap<OpKind, u64>)> =
+            std::thread::scope(|s| {
+                let world = &world;
+                let stop = &stop;
+                for d in 0..devices {
+                    let seed = cfg.seed ^ (0xD0 + d as u64) << 32;
                     s.spawn(move || {
                         let mut rng = Rng::new(seed);
-                        let mut st = Stages::default();
-                        let mut kinds = std::collections::BTreeMap::new();
-                        let t0 = Instant::now();
-                        let mut done = 0u64;
+                        let mut k = d;
                         while !stop.load(Ordering::Relaxed) {
-                            if rate > 0.0 {
-                                // Pace: stay within the target rate.
-                                let due = t0.elapsed().as_secs_f64() * rate;
-                                if done as f64 > due + 1.0 {
-                                    std::thread::sleep(Duration::from_secs_f64(((done as f64 - due) / rate).min(0.005)));
-                                    continue;
-                                }
+                            for _ in 0..256 {
+                                world.device_step(&mut rng, k);
+                                k = (k + devices) % (devices * world.mirrors.len());
                             }
-                            let k = world.mutator_step(&mut rng, &mut st);
-                            *kinds.entry(k).or_insert(0u64) += 1;
-                            done += 1;
                         }
-                        (st, kinds)
-                    })
-                })
-                .collect();
-            let deadline = start + Duration::from_secs_f64(cfg.seconds);
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
+                    });
                 }
-                std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
-                let c = &world.counters;
-                progress(start.elapsed().as_secs_f64(), c.accesses.load(Ordering::Relaxed), c.ops.load(Ordering::Relaxed), world.oracle.violation_count());
-            }
-            stop.store(true, Ordering::Relaxed);
-            handles.into_iter().map(|h| h.join().expect("mutator thread")).collect()
-        });
+                let handles: Vec<_> = (0..mutators)
+                    .map(|m| {
+                        let seed = cfg.seed ^ (0x30 + m as u64) << 40;
+                        let rate = cfg.ops_per_sec as f64 / mutators as f64;
+                        s.spawn(move || {
+                            let mut rng = Rng::new(seed);
+                            let mut st = Stages::default();
+                            let mut kinds = std::collections::BTreeMap::new();
+                            let t0 = Instant::now();
+                            let mut done = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                if rate > 0.0 {
+                                    // Pace: stay within the target rate.
+                                    let due = t0.elapsed().as_secs_f64() * rate;
+                                    if done as f64 > due + 1.0 {
+                                        std::thread::sleep(Duration::from_secs_f64(
+                                            ((done as f64 - due) / rate).min(0.005),
+                                        ));
+                                        continue;
+                                    }
+                                }
+                                let k = world.mutator_step(&mut rng, &mut st);
+                                *kinds.entry(k).or_insert(0u64) += 1;
+                                done += 1;
+                            }
+                            (st, kinds)
+                        })
+                    })
+                    .collect();
+                let deadline = start + Duration::from_secs_f64(cfg.seconds);
+                loop {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+                    let c = &world.counters;
+                    progress(
+                        start.elapsed().as_secs_f64(),
+                        c.accesses.load(Ordering::Relaxed),
+                        c.ops.load(Ordering::Relaxed),
+                        world.oracle.violation_count(),
+                    );
+                }
+                stop.store(true, Ordering::Relaxed);
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("mutator thread"))
+                    .collect()
+            });
         for (st, kinds) in per_mutator {
             stages.merge(&st);
             for (k, n) in kinds {
@@ -275,5 +296,16 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    Ok(Report::build(cfg, &world, seconds, &stages, ops_by_kind, if cfg.steps.is_some() { Some(log_hash) } else { None }))
+    Ok(Report::build(
+        cfg,
+        &world,
+        seconds,
+        &stages,
+        ops_by_kind,
+        if cfg.steps.is_some() {
+            Some(log_hash)
+        } else {
+            None
+        },
+    ))
 }

@@ -27,8 +27,37 @@ pub struct StageReport {
 
 impl From<Percentiles> for StageReport {
     fn from(p: Percentiles) -> Self {
-        Self { count: p.count, p50: p.p50, p99: p.p99, p999: p.p999, max: p.max }
+        Self {
+            count: p.count,
+            p50: p.p50,
+            p99: p.p99,
+            p999: p.p999,
+            max: p.max,
+        }
     }
+}
+
+/// What a deterministic replay must reproduce exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayKey {
+    /// Violations.
+    pub violations: u64,
+    /// Accesses.
+    pub accesses: u64,
+    /// Denied accesses.
+    pub denied: u64,
+    /// Operations.
+    pub operations: u64,
+    /// Fault-ins.
+    pub faults: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Invalidations.
+    pub invalidations: u64,
+    /// Hash of the operation sequence.
+    pub op_log_hash: Option<u64>,
+    /// Operations by kind.
+    pub ops_by_kind: BTreeMap<String, u64>,
 }
 
 /// Everything a run measured.
@@ -112,7 +141,10 @@ impl Report {
             checks: w.oracle.checks(),
             operations,
             rejected: c.rejected.load(Ordering::Relaxed),
-            ops_by_kind: ops.into_iter().map(|(k, n)| (k.name().to_string(), n)).collect(),
+            ops_by_kind: ops
+                .into_iter()
+                .map(|(k, n)| (k.name().to_string(), n))
+                .collect(),
             faults: ms.faults,
             retries: ms.retries,
             invalidations: ms.invalidations,
@@ -123,24 +155,30 @@ impl Report {
             latency,
             subscriptions: w.mm.notifiers().interval_count(),
             op_log_hash,
-            first_violations: w.oracle.violations().iter().take(3).map(|v| v.to_string()).collect(),
+            first_violations: w
+                .oracle
+                .violations()
+                .iter()
+                .take(3)
+                .map(|v| v.to_string())
+                .collect(),
             buckets,
         }
     }
 
     /// The counts a replay must reproduce exactly.
-    pub fn replay_key(&self) -> (u64, u64, u64, u64, u64, u64, u64, Option<u64>, BTreeMap<String, u64>) {
-        (
-            self.violations,
-            self.accesses,
-            self.denied,
-            self.operations,
-            self.faults,
-            self.retries,
-            self.invalidations,
-            self.op_log_hash,
-            self.ops_by_kind.clone(),
-        )
+    pub fn replay_key(&self) -> ReplayKey {
+        ReplayKey {
+            violations: self.violations,
+            accesses: self.accesses,
+            denied: self.denied,
+            operations: self.operations,
+            faults: self.faults,
+            retries: self.retries,
+            invalidations: self.invalidations,
+            op_log_hash: self.op_log_hash,
+            ops_by_kind: self.ops_by_kind.clone(),
+        }
     }
 
     /// The human-readable table.
@@ -158,7 +196,8 @@ impl Report {
             c.backend,
             c.seed,
             self.seconds,
-            c.inject.map_or(String::new(), |i| format!(", inject {i:?}"))
+            c.inject
+                .map_or(String::new(), |i| format!(", inject {i:?}"))
         );
         let _ = writeln!(s, "  {:<28}{:>14}", "verified accesses", self.accesses);
         let _ = writeln!(s, "  {:<28}{:>14.0}", "accesses / s", self.accesses_per_sec);
@@ -172,11 +211,27 @@ impl Report {
         let _ = writeln!(s, "  {:<28}{:>14}", "faults (fills)", self.faults);
         let _ = writeln!(s, "  {:<28}{:>14}", "retries", self.retries);
         let _ = writeln!(s, "  {:<28}{:>14}", "invalidations", self.invalidations);
-        let _ = writeln!(s, "  {:<28}{:>13.1}%", "TLB hit rate", 100.0 * self.tlb_hit_rate);
-        let _ = writeln!(s, "  {:<28}{:>14}", "interval subscriptions", self.subscriptions);
-        let _ = writeln!(s, "  latency (ns)                      p50       p99     p99.9       max   samples");
+        let _ = writeln!(
+            s,
+            "  {:<28}{:>13.1}%",
+            "TLB hit rate",
+            100.0 * self.tlb_hit_rate
+        );
+        let _ = writeln!(
+            s,
+            "  {:<28}{:>14}",
+            "interval subscriptions", self.subscriptions
+        );
+        let _ = writeln!(
+            s,
+            "  latency (ns)                      p50       p99     p99.9       max   samples"
+        );
         for (n, l) in &self.latency {
-            let _ = writeln!(s, "    {:<26}{:>10}{:>10}{:>10}{:>10}{:>10}", n, l.p50, l.p99, l.p999, l.max, l.count);
+            let _ = writeln!(
+                s,
+                "    {:<26}{:>10}{:>10}{:>10}{:>10}{:>10}",
+                n, l.p50, l.p99, l.p999, l.max, l.count
+            );
         }
         let _ = writeln!(s, "  {:<28}{:>14}", "violations", self.violations);
         s
@@ -187,8 +242,20 @@ impl Report {
         use plotters::prelude::*;
         let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let max_x = self.buckets.values().flat_map(|b| b.iter().map(|x| x.0)).max().unwrap_or(1).max(2);
-        let max_y = self.buckets.values().flat_map(|b| b.iter().map(|x| x.1)).max().unwrap_or(1).max(1);
+        let max_x = self
+            .buckets
+            .values()
+            .flat_map(|b| b.iter().map(|x| x.0))
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let max_y = self
+            .buckets
+            .values()
+            .flat_map(|b| b.iter().map(|x| x.1))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut chart = ChartBuilder::on(&root)
             .caption("notifier stress: invalidation latency", ("sans-serif", 22))
             .margin(12)
@@ -205,12 +272,20 @@ impl Report {
         for (i, (name, b)) in self.buckets.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(b.iter().map(|&(x, y)| (x.max(1), y)), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    b.iter().map(|&(x, y)| (x.max(1), y)),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| e.to_string())?
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use notifier_core::frame::{FrameStore, HeapFrames, Pfn};
 use notifier_core::mm::{
-    Advice, FileOptions, MmapRequest, Mm, Prot, SpecialFault, SpecialFaultError, SpecialMapping,
+    Advice, FileOptions, Mm, MmapRequest, Prot, SpecialFault, SpecialFaultError, SpecialMapping,
     SpecialSource,
 };
 use notifier_core::notifier::{
@@ -38,7 +38,12 @@ const FRAMES: usize = 16 * 1024;
 struct Idle;
 
 impl IntervalNotifierOps for Idle {
-    fn invalidate(&self, sub: &IntervalNotifier, _: &InvalidateRange, seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        _: &InvalidateRange,
+        seq: u64,
+    ) -> Result<(), Again> {
         sub.set_seq(seq);
         Ok(())
     }
@@ -99,32 +104,57 @@ impl SoftWorld {
             let oracle = Oracle::for_mm(&mm);
             (mm, oracle)
         };
-        let e = |what: &str, err: &dyn std::fmt::Debug| format!("setting up the soft world: {what}: {err:?}");
+        let e = |what: &str, err: &dyn std::fmt::Debug| {
+            format!("setting up the soft world: {what}: {err:?}")
+        };
 
-        mm.mmap(&MmapRequest::anon(ARENA_PAGES * PAGE_SIZE, Prot::RW).at(ARENA)).map_err(|x| e("arena", &x))?;
+        mm.mmap(&MmapRequest::anon(ARENA_PAGES * PAGE_SIZE, Prot::RW).at(ARENA))
+            .map_err(|x| e("arena", &x))?;
         let file = mm.create_file(FileOptions::new(4 * FILE_PAGES));
         for p in 0..4 * FILE_PAGES {
-            file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes()).map_err(|x| e("file", &x))?;
+            file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes())
+                .map_err(|x| e("file", &x))?;
         }
-        mm.mmap(&MmapRequest::file(file.clone(), 0, FILE_PAGES * PAGE_SIZE, Prot::RW).shared().at(WINDOW))
-            .map_err(|x| e("file window", &x))?;
+        mm.mmap(
+            &MmapRequest::file(file.clone(), 0, FILE_PAGES * PAGE_SIZE, Prot::RW)
+                .shared()
+                .at(WINDOW),
+        )
+        .map_err(|x| e("file window", &x))?;
         // The special mapping's frames: the callback hands out one per page
         // offset, filled with a recognisable pattern.
-        let frames: Vec<Pfn> = (0..SPECIAL_PAGES).map(|_| mm.alloc_page()).collect::<Result<_, _>>().map_err(|x| e("special frames", &x))?;
+        let frames: Vec<Pfn> = (0..SPECIAL_PAGES)
+            .map(|_| mm.alloc_page())
+            .collect::<Result<_, _>>()
+            .map_err(|x| e("special frames", &x))?;
         for (i, f) in frames.iter().enumerate() {
-            mm.frames().store(*f, 0, 0x5EC1_0000 + i as u64).map_err(|x| e("special frame", &x))?;
+            mm.frames()
+                .store(*f, 0, 0x5EC1_0000 + i as u64)
+                .map_err(|x| e("special frame", &x))?;
         }
         let special = Arc::new(SpecialMapping {
             name: "[stress]",
             source: SpecialSource::Fault(Box::new(move |f: &SpecialFault| {
-                frames.get(f.pgoff as usize).copied().ok_or(SpecialFaultError)
+                frames
+                    .get(f.pgoff as usize)
+                    .copied()
+                    .ok_or(SpecialFaultError)
             })),
         });
-        mm.mmap(&MmapRequest::special(special.clone(), SPECIAL_PAGES * PAGE_SIZE, Prot::READ).at(SPECIAL))
-            .map_err(|x| e("special mapping", &x))?;
+        mm.mmap(
+            &MmapRequest::special(special.clone(), SPECIAL_PAGES * PAGE_SIZE, Prot::READ)
+                .at(SPECIAL),
+        )
+        .map_err(|x| e("special mapping", &x))?;
 
-        let flush = if cfg.inject == Some(Inject::FreeBeforeEnd) { FlushPolicy::AtEnd } else { FlushPolicy::InCallback };
-        let check = Arc::new(TimedCheck { oracle: oracle.clone() });
+        let flush = if cfg.inject == Some(Inject::FreeBeforeEnd) {
+            FlushPolicy::AtEnd
+        } else {
+            FlushPolicy::InCallback
+        };
+        let check = Arc::new(TimedCheck {
+            oracle: oracle.clone(),
+        });
         let mut mirrors = Vec::new();
         for i in 0..cfg.mirrors.max(1) {
             let mcfg = MirrorConfig {
@@ -136,8 +166,12 @@ impl SoftWorld {
                 flush_batch: 64,
                 flush,
             };
-            let m = Mirror::new(mm.clone(), mcfg, Some(check.clone() as Arc<dyn notifier_core::secondary::AccessCheck>))
-                .map_err(|x| e("mirror", &x))?;
+            let m = Mirror::new(
+                mm.clone(),
+                mcfg,
+                Some(check.clone() as Arc<dyn notifier_core::secondary::AccessCheck>),
+            )
+            .map_err(|x| e("mirror", &x))?;
             m.inject().set_fault_delay(cfg.fault_delay);
             match cfg.inject {
                 Some(Inject::SkipInvalidate) => m.inject().set_skip_event(Some(Event::Unmap)),
@@ -157,10 +191,27 @@ impl SoftWorld {
         // Idle subscriptions: one page each, every fourth inside the layout.
         let mut idle = Vec::with_capacity(cfg.subscriptions);
         for i in 0..cfg.subscriptions as u64 {
-            let addr = if i % 4 == 0 { ARENA + (i / 4 % (ARENA_PAGES + FILE_PAGES)) * PAGE_SIZE } else { 0x20_0000_0000 + i * 2 * PAGE_SIZE };
-            idle.push(mm.notifiers().interval_subscribe(addr, PAGE_SIZE, Idle).map_err(|x| e("subscription", &x))?);
+            let addr = if i % 4 == 0 {
+                ARENA + (i / 4 % (ARENA_PAGES + FILE_PAGES)) * PAGE_SIZE
+            } else {
+                0x20_0000_0000 + i * 2 * PAGE_SIZE
+            };
+            idle.push(
+                mm.notifiers()
+                    .interval_subscribe(addr, PAGE_SIZE, Idle)
+                    .map_err(|x| e("subscription", &x))?,
+            );
         }
-        Ok(Self { mm, oracle, mirrors, special, file, _idle: idle, counters: Counters::default(), devices })
+        Ok(Self {
+            mm,
+            oracle,
+            mirrors,
+            special,
+            file,
+            _idle: idle,
+            counters: Counters::default(),
+            devices,
+        })
     }
 
     /// One device access by device `dev` (of mirror `dev % mirrors`).
@@ -193,21 +244,33 @@ impl SoftWorld {
         let ok = match kind {
             OpKind::Munmap => {
                 self.oracle.record_op("munmap", addr, addr + len);
-                self.mm.munmap(addr, len).is_ok() && self.mm.mmap(&MmapRequest::anon(len, Prot::RW).at(addr)).is_ok()
+                self.mm.munmap(addr, len).is_ok()
+                    && self
+                        .mm
+                        .mmap(&MmapRequest::anon(len, Prot::RW).at(addr))
+                        .is_ok()
             }
             OpKind::Mprotect => {
                 self.oracle.record_op("mprotect", addr, addr + len);
-                self.mm.mprotect(addr, len, Prot::READ).is_ok() && self.mm.mprotect(addr, len, Prot::RW).is_ok()
+                self.mm.mprotect(addr, len, Prot::READ).is_ok()
+                    && self.mm.mprotect(addr, len, Prot::RW).is_ok()
             }
             OpKind::Mremap => {
                 // Shrink to half (the tail is unmapped), then map the tail again.
                 self.oracle.record_op("mremap", addr, addr + len);
                 let half = (pages / 2).max(1) * PAGE_SIZE;
                 if half == len {
-                    self.mm.munmap(addr, len).is_ok() && self.mm.mmap(&MmapRequest::anon(len, Prot::RW).at(addr)).is_ok()
+                    self.mm.munmap(addr, len).is_ok()
+                        && self
+                            .mm
+                            .mmap(&MmapRequest::anon(len, Prot::RW).at(addr))
+                            .is_ok()
                 } else {
                     self.mm.mremap(addr, len, half, Default::default()).is_ok()
-                        && self.mm.mmap(&MmapRequest::anon(len - half, Prot::RW).at(addr + half)).is_ok()
+                        && self
+                            .mm
+                            .mmap(&MmapRequest::anon(len - half, Prot::RW).at(addr + half))
+                            .is_ok()
                 }
             }
             OpKind::MadviseDontNeed => {
@@ -251,7 +314,10 @@ impl SoftWorld {
                 let zapped = self.mm.madvise(a, PAGE_SIZE, Advice::DontNeed).is_ok();
                 zapped && self.mm.read_u64(a).is_ok_and(|v| v == 0x5EC1_0000 + p)
             }
-            OpKind::CpuWrite => self.mm.write_u64(addr + 8 * rng.below(512), rng.next_u64()).is_ok(),
+            OpKind::CpuWrite => self
+                .mm
+                .write_u64(addr + 8 * rng.below(512), rng.next_u64())
+                .is_ok(),
         };
         stages.finish_op(t0);
         if ok {

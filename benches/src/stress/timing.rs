@@ -61,9 +61,12 @@ impl Stages {
         let first = FIRST.with(|f| f.take());
         let last = LAST.with(|l| l.take());
         if let (Some(f), Some(l)) = (first, last) {
-            self.event_to_start.record(f.saturating_duration_since(t0).as_nanos() as u64);
-            self.start_to_flushed.record(l.saturating_duration_since(f).as_nanos() as u64);
-            self.stale_window.record(l.saturating_duration_since(t0).as_nanos() as u64);
+            self.event_to_start
+                .record(f.saturating_duration_since(t0).as_nanos() as u64);
+            self.start_to_flushed
+                .record(l.saturating_duration_since(f).as_nanos() as u64);
+            self.stale_window
+                .record(l.saturating_duration_since(t0).as_nanos() as u64);
         }
     }
 

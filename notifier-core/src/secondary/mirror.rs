@@ -42,8 +42,8 @@ use super::ext_addr::{ExternalAddress, Perm};
 use super::tlb::{FlushBatch, Tlb, TlbConfig, TlbStats};
 use crate::frame::{FrameStore, Pfn};
 use crate::notifier::{
-    Again, Event, Hooks, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange, MmuNotifier,
-    MmuNotifierOps, NotifierError,
+    Again, Event, Hooks, IntervalNotifier, IntervalNotifierOps, IntervalSubscription,
+    InvalidateRange, MmuNotifier, MmuNotifierOps, NotifierError,
 };
 use crate::primary::{Primary, PrimaryFault, Translation};
 use crate::PAGE_SIZE;
@@ -400,7 +400,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             check,
             at_end: Mutex::new(Vec::new()),
         };
-        let sub = primary.notifiers().interval_subscribe(cfg.start, cfg.len, shared)?;
+        let sub = primary
+            .notifiers()
+            .interval_subscribe(cfg.start, cfg.len, shared)?;
         let sub = Arc::new(IntervalSubscriptionHolder(sub));
         let end_hook = match cfg.flush {
             FlushPolicy::InCallback => None,
@@ -409,7 +411,11 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 Some(primary.notifiers().register(flusher)?)
             }
         };
-        Ok(Self { primary, sub, end_hook })
+        Ok(Self {
+            primary,
+            sub,
+            end_hook,
+        })
     }
 
     /// The configuration.
@@ -475,7 +481,8 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 core::hint::spin_loop();
             }
             let g = sh.lock.lock();
-            if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq) {
+            if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
+            {
                 drop(g);
                 sh.counters.retries.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -485,7 +492,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 c.on_fill(page, t.pfn, t.writable);
             }
             let perm = Perm::from_writable(t.writable);
-            sh.ept.map(A::from_raw(sh.ext(page)), t.pfn, perm).map_err(|_| MirrorError::OutOfRange(page))?;
+            sh.ept
+                .map(A::from_raw(sh.ext(page)), t.pfn, perm)
+                .map_err(|_| MirrorError::OutOfRange(page))?;
             drop(g);
             sh.counters.faults.fetch_add(1, Ordering::Relaxed);
             return Ok(t);

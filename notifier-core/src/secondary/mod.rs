@@ -18,7 +18,7 @@ mod tlb;
 pub use ept::{EptError, ExtEntry, ExternalPageTable, HUGE_PAGES, HUGE_SIZE};
 pub use ext_addr::{ExternalAddress, Gpa, Iova, Perm, Va};
 pub use mirror::{
-    AccessCheck, FaultMode, FlushPolicy, Mirror, MirrorConfig, MirrorError, MirrorInject, MirrorShared,
-    MirrorStats,
+    AccessCheck, FaultMode, FlushPolicy, Mirror, MirrorConfig, MirrorError, MirrorInject,
+    MirrorShared, MirrorStats,
 };
 pub use tlb::{FlushBatch, Tlb, TlbConfig, TlbEntry, TlbStats};

@@ -120,7 +120,10 @@ impl Tlb {
 
     #[inline]
     fn find(&self, base: usize, tag: u64) -> Option<usize> {
-        self.tags[base..base + self.ways].iter().position(|&t| t == tag).map(|i| base + i)
+        self.tags[base..base + self.ways]
+            .iter()
+            .position(|&t| t == tag)
+            .map(|i| base + i)
     }
 
     /// Look up the page of `addr`.
@@ -131,7 +134,10 @@ impl Tlb {
             Some(i) => {
                 self.stats.hits += 1;
                 let d = self.data[i];
-                Some(TlbEntry { pfn: Pfn(d >> 2), perm: Perm::from_bits(d as u8) })
+                Some(TlbEntry {
+                    pfn: Pfn(d >> 2),
+                    perm: Perm::from_bits(d as u8),
+                })
             }
             None => {
                 self.stats.misses += 1;
@@ -145,7 +151,10 @@ impl Tlb {
     pub fn fill(&mut self, addr: u64, pfn: Pfn, perm: Perm) {
         let vpn = addr >> 12;
         let base = self.set_of(vpn);
-        let slot = match self.tags[base..base + self.ways].iter().position(|&t| t == vpn + 1 || t == 0) {
+        let slot = match self.tags[base..base + self.ways]
+            .iter()
+            .position(|&t| t == vpn + 1 || t == 0)
+        {
             Some(i) => base + i,
             None => {
                 let v = &mut self.victim[base / self.ways];

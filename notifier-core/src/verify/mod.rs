@@ -18,8 +18,8 @@ pub use conformance::{
 pub use histogram::{LatencyHistogram, Percentiles};
 pub use oracle::{HistoryEvent, Oracle, OracleMode, Violation};
 pub use shadow::MmShadow;
-pub use tracked_frames::TrackedFrames;
 pub use test_primary::TestPrimary;
+pub use tracked_frames::TrackedFrames;
 
 use std::sync::Arc;
 
@@ -63,14 +63,18 @@ impl ConformancePrimary for crate::mm::Mm {
         self.write_u64(addr, val).expect("cpu write")
     }
     fn zap(&self, addr: u64) {
-        self.madvise(addr, crate::PAGE_SIZE, crate::mm::Advice::DontNeed).expect("madvise")
+        self.madvise(addr, crate::PAGE_SIZE, crate::mm::Advice::DontNeed)
+            .expect("madvise")
     }
     fn migrate(&self, addr: u64) -> bool {
         crate::mm::Mm::migrate(self, addr, crate::PAGE_SIZE).is_ok()
     }
     fn write_protect(&self, addr: u64) -> bool {
-        self.mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::READ).is_ok()
-            && self.mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::RW).is_ok()
+        self.mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::READ)
+            .is_ok()
+            && self
+                .mprotect(addr, crate::PAGE_SIZE, crate::mm::Prot::RW)
+                .is_ok()
     }
 }
 

@@ -165,7 +165,10 @@ impl Oracle {
     /// primaries whose lookup takes no lock that their invalidation path
     /// holds (the test primary); for `mm::Mm` use [`Oracle::for_mm`].
     pub fn new(primary: Arc<dyn Primary>) -> Arc<Self> {
-        Self::with_mode(Box::new(move |a| primary.lookup_page(a)), OracleMode::Strict)
+        Self::with_mode(
+            Box::new(move |a| primary.lookup_page(a)),
+            OracleMode::Strict,
+        )
     }
 
     /// A strict oracle over a software primary, reading a shadow of its
@@ -184,7 +187,10 @@ impl Oracle {
     ) -> Arc<Self> {
         let shadow = super::MmShadow::attach(mm);
         let source: Source = Box::new(move |a| shadow.lookup(a));
-        Self::with_mode(source, OracleMode::Liveness(Arc::new(move |pfn| frames.generation(pfn))))
+        Self::with_mode(
+            source,
+            OracleMode::Liveness(Arc::new(move |pfn| frames.generation(pfn))),
+        )
     }
 
     /// An oracle checking `mode`'s invariant.
@@ -247,12 +253,17 @@ impl Oracle {
                 // device already observed through the fault path) may not
                 // be reported yet. Wait for it, boundedly; a stale access
                 // stays stale however long we wait.
-                good((self.source)(addr)) || (0..SETTLE).any(|_| {
-                    std::thread::yield_now();
-                    good((self.source)(addr))
-                })
+                good((self.source)(addr))
+                    || (0..SETTLE).any(|_| {
+                        std::thread::yield_now();
+                        good((self.source)(addr))
+                    })
             }
-            OracleMode::Liveness(gen) => self.filled.lock().get(&(addr, pfn.0)).is_some_and(|g| *g == gen(pfn)),
+            OracleMode::Liveness(gen) => self
+                .filled
+                .lock()
+                .get(&(addr, pfn.0))
+                .is_some_and(|g| *g == gen(pfn)),
         };
         let now = if ok { None } else { (self.source)(addr) };
         match ok {

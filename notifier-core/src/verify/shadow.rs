@@ -20,7 +20,9 @@ pub struct MmShadow {
 
 impl core::fmt::Debug for MmShadow {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MmShadow").field("mapped", &self.table.mapped_pages()).finish()
+        f.debug_struct("MmShadow")
+            .field("mapped", &self.table.mapped_pages())
+            .finish()
     }
 }
 
@@ -28,7 +30,9 @@ impl MmShadow {
     /// Attach a shadow to `mm` (it takes `mm`'s PTE-observer slot). Attach
     /// before anything is mapped: existing PTEs are not copied.
     pub fn attach(mm: &Mm) -> Arc<Self> {
-        let shadow = Arc::new(Self { table: ExternalPageTable::new() });
+        let shadow = Arc::new(Self {
+            table: ExternalPageTable::new(),
+        });
         let s = shadow.clone();
         mm.inject().set_pte_observer(Some(Arc::new(move |c| {
             let page = c.addr & !0xfff;
@@ -38,7 +42,8 @@ impl MmShadow {
                     let _ = s.table.map(Va(page), p.pfn, Perm::from_writable(writable));
                 }
                 None => {
-                    s.table.unmap_range(Va(page), Va(page + 4096), false, |_, _| {});
+                    s.table
+                        .unmap_range(Va(page), Va(page + 4096), false, |_, _| {});
                 }
             }
         })));
@@ -48,6 +53,9 @@ impl MmShadow {
     /// What the primary maps at `addr` now.
     #[inline]
     pub fn lookup(&self, addr: u64) -> Option<Translation> {
-        self.table.lookup(Va(addr & !0xfff)).map(|e| Translation { pfn: e.pfn, writable: e.perm.writable() })
+        self.table.lookup(Va(addr & !0xfff)).map(|e| Translation {
+            pfn: e.pfn,
+            writable: e.perm.writable(),
+        })
     }
 }

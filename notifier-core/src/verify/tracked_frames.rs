@@ -16,20 +16,30 @@ pub struct TrackedFrames<F: FrameStore> {
 
 impl<F: FrameStore> core::fmt::Debug for TrackedFrames<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("TrackedFrames").field("base", &self.base).field("frames", &self.gens.len()).finish()
+        f.debug_struct("TrackedFrames")
+            .field("base", &self.base)
+            .field("frames", &self.gens.len())
+            .finish()
     }
 }
 
 impl<F: FrameStore> TrackedFrames<F> {
     /// Track the frames `base..base + count` of `inner`.
     pub fn new(inner: F, base: u64, count: usize) -> Self {
-        Self { inner, base, gens: (0..count).map(|_| AtomicU64::new(0)).collect() }
+        Self {
+            inner,
+            base,
+            gens: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     /// The current generation of `pfn` (0 for untracked PFNs).
     #[inline]
     pub fn generation(&self, pfn: Pfn) -> u64 {
-        pfn.0.checked_sub(self.base).and_then(|i| self.gens.get(i as usize)).map_or(0, |g| g.load(Ordering::Acquire))
+        pfn.0
+            .checked_sub(self.base)
+            .and_then(|i| self.gens.get(i as usize))
+            .map_or(0, |g| g.load(Ordering::Acquire))
     }
 }
 
@@ -38,7 +48,11 @@ impl<F: FrameStore> FrameStore for TrackedFrames<F> {
         self.inner.alloc()
     }
     fn free(&self, pfn: Pfn) {
-        if let Some(g) = pfn.0.checked_sub(self.base).and_then(|i| self.gens.get(i as usize)) {
+        if let Some(g) = pfn
+            .0
+            .checked_sub(self.base)
+            .and_then(|i| self.gens.get(i as usize))
+        {
             // Release: a checker that sees the new generation sees the free.
             g.fetch_add(1, Ordering::Release);
         }
