@@ -158,6 +158,10 @@ where
             }
             None
         });
+        // Let the device get going first, so the mutations race with it.
+        while accesses.load(Ordering::Relaxed) == 0 && !dev.is_finished() {
+            std::thread::yield_now();
+        }
         for k in 0..rounds {
             let a = pages[(k as usize * 7) % pages.len()];
             match k % 3 {
