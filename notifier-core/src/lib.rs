@@ -20,5 +20,5 @@ pub mod frame;
 pub mod mm;
 pub mod primary;
 pub mod secondary;
-#[cfg(feature = "verify")]
+#[cfg(all(feature = "verify", not(loom)))]
 pub mod verify;

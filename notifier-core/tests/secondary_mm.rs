@@ -138,3 +138,21 @@ fn mirror_follows_fork_cow_and_migration() {
     child.exit();
     assert_eq!(m.oracle.violation_count(), 0);
 }
+
+/// A read-only entry cached in a device TLB, then a permission upgrade the
+/// primary makes without an invalidation (mprotect back to RW on an
+/// exclusive page): the device's write must fault, drop the stale RO TLB
+/// entry and complete — not loop on it.
+#[test]
+fn permission_upgrade_without_invalidation_does_not_livelock() {
+    let (mm, base, oracle) = mm_with_anon();
+    let m = checked(&mm, base, oracle);
+    mm.write_u64(base, 1).unwrap();
+    mm.mprotect(base, PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(m.read(base).unwrap(), 1);
+    assert_eq!(m.mirror.ept().lookup(Va(base)).unwrap().perm, Perm::READ);
+    mm.mprotect(base, PAGE_SIZE, Prot::RW).unwrap();
+    m.write(base, 2).unwrap();
+    assert_eq!(mm.read_u64(base).unwrap(), 2);
+    assert_eq!(m.oracle.violation_count(), 0);
+}

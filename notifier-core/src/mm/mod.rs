@@ -131,6 +131,10 @@ pub struct Inject {
     skip_event: AtomicU8,
     observing: AtomicBool,
     observer: RwLock<Option<Arc<PteObserver>>>,
+    /// PTE stores made but not yet reported to the observer. An observer
+    /// that shadows the page table reads it to tell "not reported yet" from
+    /// "really different" (the store is published before it is reported).
+    pending: Arc<AtomicU64>,
 }
 
 impl core::fmt::Debug for Inject {
@@ -152,7 +156,15 @@ impl Inject {
             skip_event: AtomicU8::new(0),
             observing: AtomicBool::new(false),
             observer: RwLock::new(None),
+            pending: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The count of PTE stores published but not yet reported to the
+    /// observer (incremented before the store, decremented with Release
+    /// after the observer returned).
+    pub fn pending_reports(&self) -> Arc<AtomicU64> {
+        self.pending.clone()
     }
 
     /// Skip the invalidation bracket of every operation with this event
@@ -512,18 +524,31 @@ impl Mm {
     /// Store a PTE word.
     #[inline]
     pub(crate) fn set_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) {
-        e.store(new, Ordering::Release);
-        self.observe(vma, addr, old, new);
+        if self.inject.observing.load(Ordering::Relaxed) {
+            self.inject.pending.fetch_add(1, Ordering::SeqCst);
+            e.store(new, Ordering::Release);
+            self.observe(vma, addr, old, new);
+            self.inject.pending.fetch_sub(1, Ordering::Release);
+        } else {
+            e.store(new, Ordering::Release);
+        }
     }
 
     /// Compare-and-store a PTE word.
     #[inline]
     pub(crate) fn cas_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) -> bool {
+        let observing = self.inject.observing.load(Ordering::Relaxed);
+        if observing {
+            self.inject.pending.fetch_add(1, Ordering::SeqCst);
+        }
         let ok = e
             .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
-        if ok {
-            self.observe(vma, addr, old, new);
+        if observing {
+            if ok {
+                self.observe(vma, addr, old, new);
+            }
+            self.inject.pending.fetch_sub(1, Ordering::Release);
         }
         ok
     }

@@ -114,8 +114,8 @@ impl core::fmt::Display for Violation {
     }
 }
 
-/// Re-reads of the source before a mismatch counts (see `check`).
-const SETTLE: usize = 64;
+/// How long a mismatch may wait for unreported PTE stores (see `check`).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How many violations keep their full report.
 const KEEP: usize = 16;
@@ -139,6 +139,8 @@ type Source = Box<dyn Fn(u64) -> Option<Translation> + Send + Sync>;
 /// The coherence oracle over one primary.
 pub struct Oracle {
     source: Source,
+    /// Whether the source has stores not yet reported (shadowed primaries).
+    pending: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     mode: OracleMode,
     /// Liveness mode: frame generation at the last fill of each page.
     filled: Mutex<std::collections::HashMap<(u64, u64), u64>>,
@@ -175,7 +177,12 @@ impl Oracle {
     /// page table (see [`super::MmShadow`]). Create it before mapping.
     pub fn for_mm(mm: &crate::mm::Mm) -> Arc<Self> {
         let shadow = super::MmShadow::attach(mm);
-        Self::with_mode(Box::new(move |a| shadow.lookup(a)), OracleMode::Strict)
+        let s2 = shadow.clone();
+        Self::build(
+            Box::new(move |a| shadow.lookup(a)),
+            Some(Box::new(move || s2.reports_pending())),
+            OracleMode::Strict,
+        )
     }
 
     /// An oracle in liveness mode over `frames` (see [`OracleMode::Liveness`]).
@@ -186,17 +193,28 @@ impl Oracle {
         frames: Arc<super::TrackedFrames<F>>,
     ) -> Arc<Self> {
         let shadow = super::MmShadow::attach(mm);
+        let s2 = shadow.clone();
         let source: Source = Box::new(move |a| shadow.lookup(a));
-        Self::with_mode(
+        Self::build(
             source,
+            Some(Box::new(move || s2.reports_pending())),
             OracleMode::Liveness(Arc::new(move |pfn| frames.generation(pfn))),
         )
     }
 
     /// An oracle checking `mode`'s invariant.
     pub fn with_mode(source: Source, mode: OracleMode) -> Arc<Self> {
+        Self::build(source, None, mode)
+    }
+
+    fn build(
+        source: Source,
+        pending: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+        mode: OracleMode,
+    ) -> Arc<Self> {
         Arc::new(Self {
             source,
+            pending,
             mode,
             filled: Mutex::new(std::collections::HashMap::new()),
             checks: AtomicU64::new(0),
@@ -248,16 +266,22 @@ impl Oracle {
         let ok = match &self.mode {
             OracleMode::Strict => {
                 let good = |t: Option<Translation>| matches!(t, Some(t) if t.pfn == pfn && (t.writable || !write));
-                // The shadow of a software primary learns of a PTE store
-                // just after it: a store another thread made (and this
-                // device already observed through the fault path) may not
-                // be reported yet. Wait for it, boundedly; a stale access
-                // stays stale however long we wait.
-                good((self.source)(addr))
-                    || (0..SETTLE).any(|_| {
+                // A shadowed primary publishes a PTE store before it reports
+                // it: while stores are unreported, wait for them (boundedly);
+                // once none is, a mismatch is real.
+                good((self.source)(addr)) || {
+                    let deadline = std::time::Instant::now() + SETTLE;
+                    loop {
+                        let pending = self.pending.as_ref().is_some_and(|p| p());
+                        if good((self.source)(addr)) {
+                            break true;
+                        }
+                        if !pending || std::time::Instant::now() > deadline {
+                            break false;
+                        }
                         std::thread::yield_now();
-                        good((self.source)(addr))
-                    })
+                    }
+                }
             }
             OracleMode::Liveness(gen) => self
                 .filled

@@ -5,7 +5,9 @@
 //! path holds while it takes device locks: reading it there would invert the
 //! lock order. The shadow is updated at every PTE store (the observer runs
 //! right after the store, under the page-table lock that serialises stores
-//! to that entry) and read lock-free.
+//! to that entry) and read lock-free. A store is published before it is
+//! reported; `Mm` counts such stores, so a reader can tell "not reported
+//! yet" (wait) from "different" (a real mismatch).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use crate::secondary::{ExternalPageTable, Perm, Va};
 /// The shadow page table of one [`Mm`].
 pub struct MmShadow {
     table: ExternalPageTable<Va>,
+    pending: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl core::fmt::Debug for MmShadow {
@@ -32,6 +35,7 @@ impl MmShadow {
     pub fn attach(mm: &Mm) -> Arc<Self> {
         let shadow = Arc::new(Self {
             table: ExternalPageTable::new(),
+            pending: mm.inject().pending_reports(),
         });
         let s = shadow.clone();
         mm.inject().set_pte_observer(Some(Arc::new(move |c| {
@@ -48,6 +52,12 @@ impl MmShadow {
             }
         })));
         shadow
+    }
+
+    /// Whether some PTE store has been published but not yet reported.
+    #[inline]
+    pub fn reports_pending(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire) != 0
     }
 
     /// What the primary maps at `addr` now.
