@@ -46,6 +46,7 @@ use notifier_core::notifier::{
 };
 use parking_lot::Mutex;
 
+use super::ordered::SortedBlocks;
 use crate::provider::ProviderMr;
 use crate::region::Region;
 
@@ -62,7 +63,7 @@ pub(crate) type Chunk<M> = IntervalSubscription<ChunkOps<M>>;
 /// [`Shared::index`].
 pub(crate) struct Index<M: ProviderMr> {
     /// Cached regions by start: disjoint, never adjacent.
-    pub(crate) cached: BTreeMap<u64, Region<M>>,
+    pub(crate) cached: SortedBlocks<Region<M>>,
     /// Live regions outside the cache (direct registrations, cached regions
     /// superseded by a merge but still referenced) by (start, slot); they
     /// may overlap anything.
@@ -80,7 +81,7 @@ pub(crate) struct Index<M: ProviderMr> {
 impl<M: ProviderMr> Default for Index<M> {
     fn default() -> Self {
         Self {
-            cached: BTreeMap::new(),
+            cached: SortedBlocks::default(),
             others: BTreeMap::new(),
             others_max_len: 0,
             implicit: Vec::new(),
@@ -204,7 +205,7 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
         let mut res = Ok(());
         // Cached regions are disjoint: walk back from the last starting
         // before `b` until one ends at or before `a`.
-        for r in cached.range(..b).rev().map(|(_, r)| r) {
+        for r in cached.rev_below(b).map(|(_, r)| r) {
             if r.end() <= a {
                 break;
             }

@@ -35,6 +35,7 @@
 
 pub(crate) mod chunk;
 mod index;
+mod ordered;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -49,7 +50,7 @@ use crate::error::RegError;
 use crate::provider::{Provider, ProviderMr};
 use crate::region::{Region, RegionInner, DEREGISTERED, VALID};
 use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
-use index::{Hit, StartHash};
+use index::StartHash;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
 /// order (down to 15/16 of the limit, so the scan is amortised).
@@ -137,18 +138,84 @@ struct Info {
     end: u64,
 }
 
-/// The part of a slot every `get` and `put` touches, kept dense (16 bytes)
-/// so a working set of thousands of regions stays in L1/L2.
+/// The part of a slot every `get` and `put` touches, kept dense (32
+/// bytes, half a cache line): the handle a hit returns (copied whole, so
+/// the caller's 16-byte load of it forwards from one store), the region's
+/// end with rights and slot state in its page-offset bits, the reference
+/// count and the LRU tick. The copies are exact: a live region's range,
+/// rights, keys and generation never change.
 #[derive(Clone, Copy)]
 struct Hot {
+    handle: MrHandle,
+    /// `end | access (bits 0-4) | kind (bits 5-6) | linked (bit 7)`.
+    end_bits: u64,
     refs: u32,
     /// Value of the owner's use clock at the last `get` (wrapping; LRU age
     /// is `now - tick`).
     tick: u32,
-    gen: u32,
-    kind: Kind,
-    /// An orphan or direct region in the invalidation index's `others`.
-    linked: bool,
+}
+
+const ACCESS_MASK: u64 = 0x1f;
+const KIND_SHIFT: u32 = 5;
+const KIND_MASK: u64 = 0x3 << KIND_SHIFT;
+/// An orphan or direct region in the invalidation index's `others`.
+const LINKED: u64 = 1 << 7;
+
+impl Hot {
+    const FREE: Hot = Hot {
+        handle: MrHandle {
+            slot: 0,
+            gen: 0,
+            lkey: 0,
+            rkey: 0,
+        },
+        end_bits: 0,
+        refs: 0,
+        tick: 0,
+    };
+    #[inline(always)]
+    fn end(&self) -> u64 {
+        self.end_bits & !(PAGE_SIZE - 1)
+    }
+    #[inline(always)]
+    fn access(&self) -> Access {
+        Access::from_bits((self.end_bits & ACCESS_MASK) as u8)
+    }
+    #[inline(always)]
+    fn gen(&self) -> u32 {
+        self.handle.gen
+    }
+    #[inline(always)]
+    fn kind(&self) -> Kind {
+        match (self.end_bits & KIND_MASK) >> KIND_SHIFT {
+            0 => Kind::Free,
+            1 => Kind::Cached,
+            2 => Kind::Orphan,
+            _ => Kind::Direct,
+        }
+    }
+    #[inline(always)]
+    fn set_kind(&mut self, k: Kind) {
+        let v = match k {
+            Kind::Free => 0,
+            Kind::Cached => 1,
+            Kind::Orphan => 2,
+            Kind::Direct => 3,
+        };
+        self.end_bits = (self.end_bits & !KIND_MASK) | (v << KIND_SHIFT);
+    }
+    #[inline(always)]
+    fn linked(&self) -> bool {
+        self.end_bits & LINKED != 0
+    }
+    #[inline(always)]
+    fn set_linked(&mut self, on: bool) {
+        if on {
+            self.end_bits |= LINKED;
+        } else {
+            self.end_bits &= !LINKED;
+        }
+    }
 }
 
 /// A shared chunk and how many regions use it.
@@ -254,7 +321,7 @@ impl<N: Provider> Registry<N> {
     pub fn owner_heap_bytes(&self) -> usize {
         let ix = self.shared.index.lock();
         let leaf = |key: usize, val: usize| (11 * (key + val) + 16) / 6;
-        let trees = ix.cached.len() * leaf(8, 8)
+        let trees = ix.cached.heap_bytes()
             + ix.others.len() * leaf(16, 8)
             + self.chunks.len() * leaf(8, 16);
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
@@ -312,20 +379,14 @@ impl<N: Provider> Registry<N> {
     #[inline]
     fn check(&self, h: MrHandle) -> Result<Kind, RegError> {
         match self.hot.get(h.slot as usize) {
-            Some(x) if x.gen == h.gen && x.kind != Kind::Free => Ok(x.kind),
+            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => Ok(x.kind()),
             _ => Err(RegError::StaleHandle),
         }
     }
 
     #[inline]
     fn handle(&self, idx: u32) -> MrHandle {
-        let r = self.slots[idx as usize].as_ref().expect("live slot");
-        MrHandle {
-            slot: idx,
-            gen: self.hot[idx as usize].gen,
-            lkey: r.mr().lkey(),
-            rkey: r.mr().rkey(),
-        }
+        self.hot[idx as usize].handle
     }
 
     /// Range and rights of a live slot.
@@ -367,19 +428,15 @@ impl<N: Provider> Registry<N> {
             && (start | len) & (PAGE_SIZE - 1) == 0
             && access.validate()
         {
-            if let Some(&hit) = self.hash.get(start >> PAGE_SHIFT) {
+            if let Some(&slot) = self.hash.get(start >> PAGE_SHIFT) {
                 // The hash holds cached regions only, keyed by their start.
-                let end = hit.end_access & !(PAGE_SIZE - 1);
-                let granted = Access::from_bits(hit.end_access as u8 & Access::ALL.bits());
-                if len <= end - start && granted.contains(access) {
-                    self.take_ref(hit.slot);
+                let x = &mut self.hot[slot as usize];
+                if len <= x.end() - start && x.access().contains(access) {
+                    self.tick = self.tick.wrapping_add(1);
+                    x.refs += 1;
+                    x.tick = self.tick;
                     self.hits += 1;
-                    return Ok(MrHandle {
-                        slot: hit.slot,
-                        gen: hit.gen,
-                        lkey: hit.lkey,
-                        rkey: hit.rkey,
-                    });
+                    return Ok(x.handle);
                 }
             }
         }
@@ -404,7 +461,7 @@ impl<N: Provider> Registry<N> {
         let mut covering = None;
         {
             let ix = self.shared.index.lock();
-            for r in ix.cached.range(..=range.end()).rev().map(|(_, r)| r) {
+            for r in ix.cached.rev_upto(range.end()).map(|(_, r)| r) {
                 if r.end() < range.start() {
                     break;
                 }
@@ -475,15 +532,15 @@ impl<N: Provider> Registry<N> {
     #[inline(always)]
     pub fn put(&mut self, h: MrHandle) -> Result<(), RegError> {
         let x = match self.hot.get_mut(h.slot as usize) {
-            Some(x) if x.gen == h.gen && x.kind != Kind::Free => x,
+            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => x,
             _ => return Err(RegError::StaleHandle),
         };
-        if x.refs == 0 || x.kind == Kind::Direct {
+        if x.refs == 0 || x.kind() == Kind::Direct {
             return Err(RegError::PutWithoutGet);
         }
         x.refs -= 1;
         if x.refs == 0 {
-            if x.kind == Kind::Orphan {
+            if x.kind() == Kind::Orphan {
                 self.destroy(h.slot);
             } else if self.shared.pending.load(Ordering::Acquire) {
                 // The region may be queued as invalidated: deregister it now.
@@ -506,7 +563,7 @@ impl<N: Provider> Registry<N> {
         hit.clear();
         {
             let mut ix = self.shared.index.lock();
-            for r in ix.cached.range(..range.end()).rev().map(|(_, r)| r) {
+            for r in ix.cached.rev_below(range.end()).map(|(_, r)| r) {
                 if r.end() <= range.start() {
                     break;
                 }
@@ -518,7 +575,7 @@ impl<N: Provider> Registry<N> {
             // Dead regions leave the invalidation index at once.
             for &idx in &hit {
                 let start = self.slots[idx as usize].as_ref().expect("live slot").start();
-                ix.cached.remove(&start);
+                ix.cached.remove(start);
             }
         }
         for &idx in &hit {
@@ -547,21 +604,21 @@ impl<N: Provider> Registry<N> {
             let Some(x) = self.hot.get(idx as usize) else {
                 continue;
             };
-            if x.gen != gen || x.kind == Kind::Free {
+            if x.gen() != gen || x.kind() == Kind::Free {
                 continue;
             }
             q.push(idx);
         }
         for &idx in &q {
-            match self.hot[idx as usize].kind {
+            match self.hot[idx as usize].kind() {
                 Kind::Cached => {
                     self.unindex(idx, false);
                     self.retire_if_idle(idx);
                 }
-                Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked => {
+                Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked() => {
                     let r = self.slots[idx as usize].clone().expect("live slot");
                     self.shared.index.lock().unlink_other(&r);
-                    self.hot[idx as usize].linked = false;
+                    self.hot[idx as usize].set_linked(false);
                 }
                 _ => {}
             }
@@ -671,6 +728,7 @@ impl<N: Provider> Registry<N> {
             return Ok((Arc::new(c), false));
         }
         if let Some(c) = self.chunks.get_mut(&w) {
+            // Released chunks stay in the map until their members go.
             if c.chunk.is_live() {
                 if c.members == 0 {
                     self.empty_chunks -= 1;
@@ -754,17 +812,11 @@ impl<N: Provider> Registry<N> {
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
                 self.slots.push(None);
-                self.hot.push(Hot {
-                    refs: 0,
-                    tick: 0,
-                    gen: 0,
-                    kind: Kind::Free,
-                    linked: false,
-                });
+                self.hot.push(Hot::FREE);
                 i
             }
         };
-        let gen = self.hot[idx as usize].gen;
+        let gen = self.hot[idx as usize].gen();
         let (chunk, _) = match self.chunk_for(range) {
             Ok(c) => c,
             Err(e) => {
@@ -803,14 +855,22 @@ impl<N: Provider> Registry<N> {
         }
         self.registrations += 1;
         self.seq = seq;
+        let (lkey, rkey) = (region.mr().lkey(), region.mr().rkey());
         self.slots[idx as usize] = Some(region);
-        self.hot[idx as usize] = Hot {
+        let mut x = Hot {
+            handle: MrHandle {
+                slot: idx,
+                gen,
+                lkey,
+                rkey,
+            },
+            end_bits: range.end() | u64::from(access.bits()),
             refs: 0,
             tick: self.tick,
-            gen,
-            kind,
-            linked: kind == Kind::Direct,
         };
+        x.set_kind(kind);
+        x.set_linked(kind == Kind::Direct);
+        self.hot[idx as usize] = x;
         Ok(idx)
     }
 
@@ -824,21 +884,13 @@ impl<N: Provider> Registry<N> {
     /// region was built.
     fn index(&mut self, idx: u32) {
         let r = self.slots[idx as usize].clone().expect("live slot");
-        let (start, end, access) = (r.start(), r.end(), r.access());
-        let h = self.handle(idx);
+        let (start, end) = (r.start(), r.end());
         {
             let mut ix = self.shared.index.lock();
             ix.cached.insert(start, r.clone());
             self.publish(&mut ix, &r, self.seq);
         }
-        let hit = Hit {
-            end_access: end | u64::from(access.bits()),
-            slot: idx,
-            gen: h.gen,
-            lkey: h.lkey,
-            rkey: h.rkey,
-        };
-        self.hash.insert(start >> PAGE_SHIFT, hit);
+        self.hash.insert(start >> PAGE_SHIFT, idx);
         self.cached += 1;
         self.cached_bytes += end - start;
     }
@@ -865,10 +917,10 @@ impl<N: Provider> Registry<N> {
         let r = self.slots[idx as usize].clone().expect("live slot");
         {
             let mut ix = self.shared.index.lock();
-            ix.cached.remove(&r.start());
+            ix.cached.remove(r.start());
             if link && self.hot[idx as usize].refs > 0 && r.is_valid() {
                 ix.link_other(r.clone());
-                self.hot[idx as usize].linked = true;
+                self.hot[idx as usize].set_linked(true);
             }
         }
         self.unhash(idx);
@@ -876,8 +928,8 @@ impl<N: Provider> Registry<N> {
 
     /// Take a cached slot out of the hash and the counts; it becomes an orphan.
     fn unhash(&mut self, idx: u32) {
-        debug_assert_eq!(self.hot[idx as usize].kind, Kind::Cached);
-        self.hot[idx as usize].kind = Kind::Orphan;
+        debug_assert_eq!(self.hot[idx as usize].kind(), Kind::Cached);
+        self.hot[idx as usize].set_kind(Kind::Orphan);
         let s = self.info(idx);
         self.hash.remove(s.start >> PAGE_SHIFT);
         self.cached -= 1;
@@ -893,11 +945,11 @@ impl<N: Provider> Registry<N> {
     /// Deregister and free a slot with no reference that is not cached.
     fn destroy(&mut self, idx: u32) {
         let x = &mut self.hot[idx as usize];
-        debug_assert!(x.refs == 0 && x.kind != Kind::Cached && x.kind != Kind::Free);
-        let linked = x.linked;
-        x.kind = Kind::Free;
-        x.linked = false;
-        x.gen = x.gen.wrapping_add(1);
+        debug_assert!(x.refs == 0 && x.kind() != Kind::Cached && x.kind() != Kind::Free);
+        let linked = x.linked();
+        x.set_kind(Kind::Free);
+        x.set_linked(false);
+        x.handle.gen = x.handle.gen.wrapping_add(1);
         let region = self.slots[idx as usize].take();
         self.free.push(idx);
         if let Some(region) = region {
@@ -924,7 +976,9 @@ impl<N: Provider> Registry<N> {
             .hot
             .iter()
             .enumerate()
-            .filter(|(i, x)| x.kind == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32)))
+            .filter(|(i, x)| {
+                x.kind() == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32))
+            })
             .map(|(i, x)| (core::cmp::Reverse(now.wrapping_sub(x.tick)), i as u32))
             .collect();
         // Oldest (largest age) first.
@@ -954,17 +1008,19 @@ impl<N: Provider> Drop for Registry<N> {
     /// Destroy every region (`ucs_rcache_destroy`): held references are
     /// forgotten, every registration is deregistered.
     fn drop(&mut self) {
+        // Empty the cache wholesale (no per-region index removal).
+        {
+            let mut ix = self.shared.index.lock();
+            ix.cached.clear();
+        }
+        self.hash = StartHash::new();
         for idx in 0..self.hot.len() as u32 {
             let x = &mut self.hot[idx as usize];
-            if x.kind == Kind::Free {
+            if x.kind() == Kind::Free {
                 continue;
             }
-            if x.kind == Kind::Cached {
-                self.unindex(idx, false);
-            }
-            let x = &mut self.hot[idx as usize];
             x.refs = 0;
-            x.kind = Kind::Orphan;
+            x.set_kind(Kind::Orphan);
             self.destroy(idx);
         }
         self.sweep_chunks();
