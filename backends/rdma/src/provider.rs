@@ -37,7 +37,7 @@ pub trait Provider: Send + Sync + 'static {
     ) -> Result<Self::Mr, ProviderError>;
 
     /// Make the region reachable by DMA (publish its keys, or register it
-    /// with the device). Called after the region subscribed to the primary,
+    /// with the device). Called after the region joined its chunk subscription,
     /// so a pinning provider can detect a racing invalidation with
     /// `read_begin`/`read_retry`.
     fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError>;

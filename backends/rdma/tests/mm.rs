@@ -60,9 +60,7 @@ fn munmap_then_mmap_at_the_same_address_registers_anew() {
         read_u64(&nic, h, base + 8),
         Err(DmaError::Invalidated(_) | DmaError::UnknownKey(_))
     ));
-    let fixed = mm
-        .mmap(&MmapRequest::anon(len, Prot::RW).at(base))
-        .unwrap();
+    let fixed = mm.mmap(&MmapRequest::anon(len, Prot::RW).at(base)).unwrap();
     assert_eq!(fixed, base);
     let regs = reg.stats().registrations;
     let n = reg.get(base, len, Access::ALL).unwrap();

@@ -157,8 +157,8 @@ fn invalidate_one<M: ProviderMr>(
     queue: &mut Vec<(u32, u32)>,
     killed_count: &mut u64,
 ) -> Result<(), Again> {
-    let kill = !r.is_implicit()
-        && (matches!(event, Event::Unmap | Event::Release) || !r.mr().on_demand());
+    let kill =
+        !r.is_implicit() && (matches!(event, Event::Unmap | Event::Release) || !r.mr().on_demand());
     let mut killed = false;
     let mut mark = || {
         if kill {

@@ -28,9 +28,9 @@
 //! provider's lock, before the primary's invalidation returns), and leaves
 //! the bookkeeping (unindexing from the hash, provider deregistration) to
 //! the owner's next `get`. Why: the callback runs inside the primary's
-//! invalidation, possibly non-blockable, on any thread; unsubscribing from
-//! there cannot wait for the grace period, and taking the owner's state
-//! would need a lock on the hit path. No DMA can reach a freed frame
+//! invalidation, possibly non-blockable, on any thread; deregistering a
+//! pinned MR or unsubscribing a private chunk from there cannot wait, and
+//! touching the owner's hash would need a lock on the hit path. No DMA can reach a freed frame
 //! either way, because the translations die in the callback.
 
 pub(crate) mod chunk;
@@ -574,7 +574,10 @@ impl<N: Provider> Registry<N> {
             }
             // Dead regions leave the invalidation index at once.
             for &idx in &hit {
-                let start = self.slots[idx as usize].as_ref().expect("live slot").start();
+                let start = self.slots[idx as usize]
+                    .as_ref()
+                    .expect("live slot")
+                    .start();
                 ix.cached.remove(start);
             }
         }
@@ -715,8 +718,8 @@ impl<N: Provider> Registry<N> {
 
     /// The chunk for a region over `range`: the shared chunk of its 1 GiB
     /// window (subscribed on first use), or a private one when the region
-    /// crosses a window boundary. Returns it and whether it is shared.
-    fn chunk_for(&mut self, range: PageRange) -> Result<(Arc<Chunk<N::Mr>>, bool), RegError> {
+    /// crosses a window boundary.
+    fn chunk_for(&mut self, range: PageRange) -> Result<Arc<Chunk<N::Mr>>, RegError> {
         let w = range.start() >> CHUNK_SHIFT;
         if (range.end() - 1) >> CHUNK_SHIFT != w {
             let ops = ChunkOps {
@@ -725,7 +728,7 @@ impl<N: Provider> Registry<N> {
             let c = self
                 .subs
                 .interval_subscribe(range.start(), range.len(), ops)?;
-            return Ok((Arc::new(c), false));
+            return Ok(Arc::new(c));
         }
         if let Some(c) = self.chunks.get_mut(&w) {
             // Released chunks stay in the map until their members go.
@@ -734,7 +737,7 @@ impl<N: Provider> Registry<N> {
                     self.empty_chunks -= 1;
                 }
                 c.members += 1;
-                return Ok((c.chunk.clone(), true));
+                return Ok(c.chunk.clone());
             }
         }
         let ops = ChunkOps {
@@ -756,7 +759,7 @@ impl<N: Provider> Registry<N> {
                 self.empty_chunks -= 1;
             }
         }
-        Ok((c, true))
+        Ok(c)
     }
 
     /// A region of `chunk` left; unsubscribe empty shared chunks beyond
@@ -817,7 +820,7 @@ impl<N: Provider> Registry<N> {
             }
         };
         let gen = self.hot[idx as usize].gen();
-        let (chunk, _) = match self.chunk_for(range) {
+        let chunk = match self.chunk_for(range) {
             Ok(c) => c,
             Err(e) => {
                 self.free.push(idx);
