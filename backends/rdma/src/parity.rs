@@ -325,7 +325,7 @@ fn miss_grow_and_destroy(
     if let (Some(a), Some(z)) = (before, after) {
         writeln!(
             out,
-            "# registry memory per cached region: {} bytes (counting allocator, {n} regions; includes the notifier subscription and its index node)",
+            "# registry memory per cached region: {} bytes (counting allocator, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
             (z.saturating_sub(a)) / n as usize
         )?;
     }
