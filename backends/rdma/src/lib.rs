@@ -22,23 +22,27 @@
 //!   it). Its hit path is a page-keyed hash probe that yields everything
 //!   for the handle, plus a 16-byte hot record with a plain reference
 //!   count and LRU tick: no atomic read-modify-write on get or put.
-//! - **Regions are interval subscribers.** Each region subscribes to the
-//!   primary's notifiers. Its callback, under the provider's translation
-//!   lock, records the sequence, kills the region on an unmap (or any event
-//!   for a pinned registration) and drops the range's translations, before
-//!   the primary may free a frame. ODP regions survive other events
-//!   (clear, protection, migrate): the NIC faults the new pages in.
+//! - **Chunks, not one subscription per region.** Regions join a *chunk*:
+//!   one interval subscription per 1 GiB aligned window (kept while
+//!   empty, up to 16), the design of UCX's single memory hook and the
+//!   kernel's implicit-ODP child MRs; a region crossing a window boundary,
+//!   and an implicit region, get a private chunk of their exact range. The
+//!   chunk callback, under the registry's invalidation-index lock, records
+//!   the sequence, then finds the affected regions in that index and, under
+//!   each one's translation lock, kills it on an unmap (or any event for a
+//!   pinned registration) and drops the range's translations, before the
+//!   primary may free a frame. ODP regions survive other events (clear,
+//!   protection, migrate): the NIC faults the new pages in, with
+//!   `read_begin`/`read_retry` on the chunk. See `registry/chunk.rs`.
 //! - **Invalidation eager, deregistration deferred.** The callback does
-//!   what protects memory; unindexing, provider deregistration and
-//!   unsubscribing happen at the owner's next `get` or `put` (the callback
-//!   may be non-blockable and cannot wait for the grace period of
-//!   unsubscribing). Keys of a dead region are rejected at once and never
-//!   reissued while any handle can name it.
-//! - **Costs set by the core.** A region's interval subscription costs
-//!   104 bytes of entry plus its index node, and inserting into and
-//!   removing from the core's interval tree dominate registration and
-//!   deregistration at tens of thousands of regions (see the parity
-//!   diagnostics).
+//!   what protects memory; unindexing from the owner's hash and provider
+//!   deregistration happen at the owner's next `get` or `put`. Keys of a
+//!   dead region are rejected at once and never reissued while any handle
+//!   can name it.
+//! - **Owner indexes.** A page-keyed hash to a 32-byte hot record serves
+//!   hits; the ordered index of cached regions (sorted blocks with a
+//!   finger, `registry/ordered.rs`) serves misses, merges and the chunk
+//!   callbacks.
 //!
 //! ```
 //! use notifier_rdma::{testing::ModelPrimary, Access, Registry, RegistryConfig, SoftNic};

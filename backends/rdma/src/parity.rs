@@ -11,12 +11,10 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use notifier_core::notifier::{Event, InvalidateRange, NotifierError, NotifierSubscriptions};
+use notifier_core::notifier::{Event, InvalidateRange, NotifierError};
 use notifier_core::primary::Primary;
 use notifier_core::PageRange;
 
-use crate::region::RegionCore;
-use crate::soft::SoftMr;
 use crate::testing::{ModelError, ModelPrimary};
 use crate::{Access, RegError, Registry, RegistryConfig, SoftNic};
 
@@ -327,20 +325,21 @@ fn miss_grow_and_destroy(
     if let (Some(a), Some(z)) = (before, after) {
         writeln!(
             out,
-            "# registry memory per cached region: {} bytes (counting allocator, {n} regions; includes the notifier subscription and its index node)",
+            "# registry memory per cached region: {} bytes (counting allocator, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
             (z.saturating_sub(a)) / n as usize
         )?;
     }
     let subs = b.mm.notifiers();
     writeln!(
         out,
-        "# per region: subscription entry {} B + notifier index {} B (core), region handle {} B, \
-         registry owner structures {} B (slots, hash, ordered index), softnic key table {} B",
-        NotifierSubscriptions::subscription_bytes::<RegionCore<SoftMr>>(),
-        subs.index_heap_bytes() / n as usize,
-        2 * core::mem::size_of::<usize>() + core::mem::size_of::<usize>(),
+        "# per region: region allocation {} B, registry structures {} B (slots, hot records, hash, \
+         invalidation index, chunks), softnic key table {} B; {} chunk subscriptions in total \
+         (core index {} B)",
+        Registry::<SoftNic>::region_bytes(),
         b.reg.owner_heap_bytes() / n as usize,
-        b.nic.key_table_heap_bytes() / n as usize
+        b.nic.key_table_heap_bytes() / n as usize,
+        b.reg.chunk_count(),
+        subs.index_heap_bytes(),
     )?;
     let Bench { mm, nic, reg } = b;
     let t = Instant::now();

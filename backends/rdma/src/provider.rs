@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use notifier_core::notifier::{Again, IntervalNotifier};
+use notifier_core::notifier::Again;
 use notifier_core::PageRange;
 
 use crate::access::{Access, Advice};
@@ -37,7 +37,7 @@ pub trait Provider: Send + Sync + 'static {
     ) -> Result<Self::Mr, ProviderError>;
 
     /// Make the region reachable by DMA (publish its keys, or register it
-    /// with the device). Called after the region subscribed to the primary,
+    /// with the device). Called after the region joined its chunk subscription,
     /// so a pinning provider can detect a racing invalidation with
     /// `read_begin`/`read_retry`.
     fn activate_mr(&self, region: &Region<Self::Mr>) -> Result<(), RegError>;
@@ -66,25 +66,24 @@ pub trait ProviderMr: Send + Sync + 'static {
     /// deregistered by the first invalidation that touches it.
     fn on_demand(&self) -> bool;
 
-    /// The interval-notifier callback's provider half.
+    /// The chunk callback's provider half, for one region.
     ///
-    /// Take the lock that guards the translations (or `try` it and answer
-    /// [`Again`] when `!blockable`), call `sub.set_seq(cur_seq)`, call
-    /// `mark()` (the registry's bookkeeping; it returns whether the region
-    /// died), drop the translations of `[start, end)`, and when the region
-    /// died or is pinned make the device stop honouring its keys
-    /// (deregister it); unlock. When it returns, no DMA through this region
-    /// reaches a frame of the range until it faults again.
+    /// The region's chunk already recorded the new sequence (`set_seq`).
+    /// Take the lock that guards the translations, the subscriber lock of
+    /// the fill path's `read_retry` (or `try` it and answer [`Again`] when
+    /// `!blockable`), call `mark()` (the registry's bookkeeping; it returns
+    /// whether the region died), drop the translations of `[start, end)`,
+    /// and when the region died or is pinned make the device stop honouring
+    /// its keys (deregister it); unlock. When it returns, no DMA through
+    /// this region reaches a frame of the range until it faults again.
     ///
     /// # Locking
-    /// Runs from the primary's invalidation; must not take the registry's
-    /// owner side or the provider's key table.
+    /// Runs from the primary's invalidation with the registry's index lock
+    /// held; must not take the provider's key table.
     fn invalidate(
         &self,
-        sub: &IntervalNotifier,
         start: u64,
         end: u64,
-        cur_seq: u64,
         blockable: bool,
         mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again>;

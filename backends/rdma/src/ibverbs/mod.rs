@@ -21,7 +21,7 @@ mod sys;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use notifier_core::notifier::{Again, IntervalNotifier};
+use notifier_core::notifier::Again;
 use notifier_core::PageRange;
 use parking_lot::Mutex;
 use rdma_sys::{ib_uverbs_advise_mr_advice, ibv_access_flags};
@@ -121,10 +121,8 @@ impl ProviderMr for IbvMr {
 
     fn invalidate(
         &self,
-        sub: &IntervalNotifier,
         _start: u64,
         _end: u64,
-        cur_seq: u64,
         blockable: bool,
         mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again> {
@@ -133,7 +131,6 @@ impl ProviderMr for IbvMr {
         } else {
             self.mr.try_lock().ok_or(Again)?
         };
-        sub.set_seq(cur_seq);
         let died = mark();
         // A pinned registration cannot follow the change, and a dead ODP
         // region's rkey must stop working (otherwise it would reach the new

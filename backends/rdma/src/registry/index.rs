@@ -1,26 +1,17 @@
-//! The hit-path index: an open-addressing hash from a region's first page
-//! to a copy of what a hit needs (linear probing, backward-shift deletion,
-//! load at most 3/4).
+//! The hit-path index: an open-addressing hash from a cached region's
+//! first page to its slot (linear probing, backward-shift deletion, load at
+//! most 3/4, 16-byte buckets).
 //!
-//! It holds exactly the indexed (cached, live) regions, keyed by start, so
-//! a `get` whose start is a region's start finds everything for its
-//! handle in one 32-byte bucket (half a cache line) with no dependent load;
-//! other starts fall back to the ordered index. The copy is exact because
-//! an indexed region's range, rights, keys and generation never change
-//! (they change only after it leaves the index).
+//! It holds exactly the cached (live, indexed) regions, keyed by start, so
+//! a `get` whose start is a region's start finds its slot in one probe and
+//! everything for the handle in the slot's 32-byte hot record, which the
+//! reference count update touches anyway; other starts fall back to the
+//! ordered index.
 
 const EMPTY: u64 = u64::MAX;
 
-/// What a hit needs, copied from the slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Hit {
-    /// Region end with the access bits in the (page-offset) low bits.
-    pub(crate) end_access: u64,
-    pub(crate) slot: u32,
-    pub(crate) gen: u32,
-    pub(crate) lkey: u32,
-    pub(crate) rkey: u32,
-}
+/// A cached region's slot.
+pub(crate) type Hit = u32;
 
 #[derive(Clone, Copy)]
 struct Bucket {
@@ -28,13 +19,7 @@ struct Bucket {
     hit: Hit,
 }
 
-const NO_HIT: Hit = Hit {
-    end_access: 0,
-    slot: 0,
-    gen: 0,
-    lkey: 0,
-    rkey: 0,
-};
+const NO_HIT: Hit = 0;
 
 /// Page-keyed hash of indexed regions.
 pub(crate) struct StartHash {
@@ -191,10 +176,7 @@ mod tests {
                 h.remove(page);
                 m.remove(&page);
             } else {
-                let hit = Hit {
-                    slot: step,
-                    ..NO_HIT
-                };
+                let hit = step;
                 h.insert(page, hit);
                 m.insert(page, hit);
             }

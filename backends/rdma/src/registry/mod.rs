@@ -13,25 +13,29 @@
 //! integers: the hit path is a hash probe and a few plain loads and
 //! stores, with no atomic read-modify-write.
 //!
-//! The only state the notifier callbacks share with the owner is
-//! [`Shared`](crate::region): the callback marks the region invalidated
-//! (its keys are rejected from then on, its translations are gone) and
-//! queues it; every `get` first checks the queue flag (one Acquire load)
-//! and drains it.
+//! The only state the notifier callbacks share with the owner is the
+//! invalidation index (`chunk.rs`): the live regions by range, under a
+//! mutex the owner takes only on its slow paths (miss, invalidate,
+//! destroy). A chunk callback marks the regions it kills invalidated (their
+//! keys are rejected from then on, their translations are gone) and queues
+//! them; every `get` first checks the queue flag (one Acquire load) and
+//! drains it. The hit path takes no lock.
 //!
 //! # Deferred deregistration
 //!
 //! Invalidation is eager, deregistration deferred: the callback does the
 //! part that protects memory (kill the keys, drop translations, under the
 //! provider's lock, before the primary's invalidation returns), and leaves
-//! the bookkeeping (unindexing, provider deregistration, unsubscribing) to
+//! the bookkeeping (unindexing from the hash, provider deregistration) to
 //! the owner's next `get`. Why: the callback runs inside the primary's
-//! invalidation, possibly non-blockable, on any thread; unsubscribing from
-//! there cannot wait for the grace period, and taking the owner's state
-//! would need a lock on the hit path. No DMA can reach a freed frame
+//! invalidation, possibly non-blockable, on any thread; deregistering a
+//! pinned MR or unsubscribing a private chunk from there cannot wait, and
+//! touching the owner's hash would need a lock on the hit path. No DMA can reach a freed frame
 //! either way, because the translations die in the callback.
 
+pub(crate) mod chunk;
 mod index;
+mod ordered;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -44,8 +48,9 @@ use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
 use crate::access::{Access, Advice};
 use crate::error::RegError;
 use crate::provider::{Provider, ProviderMr};
-use crate::region::{Region, RegionCore, Shared, DEREGISTERED, INVALIDATED, VALID};
-use index::{Hit, StartHash};
+use crate::region::{Region, RegionInner, DEREGISTERED, VALID};
+use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
+use index::StartHash;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
 /// order (down to 15/16 of the limit, so the scan is amortised).
@@ -131,32 +136,109 @@ enum Kind {
 struct Info {
     start: u64,
     end: u64,
-    access: Access,
 }
 
-/// The part of a slot every `get` and `put` touches, kept dense (16 bytes)
-/// so a working set of thousands of regions stays in L1/L2.
+/// The part of a slot every `get` and `put` touches, kept dense (32
+/// bytes, half a cache line): the handle a hit returns (copied whole, so
+/// the caller's 16-byte load of it forwards from one store), the region's
+/// end with rights and slot state in its page-offset bits, the reference
+/// count and the LRU tick. The copies are exact: a live region's range,
+/// rights, keys and generation never change.
 #[derive(Clone, Copy)]
 struct Hot {
+    handle: MrHandle,
+    /// `end | access (bits 0-4) | kind (bits 5-6) | linked (bit 7)`.
+    end_bits: u64,
     refs: u32,
     /// Value of the owner's use clock at the last `get` (wrapping; LRU age
     /// is `now - tick`).
     tick: u32,
-    gen: u32,
-    kind: Kind,
+}
+
+const ACCESS_MASK: u64 = 0x1f;
+const KIND_SHIFT: u32 = 5;
+const KIND_MASK: u64 = 0x3 << KIND_SHIFT;
+/// An orphan or direct region in the invalidation index's `others`.
+const LINKED: u64 = 1 << 7;
+
+impl Hot {
+    const FREE: Hot = Hot {
+        handle: MrHandle {
+            slot: 0,
+            gen: 0,
+            lkey: 0,
+            rkey: 0,
+        },
+        end_bits: 0,
+        refs: 0,
+        tick: 0,
+    };
+    #[inline(always)]
+    fn end(&self) -> u64 {
+        self.end_bits & !(PAGE_SIZE - 1)
+    }
+    #[inline(always)]
+    fn access(&self) -> Access {
+        Access::from_bits((self.end_bits & ACCESS_MASK) as u8)
+    }
+    #[inline(always)]
+    fn gen(&self) -> u32 {
+        self.handle.gen
+    }
+    #[inline(always)]
+    fn kind(&self) -> Kind {
+        match (self.end_bits & KIND_MASK) >> KIND_SHIFT {
+            0 => Kind::Free,
+            1 => Kind::Cached,
+            2 => Kind::Orphan,
+            _ => Kind::Direct,
+        }
+    }
+    #[inline(always)]
+    fn set_kind(&mut self, k: Kind) {
+        let v = match k {
+            Kind::Free => 0,
+            Kind::Cached => 1,
+            Kind::Orphan => 2,
+            Kind::Direct => 3,
+        };
+        self.end_bits = (self.end_bits & !KIND_MASK) | (v << KIND_SHIFT);
+    }
+    #[inline(always)]
+    fn linked(&self) -> bool {
+        self.end_bits & LINKED != 0
+    }
+    #[inline(always)]
+    fn set_linked(&mut self, on: bool) {
+        if on {
+            self.end_bits |= LINKED;
+        } else {
+            self.end_bits &= !LINKED;
+        }
+    }
+}
+
+/// A shared chunk and how many regions use it.
+struct ChunkSlot<M: ProviderMr> {
+    chunk: Arc<Chunk<M>>,
+    members: u32,
 }
 
 /// The registration cache over one primary and one provider.
 pub struct Registry<N: Provider> {
     provider: N,
     subs: Arc<NotifierSubscriptions>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<N::Mr>>,
     /// The region of each slot (`None` when free): the cold part.
     slots: Vec<Option<Region<N::Mr>>>,
     hot: Vec<Hot>,
     free: Vec<u32>,
-    /// Cached regions by start; they are disjoint and never adjacent.
-    tree: BTreeMap<u64, u32>,
+    /// Shared chunks by window number (`start >> CHUNK_SHIFT`).
+    chunks: BTreeMap<u64, ChunkSlot<N::Mr>>,
+    /// Shared chunks with no member.
+    empty_chunks: usize,
+    /// Chunk sequence taken by the last `create`, for `index`'s `publish`.
+    seq: u64,
     hash: StartHash,
     /// Reused buffer of slot indices for merges and invalidations.
     scratch: Vec<u32>,
@@ -189,11 +271,13 @@ impl<N: Provider> Registry<N> {
         Self {
             provider,
             subs: primary.notifiers().clone(),
-            shared: Arc::new(Shared::default()),
+            shared: Shared::new(),
             slots: Vec::new(),
             hot: Vec::new(),
             free: Vec::new(),
-            tree: BTreeMap::new(),
+            chunks: BTreeMap::new(),
+            empty_chunks: 0,
+            seq: 0,
             hash: StartHash::new(),
             scratch: Vec::new(),
             cfg,
@@ -222,7 +306,7 @@ impl<N: Provider> Registry<N> {
             misses: self.misses,
             merges: self.merges,
             evictions: self.evictions,
-            invalidations: self.shared.invalidations.load(Ordering::Relaxed) + self.invalidations,
+            invalidations: self.shared.index.lock().invalidations + self.invalidations,
             registrations: self.registrations,
             deregistrations: self.deregistrations,
             cached_regions: self.cached,
@@ -230,17 +314,43 @@ impl<N: Provider> Registry<N> {
         }
     }
 
-    /// Heap bytes of the owner's own structures (slots, ordered index, hash),
-    /// excluding the per-region allocations (subscription, provider state).
+    /// Heap bytes of the registry's own structures (slots, hash, the
+    /// invalidation index, chunks), excluding the per-region allocations.
+    /// The B-trees are estimated (a leaf holds up to 11 entries; counted at
+    /// 6, the fill sequential inserts leave).
     pub fn owner_heap_bytes(&self) -> usize {
-        // A B-tree leaf holds up to 11 entries; count the entries at 3/4 fill.
-        let tree =
-            self.tree.len() * (core::mem::size_of::<u64>() + core::mem::size_of::<u32>()) * 4 / 3;
+        let ix = self.shared.index.lock();
+        let leaf = |key: usize, val: usize| (11 * (key + val) + 16) / 6;
+        let trees = ix.cached.heap_bytes()
+            + ix.others.len() * leaf(16, 8)
+            + self.chunks.len() * leaf(8, 16);
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
             + self.hot.capacity() * core::mem::size_of::<Hot>()
             + self.free.capacity() * 4
-            + tree
+            + trees
             + self.hash.heap_bytes()
+    }
+
+    /// Bytes of one region's shared allocation (with its Arc counters).
+    pub const fn region_bytes() -> usize {
+        2 * core::mem::size_of::<usize>() + core::mem::size_of::<RegionInner<N::Mr>>()
+    }
+
+    /// Interval subscriptions (chunks) this registry holds on the primary.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+            + self
+                .slots
+                .iter()
+                .flatten()
+                .filter(|r| !self.is_shared_chunk(r))
+                .count()
+    }
+
+    fn is_shared_chunk(&self, r: &Region<N::Mr>) -> bool {
+        self.chunks
+            .get(&(r.start() >> CHUNK_SHIFT))
+            .is_some_and(|c| Arc::ptr_eq(&c.chunk, &r.0.chunk))
     }
 
     /// The region behind a handle, for providers' DMA tests and diagnostics.
@@ -269,20 +379,14 @@ impl<N: Provider> Registry<N> {
     #[inline]
     fn check(&self, h: MrHandle) -> Result<Kind, RegError> {
         match self.hot.get(h.slot as usize) {
-            Some(x) if x.gen == h.gen && x.kind != Kind::Free => Ok(x.kind),
+            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => Ok(x.kind()),
             _ => Err(RegError::StaleHandle),
         }
     }
 
     #[inline]
     fn handle(&self, idx: u32) -> MrHandle {
-        let r = self.slots[idx as usize].as_ref().expect("live slot");
-        MrHandle {
-            slot: idx,
-            gen: self.hot[idx as usize].gen,
-            lkey: r.mr().lkey(),
-            rkey: r.mr().rkey(),
-        }
+        self.hot[idx as usize].handle
     }
 
     /// Range and rights of a live slot.
@@ -292,7 +396,6 @@ impl<N: Provider> Registry<N> {
         Info {
             start: r.start(),
             end: r.end(),
-            access: r.access(),
         }
     }
 
@@ -325,19 +428,15 @@ impl<N: Provider> Registry<N> {
             && (start | len) & (PAGE_SIZE - 1) == 0
             && access.validate()
         {
-            if let Some(&hit) = self.hash.get(start >> PAGE_SHIFT) {
+            if let Some(&slot) = self.hash.get(start >> PAGE_SHIFT) {
                 // The hash holds cached regions only, keyed by their start.
-                let end = hit.end_access & !(PAGE_SIZE - 1);
-                let granted = Access::from_bits(hit.end_access as u8 & Access::ALL.bits());
-                if len <= end - start && granted.contains(access) {
-                    self.take_ref(hit.slot);
+                let x = &mut self.hot[slot as usize];
+                if len <= x.end() - start && x.access().contains(access) {
+                    self.tick = self.tick.wrapping_add(1);
+                    x.refs += 1;
+                    x.tick = self.tick;
                     self.hits += 1;
-                    return Ok(MrHandle {
-                        slot: hit.slot,
-                        gen: hit.gen,
-                        lkey: hit.lkey,
-                        rkey: hit.rkey,
-                    });
+                    return Ok(x.handle);
                 }
             }
         }
@@ -359,25 +458,32 @@ impl<N: Provider> Registry<N> {
         // A reused buffer: no allocation per miss.
         let mut victims = core::mem::take(&mut self.scratch);
         victims.clear();
-        for (_, &idx) in self.tree.range(..=range.end()).rev() {
-            let s = self.info(idx);
-            if s.end < range.start() {
-                break;
+        let mut covering = None;
+        {
+            let ix = self.shared.index.lock();
+            for r in ix.cached.rev_upto(range.end()).map(|(_, r)| r) {
+                if r.end() < range.start() {
+                    break;
+                }
+                if victims.is_empty()
+                    && r.start() <= range.start()
+                    && r.end() >= range.end()
+                    && r.access().contains(access)
+                {
+                    covering = Some(r.0.slot);
+                    break;
+                }
+                victims.push(r.0.slot);
+                lo = lo.min(r.start());
+                hi = hi.max(r.end());
+                acc = acc | r.access();
             }
-            if victims.is_empty()
-                && s.start <= range.start()
-                && s.end >= range.end()
-                && s.access.contains(access)
-            {
-                self.take_ref(idx);
-                self.hits += 1;
-                self.scratch = victims;
-                return Ok(self.handle(idx));
-            }
-            victims.push(idx);
-            lo = lo.min(s.start);
-            hi = hi.max(s.end);
-            acc = acc | s.access;
+        }
+        if let Some(idx) = covering {
+            self.take_ref(idx);
+            self.hits += 1;
+            self.scratch = victims;
+            return Ok(self.handle(idx));
         }
         let r = self.merge_in(&victims, lo, hi, acc);
         self.scratch = victims;
@@ -410,7 +516,7 @@ impl<N: Provider> Registry<N> {
         self.misses += 1;
         self.merges += victims.len() as u64;
         for &v in victims {
-            self.unindex(v);
+            self.unindex(v, true);
             self.retire_if_idle(v);
         }
         Ok(idx)
@@ -426,15 +532,15 @@ impl<N: Provider> Registry<N> {
     #[inline(always)]
     pub fn put(&mut self, h: MrHandle) -> Result<(), RegError> {
         let x = match self.hot.get_mut(h.slot as usize) {
-            Some(x) if x.gen == h.gen && x.kind != Kind::Free => x,
+            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => x,
             _ => return Err(RegError::StaleHandle),
         };
-        if x.refs == 0 || x.kind == Kind::Direct {
+        if x.refs == 0 || x.kind() == Kind::Direct {
             return Err(RegError::PutWithoutGet);
         }
         x.refs -= 1;
         if x.refs == 0 {
-            if x.kind == Kind::Orphan {
+            if x.kind() == Kind::Orphan {
                 self.destroy(h.slot);
             } else if self.shared.pending.load(Ordering::Acquire) {
                 // The region may be queued as invalidated: deregister it now.
@@ -455,25 +561,31 @@ impl<N: Provider> Registry<N> {
         self.drain_pending();
         let mut hit = core::mem::take(&mut self.scratch);
         hit.clear();
-        for (_, &idx) in self.tree.range(..range.end()).rev() {
-            if self.info(idx).end <= range.start() {
-                break;
+        {
+            let mut ix = self.shared.index.lock();
+            for r in ix.cached.rev_below(range.end()).map(|(_, r)| r) {
+                if r.end() <= range.start() {
+                    break;
+                }
+                if r.kill() {
+                    self.invalidations += 1;
+                }
+                hit.push(r.0.slot);
             }
-            hit.push(idx);
+            // Dead regions leave the invalidation index at once.
+            for &idx in &hit {
+                let start = self.slots[idx as usize]
+                    .as_ref()
+                    .expect("live slot")
+                    .start();
+                ix.cached.remove(start);
+            }
         }
         for &idx in &hit {
             if let Some(r) = &self.slots[idx as usize] {
-                let core = r.core();
-                if core
-                    .state
-                    .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    self.invalidations += 1;
-                }
                 r.mr().zap();
             }
-            self.unindex(idx);
+            self.unhash(idx);
             self.retire_if_idle(idx);
         }
         let n = hit.len();
@@ -483,20 +595,38 @@ impl<N: Provider> Registry<N> {
 
     /// Apply the invalidations the notifier callbacks queued.
     fn drain_pending(&mut self) {
-        // Acquire pairs with the Release in `Shared::invalidated`.
+        // Acquire pairs with the Release in the chunk callback.
         if !self.shared.pending.load(Ordering::Acquire) {
             return;
         }
-        for (idx, gen) in self.shared.take() {
+        let mut q = core::mem::take(&mut self.scratch);
+        q.clear();
+        let mut dead = Vec::new();
+        self.shared.take(&mut dead);
+        for (idx, gen) in dead {
             let Some(x) = self.hot.get(idx as usize) else {
                 continue;
             };
-            if x.gen != gen || x.kind != Kind::Cached {
+            if x.gen() != gen || x.kind() == Kind::Free {
                 continue;
             }
-            self.unindex(idx);
-            self.retire_if_idle(idx);
+            q.push(idx);
         }
+        for &idx in &q {
+            match self.hot[idx as usize].kind() {
+                Kind::Cached => {
+                    self.unindex(idx, false);
+                    self.retire_if_idle(idx);
+                }
+                Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked() => {
+                    let r = self.slots[idx as usize].clone().expect("live slot");
+                    self.shared.index.lock().unlink_other(&r);
+                    self.hot[idx as usize].set_linked(false);
+                }
+                _ => {}
+            }
+        }
+        self.scratch = q;
     }
 
     // ------------------------------------------------------------------
@@ -586,6 +716,92 @@ impl<N: Provider> Registry<N> {
     // ------------------------------------------------------------------
     // Internals.
 
+    /// The chunk for a region over `range`: the shared chunk of its 1 GiB
+    /// window (subscribed on first use), or a private one when the region
+    /// crosses a window boundary.
+    fn chunk_for(&mut self, range: PageRange) -> Result<Arc<Chunk<N::Mr>>, RegError> {
+        let w = range.start() >> CHUNK_SHIFT;
+        if (range.end() - 1) >> CHUNK_SHIFT != w {
+            let ops = ChunkOps {
+                shared: self.shared.clone(),
+            };
+            let c = self
+                .subs
+                .interval_subscribe(range.start(), range.len(), ops)?;
+            return Ok(Arc::new(c));
+        }
+        if let Some(c) = self.chunks.get_mut(&w) {
+            // Released chunks stay in the map until their members go.
+            if c.chunk.is_live() {
+                if c.members == 0 {
+                    self.empty_chunks -= 1;
+                }
+                c.members += 1;
+                return Ok(c.chunk.clone());
+            }
+        }
+        let ops = ChunkOps {
+            shared: self.shared.clone(),
+        };
+        let c = Arc::new(
+            self.subs
+                .interval_subscribe(w << CHUNK_SHIFT, 1 << CHUNK_SHIFT, ops)?,
+        );
+        if let Some(old) = self.chunks.insert(
+            w,
+            ChunkSlot {
+                chunk: c.clone(),
+                members: 1,
+            },
+        ) {
+            // A released chunk: its members keep it until they go.
+            if old.members == 0 {
+                self.empty_chunks -= 1;
+            }
+        }
+        Ok(c)
+    }
+
+    /// A region of `chunk` left; unsubscribe empty shared chunks beyond
+    /// [`MAX_EMPTY_CHUNKS`] and private chunks at once.
+    ///
+    /// # Locking
+    /// Must not hold the index lock (unsubscribing waits for callbacks).
+    fn leave_chunk(&mut self, region: &Region<N::Mr>) {
+        let w = region.start() >> CHUNK_SHIFT;
+        match self.chunks.get_mut(&w) {
+            Some(c) if Arc::ptr_eq(&c.chunk, &region.0.chunk) => {
+                c.members -= 1;
+                if c.members == 0 {
+                    self.empty_chunks += 1;
+                    if self.empty_chunks > MAX_EMPTY_CHUNKS {
+                        self.sweep_chunks();
+                    }
+                }
+            }
+            // NotSubscribed/Released: the address space is gone; nothing to undo.
+            _ => {
+                let _ = region.0.chunk.unsubscribe();
+            }
+        }
+    }
+
+    fn sweep_chunks(&mut self) {
+        let mut gone = Vec::new();
+        self.chunks.retain(|_, c| {
+            if c.members == 0 {
+                gone.push(c.chunk.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.empty_chunks = 0;
+        for c in gone {
+            let _ = c.unsubscribe();
+        }
+    }
+
     fn create(
         &mut self,
         range: PageRange,
@@ -599,75 +815,125 @@ impl<N: Provider> Registry<N> {
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
                 self.slots.push(None);
-                self.hot.push(Hot {
-                    refs: 0,
-                    tick: 0,
-                    gen: 0,
-                    kind: Kind::Free,
-                });
+                self.hot.push(Hot::FREE);
                 i
             }
         };
-        let gen = self.hot[idx as usize].gen;
-        let core = RegionCore {
+        let gen = self.hot[idx as usize].gen();
+        let chunk = match self.chunk_for(range) {
+            Ok(c) => c,
+            Err(e) => {
+                self.free.push(idx);
+                return Err(e);
+            }
+        };
+        // An invalidation that runs before the region is in the
+        // invalidation index cannot find it; `seq` tells (see `publish`).
+        let seq = chunk.read_begin();
+        let region = Region(Arc::new(RegionInner {
+            start: range.start(),
+            end: range.end(),
+            chunk,
+            slot: idx,
+            gen,
             state: std::sync::atomic::AtomicU8::new(VALID),
             access,
             implicit,
-            slot: idx,
-            gen,
-            shared: self.shared.clone(),
             mr,
-        };
-        let sub = match self
-            .subs
-            .interval_subscribe(range.start(), range.len(), core)
-        {
-            Ok(s) => s,
-            Err(e) => {
-                self.free.push(idx);
-                return Err(e.into());
-            }
-        };
-        let region = Region(Arc::new(sub));
+        }));
+        // Visible to the callbacks before it becomes reachable by DMA.
+        if kind == Kind::Direct {
+            let mut ix = self.shared.index.lock();
+            ix.link_other(region.clone());
+            self.publish(&mut ix, &region, seq);
+        }
         if let Err(e) = self.provider.activate_mr(&region) {
-            region.core().state.store(DEREGISTERED, Ordering::Release);
-            let _ = region.0.unsubscribe();
+            region.0.state.store(DEREGISTERED, Ordering::Release);
+            if kind == Kind::Direct {
+                self.shared.index.lock().unlink_other(&region);
+            }
+            self.leave_chunk(&region);
             self.free.push(idx);
             return Err(e);
         }
         self.registrations += 1;
+        self.seq = seq;
+        let (lkey, rkey) = (region.mr().lkey(), region.mr().rkey());
         self.slots[idx as usize] = Some(region);
-        self.hot[idx as usize] = Hot {
+        let mut x = Hot {
+            handle: MrHandle {
+                slot: idx,
+                gen,
+                lkey,
+                rkey,
+            },
+            end_bits: range.end() | u64::from(access.bits()),
             refs: 0,
             tick: self.tick,
-            gen,
-            kind,
         };
+        x.set_kind(kind);
+        x.set_linked(kind == Kind::Direct);
+        self.hot[idx as usize] = x;
         Ok(idx)
     }
 
+    /// Put a new cached region in the invalidation index and the hash.
+    ///
+    /// A region created for the cache is not in the invalidation index
+    /// between `create` and here, but it is not reachable by the owner's
+    /// lookups either, and its DMA fills use the chunk's `read_begin`, which
+    /// waits out an invalidation in progress; an invalidation that ended
+    /// before this point changed the primary before any translation of the
+    /// region was built.
     fn index(&mut self, idx: u32) {
-        let s = self.info(idx);
-        let h = self.handle(idx);
-        self.tree.insert(s.start, idx);
-        let hit = Hit {
-            end_access: s.end | u64::from(s.access.bits()),
-            slot: idx,
-            gen: h.gen,
-            lkey: h.lkey,
-            rkey: h.rkey,
-        };
-        self.hash.insert(s.start >> PAGE_SHIFT, hit);
+        let r = self.slots[idx as usize].clone().expect("live slot");
+        let (start, end) = (r.start(), r.end());
+        {
+            let mut ix = self.shared.index.lock();
+            ix.cached.insert(start, r.clone());
+            self.publish(&mut ix, &r, self.seq);
+        }
+        self.hash.insert(start >> PAGE_SHIFT, idx);
         self.cached += 1;
-        self.cached_bytes += s.end - s.start;
+        self.cached_bytes += end - start;
     }
 
-    /// Take a cached slot out of the index; it becomes an orphan.
-    fn unindex(&mut self, idx: u32) {
-        debug_assert_eq!(self.hot[idx as usize].kind, Kind::Cached);
-        self.hot[idx as usize].kind = Kind::Orphan;
+    /// The region just entered the invalidation index (whose lock `ix` is):
+    /// if an invalidation of its chunk ran since `seq` (taken before the
+    /// region was built), it may have missed the region; kill it, as that
+    /// invalidation would have, and queue it. A `get` racing with an unmap
+    /// of its range may thus return a handle whose keys are already dead.
+    fn publish(&self, ix: &mut chunk::Index<N::Mr>, r: &Region<N::Mr>, seq: u64) {
+        // The index lock is the lock the callback holds around `set_seq`.
+        if r.notifier().read_retry(seq) && r.kill() {
+            r.mr().zap();
+            ix.queue.push((r.0.slot, r.0.gen));
+            ix.invalidations += 1;
+            self.shared.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Take a cached slot out of the cache; it becomes an orphan. With
+    /// `link`, a live orphan that is still referenced moves to the
+    /// invalidation index's `others` (a merge superseded it).
+    fn unindex(&mut self, idx: u32, link: bool) {
+        let r = self.slots[idx as usize].clone().expect("live slot");
+        {
+            let mut ix = self.shared.index.lock();
+            ix.cached.remove(r.start());
+            if link && self.hot[idx as usize].refs > 0 && r.is_valid() {
+                ix.link_other(r.clone());
+                self.hot[idx as usize].set_linked(true);
+            }
+        }
+        self.unhash(idx);
+    }
+
+    /// Take a cached slot out of the hash and the counts; it becomes an orphan.
+    fn unhash(&mut self, idx: u32) {
+        debug_assert_eq!(self.hot[idx as usize].kind(), Kind::Cached);
+        self.hot[idx as usize].set_kind(Kind::Orphan);
         let s = self.info(idx);
-        self.tree.remove(&s.start);
         self.hash.remove(s.start >> PAGE_SHIFT);
         self.cached -= 1;
         self.cached_bytes -= s.end - s.start;
@@ -679,19 +945,23 @@ impl<N: Provider> Registry<N> {
         }
     }
 
-    /// Deregister and free a slot with no reference that is not indexed.
+    /// Deregister and free a slot with no reference that is not cached.
     fn destroy(&mut self, idx: u32) {
         let x = &mut self.hot[idx as usize];
-        debug_assert!(x.refs == 0 && x.kind != Kind::Cached && x.kind != Kind::Free);
-        x.kind = Kind::Free;
-        x.gen = x.gen.wrapping_add(1);
+        debug_assert!(x.refs == 0 && x.kind() != Kind::Cached && x.kind() != Kind::Free);
+        let linked = x.linked();
+        x.set_kind(Kind::Free);
+        x.set_linked(false);
+        x.handle.gen = x.handle.gen.wrapping_add(1);
         let region = self.slots[idx as usize].take();
         self.free.push(idx);
         if let Some(region) = region {
-            region.core().state.store(DEREGISTERED, Ordering::Release);
+            region.0.state.store(DEREGISTERED, Ordering::Release);
+            if linked {
+                self.shared.index.lock().unlink_other(&region);
+            }
             self.provider.dereg_mr(&region);
-            // NotSubscribed/Released: the address space is gone; nothing to undo.
-            let _ = region.0.unsubscribe();
+            self.leave_chunk(&region);
             self.deregistrations += 1;
         }
     }
@@ -709,7 +979,9 @@ impl<N: Provider> Registry<N> {
             .hot
             .iter()
             .enumerate()
-            .filter(|(i, x)| x.kind == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32)))
+            .filter(|(i, x)| {
+                x.kind() == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32))
+            })
             .map(|(i, x)| (core::cmp::Reverse(now.wrapping_sub(x.tick)), i as u32))
             .collect();
         // Oldest (largest age) first.
@@ -721,7 +993,7 @@ impl<N: Provider> Registry<N> {
                 break;
             }
             let len = self.info(idx).end - self.info(idx).start;
-            self.unindex(idx);
+            self.unindex(idx, false);
             self.destroy(idx);
             self.evictions += 1;
             r -= 1;
@@ -739,14 +1011,21 @@ impl<N: Provider> Drop for Registry<N> {
     /// Destroy every region (`ucs_rcache_destroy`): held references are
     /// forgotten, every registration is deregistered.
     fn drop(&mut self) {
+        // Empty the cache wholesale (no per-region index removal).
+        {
+            let mut ix = self.shared.index.lock();
+            ix.cached.clear();
+        }
+        self.hash = StartHash::new();
         for idx in 0..self.hot.len() as u32 {
             let x = &mut self.hot[idx as usize];
-            if x.kind == Kind::Free {
+            if x.kind() == Kind::Free {
                 continue;
             }
             x.refs = 0;
-            x.kind = Kind::Orphan;
+            x.set_kind(Kind::Orphan);
             self.destroy(idx);
         }
+        self.sweep_chunks();
     }
 }

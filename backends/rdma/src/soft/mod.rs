@@ -64,15 +64,12 @@ pub struct NicStats {
     pub page_accesses: u64,
 }
 
-#[derive(Default)]
-struct KeyEntry {
-    gen: u8,
-    region: Option<Region<SoftMr>>,
-}
-
+/// Key index to region, with the generation of each entry in a parallel
+/// byte array (9 bytes per key instead of a padded 16-byte entry).
 #[derive(Default)]
 struct KeyTable {
-    entries: Vec<KeyEntry>,
+    regions: Vec<Option<Region<SoftMr>>>,
+    gens: Vec<u8>,
     free: Vec<u32>,
 }
 
@@ -149,7 +146,9 @@ impl SoftNic {
     /// Heap bytes of the key table.
     pub fn key_table_heap_bytes(&self) -> usize {
         let t = self.inner.keys.read();
-        t.entries.capacity() * core::mem::size_of::<KeyEntry>() + t.free.capacity() * 4
+        t.regions.capacity() * core::mem::size_of::<Option<Region<SoftMr>>>()
+            + t.gens.capacity()
+            + t.free.capacity() * 4
     }
 
     // ------------------------------------------------------------------
@@ -263,8 +262,8 @@ impl SoftNic {
         let (idx, gen, is_remote) = split_key(key);
         let region = {
             let t = self.inner.keys.read();
-            match t.entries.get(idx) {
-                Some(e) if e.gen == gen => e.region.clone(),
+            match t.regions.get(idx) {
+                Some(r) if t.gens[idx] == gen => r.clone(),
                 _ => None,
             }
         }
@@ -362,16 +361,17 @@ impl Provider for SoftNic {
         let idx = match t.free.pop() {
             Some(i) => i as usize,
             None => {
-                if t.entries.len() > MAX_INDEX {
+                if t.regions.len() > MAX_INDEX {
                     return Err(ProviderError::KeysExhausted.into());
                 }
-                t.entries.push(KeyEntry::default());
-                t.entries.len() - 1
+                t.regions.push(None);
+                t.gens.push(0);
+                t.regions.len() - 1
             }
         };
-        let e = &mut t.entries[idx];
-        e.region = Some(region.clone());
-        let lkey = ((idx as u32 + 1) << 9) | (u32::from(e.gen) << 1);
+        t.regions[idx] = Some(region.clone());
+        let gen = t.gens[idx];
+        let lkey = ((idx as u32 + 1) << 9) | (u32::from(gen) << 1);
         region.mr().lkey.store(lkey, Ordering::Relaxed);
         region.mr().rkey.store(lkey | 1, Ordering::Relaxed);
         self.inner.registrations.fetch_add(1, Ordering::Relaxed);
@@ -383,17 +383,16 @@ impl Provider for SoftNic {
         let (idx, gen, _) = split_key(lkey);
         let old = {
             let mut t = self.inner.keys.write();
-            let Some(e) = t.entries.get_mut(idx) else {
-                return;
-            };
-            if e.gen != gen || e.region.is_none() {
-                return;
+            match t.regions.get(idx) {
+                Some(Some(_)) if t.gens[idx] == gen => {}
+                _ => return,
             }
-            let old = e.region.take();
-            e.gen = e.gen.wrapping_add(1);
+            let old = t.regions[idx].take();
+            let next = gen.wrapping_add(1);
+            t.gens[idx] = next;
             // An entry whose generation wrapped is retired (never freed):
             // reusing it would reissue a key that was handed out.
-            if e.gen != 0 {
+            if next != 0 {
                 t.free.push(idx as u32);
             }
             old

@@ -7,10 +7,10 @@
 //! `mtt` (a reader-writer lock) is the subscriber lock of the protocol:
 //!
 //! ```text
-//!   DMA (reader)                 NIC fault (writer)             invalidate callback
-//!   ------------                 ------------------             -------------------
-//!   mtt.read()                   seq = read_begin()             mtt.write()
-//!   state VALID? entry?          t = primary.fault_page()       set_seq(cur_seq)
+//!   DMA (reader)                 NIC fault (writer)             chunk callback
+//!   ------------                 ------------------             --------------
+//!   mtt.read()                   seq = read_begin()  (chunk)    chunk.set_seq(cur_seq)
+//!   state VALID? entry?          t = primary.fault_page()       mtt.write()
 //!   touch the frame              mtt.write()                    mark state
 //!   unlock                       read_retry(seq)? -> again      remove entries
 //!                                state VALID? insert t          unlock
@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use notifier_core::notifier::{Again, IntervalNotifier};
+use notifier_core::notifier::Again;
 use notifier_core::primary::{Primary, PrimaryFault, Translation};
 use notifier_core::PAGE_SIZE;
 use parking_lot::RwLock;
@@ -101,10 +101,8 @@ impl ProviderMr for SoftMr {
 
     fn invalidate(
         &self,
-        sub: &IntervalNotifier,
         start: u64,
         end: u64,
-        cur_seq: u64,
         blockable: bool,
         mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again> {
@@ -113,7 +111,6 @@ impl ProviderMr for SoftMr {
         } else {
             self.mtt.try_write().ok_or(Again)?
         };
-        sub.set_seq(cur_seq);
         // A dead region's keys are rejected by its state, checked under this
         // lock by every DMA; only the translations of the range must go.
         mark();

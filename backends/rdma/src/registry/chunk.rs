@@ -1,0 +1,287 @@
+//! Chunk subscriptions and the invalidation index (the design of UCX's
+//! single memory hook and of the kernel's implicit ODP child MRs).
+//!
+//! Subscribing every region to the primary costs an interval-index node
+//! and a subscription allocation per region and an index insert and
+//! remove per registration. Instead, regions join a *chunk*: one interval
+//! subscription per 1 GiB aligned window that holds at least one region
+//! (kept while empty, up to [`MAX_EMPTY_CHUNKS`] of them, so a
+//! register/deregister cycle does not resubscribe). A region that crosses
+//! a window boundary, and an implicit region, get a *private* chunk of
+//! exactly their range. Every region has exactly one chunk, which covers it.
+//!
+//! The chunk's callback finds the affected regions in the registry's
+//! [`Index`], which the owner keeps under the same lock.
+//!
+//! # Locking
+//!
+//! ```text
+//!   chunk callback                       NIC fill (soft/mtt.rs)          owner (slow paths)
+//!   --------------                       ----------------------          ------------------
+//!   index.lock()  (try_lock if !blockable)  seq = chunk.read_begin()     index.lock()
+//!   chunk.set_seq(cur_seq)               look up the primary             insert/remove/query
+//!   for each region of this chunk        mtt.write()                     index.unlock()
+//!     overlapping the range:             chunk.read_retry(seq)? retry    (never holds it across
+//!     kill (unmap) + drop translations     state VALID? insert             provider calls,
+//!     under the region's MTT lock        mtt.unlock()                      read_begin or
+//!   queue the killed; index.unlock()                                       unsubscribe)
+//! ```
+//!
+//! `set_seq` runs before the callback takes any region's MTT lock, so a
+//! fill that takes that lock after the callback sees the new sequence and
+//! retries, and a fill that took it before wrote an entry the callback then
+//! removes: the protocol of `notifier_core::notifier::interval` with the
+//! region's MTT lock as the subscriber lock. Lock order: index, then MTT;
+//! no path takes them the other way round.
+//!
+//! Dead regions (invalidated) leave the index: they need no further
+//! callback, because every DMA and fill checks the state under the MTT lock.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use notifier_core::notifier::{
+    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
+};
+use parking_lot::Mutex;
+
+use super::ordered::SortedBlocks;
+use crate::provider::ProviderMr;
+use crate::region::Region;
+
+/// log2 of the window of a shared chunk (1 GiB, as mlx5's implicit ODP).
+pub(crate) const CHUNK_SHIFT: u32 = 30;
+
+/// Most empty shared chunks kept subscribed; beyond, empty ones are unsubscribed.
+pub(crate) const MAX_EMPTY_CHUNKS: usize = 16;
+
+/// A chunk: an interval subscription whose callback serves its regions.
+pub(crate) type Chunk<M> = IntervalSubscription<ChunkOps<M>>;
+
+/// The live regions the callbacks must find, by kind. Owner writes, under
+/// [`Shared::index`].
+pub(crate) struct Index<M: ProviderMr> {
+    /// Cached regions by start: disjoint, never adjacent.
+    pub(crate) cached: SortedBlocks<Region<M>>,
+    /// Live regions outside the cache (direct registrations, cached regions
+    /// superseded by a merge but still referenced) by (start, slot); they
+    /// may overlap anything.
+    pub(crate) others: BTreeMap<(u64, u32), Region<M>>,
+    /// Upper bound of the lengths in `others` (reset when it empties).
+    pub(crate) others_max_len: u64,
+    /// Implicit regions (whole address space).
+    pub(crate) implicit: Vec<Region<M>>,
+    /// Regions the callbacks killed, as (slot, gen), for the owner to retire.
+    pub(crate) queue: Vec<(u32, u32)>,
+    /// Regions the callbacks killed, ever.
+    pub(crate) invalidations: u64,
+}
+
+impl<M: ProviderMr> Default for Index<M> {
+    fn default() -> Self {
+        Self {
+            cached: SortedBlocks::default(),
+            others: BTreeMap::new(),
+            others_max_len: 0,
+            implicit: Vec::new(),
+            queue: Vec::new(),
+            invalidations: 0,
+        }
+    }
+}
+
+impl<M: ProviderMr> Index<M> {
+    /// Add a live region outside the cache.
+    pub(crate) fn link_other(&mut self, r: Region<M>) {
+        if r.is_implicit() {
+            self.implicit.push(r);
+        } else {
+            self.others_max_len = self.others_max_len.max(r.end() - r.start());
+            self.others.insert((r.start(), r.0.slot), r);
+        }
+    }
+
+    /// Remove a region added by [`Self::link_other`].
+    pub(crate) fn unlink_other(&mut self, r: &Region<M>) {
+        if r.is_implicit() {
+            self.implicit.retain(|x| !Arc::ptr_eq(&x.0, &r.0));
+        } else {
+            self.others.remove(&(r.start(), r.0.slot));
+            if self.others.is_empty() {
+                self.others_max_len = 0;
+            }
+        }
+    }
+}
+
+/// What the chunk callbacks share with the registry owner.
+///
+/// # Pairing
+/// A callback pushes to `index.queue` and then sets `pending` (Release);
+/// the owner loads `pending` (Acquire) at the head of every `get` and drains.
+pub(crate) struct Shared<M: ProviderMr> {
+    pub(crate) pending: AtomicBool,
+    pub(crate) index: Mutex<Index<M>>,
+}
+
+impl<M: ProviderMr> Shared<M> {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            pending: AtomicBool::new(false),
+            index: Mutex::new(Index::default()),
+        })
+    }
+
+    /// Take the queued invalidations into `out`.
+    pub(crate) fn take(&self, out: &mut Vec<(u32, u32)>) {
+        let mut ix = self.index.lock();
+        self.pending.store(false, Ordering::Relaxed);
+        out.append(&mut ix.queue);
+    }
+}
+
+/// The callbacks object of a chunk subscription.
+pub(crate) struct ChunkOps<M: ProviderMr> {
+    pub(crate) shared: Arc<Shared<M>>,
+}
+
+/// Invalidate `r`'s part of `[a, b)`: for an unmap (or any event for a
+/// pinned region) kill it and queue it. Called with the index lock held.
+fn invalidate_one<M: ProviderMr>(
+    r: &Region<M>,
+    a: u64,
+    b: u64,
+    event: Event,
+    blockable: bool,
+    queue: &mut Vec<(u32, u32)>,
+    killed_count: &mut u64,
+) -> Result<(), Again> {
+    let kill =
+        !r.is_implicit() && (matches!(event, Event::Unmap | Event::Release) || !r.mr().on_demand());
+    let mut killed = false;
+    let mut mark = || {
+        if kill {
+            killed = r.kill();
+        }
+        kill
+    };
+    r.mr()
+        .invalidate(a.max(r.start()), b.min(r.end()), blockable, &mut mark)?;
+    if killed {
+        queue.push((r.0.slot, r.0.gen));
+        *killed_count += 1;
+    }
+    Ok(())
+}
+
+impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
+    /// Under the index lock: record the sequence, then for every live
+    /// region of this chunk that overlaps the range drop its translations
+    /// (and kill it on an unmap, or on any event for a pinned registration).
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        range: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
+        let mut ix = if range.blockable {
+            self.shared.index.lock()
+        } else {
+            self.shared.index.try_lock().ok_or(Again)?
+        };
+        sub.set_seq(cur_seq);
+        let (a, b) = (range.start.max(sub.start()), range.end.min(sub.end()));
+        let mine = |r: &Region<M>| core::ptr::eq(r.notifier(), sub);
+        let Index {
+            cached,
+            others,
+            others_max_len,
+            implicit,
+            queue,
+            invalidations,
+        } = &mut *ix;
+        let before = queue.len();
+        let mut res = Ok(());
+        // Cached regions are disjoint: walk back from the last starting
+        // before `b` until one ends at or before `a`.
+        for r in cached.rev_below(b).map(|(_, r)| r) {
+            if r.end() <= a {
+                break;
+            }
+            if mine(r) {
+                res = res.and(invalidate_one(
+                    r,
+                    a,
+                    b,
+                    range.event,
+                    range.blockable,
+                    queue,
+                    invalidations,
+                ));
+            }
+        }
+        if !others.is_empty() {
+            let lo = a.saturating_sub(*others_max_len);
+            for r in others.range((lo, 0)..(b, 0)).map(|(_, r)| r) {
+                if r.end() > a && mine(r) {
+                    res = res.and(invalidate_one(
+                        r,
+                        a,
+                        b,
+                        range.event,
+                        range.blockable,
+                        queue,
+                        invalidations,
+                    ));
+                }
+            }
+        }
+        for r in implicit.iter() {
+            if mine(r) {
+                res = res.and(invalidate_one(
+                    r,
+                    a,
+                    b,
+                    range.event,
+                    range.blockable,
+                    queue,
+                    invalidations,
+                ));
+            }
+        }
+        if queue.len() > before {
+            // Release pairs with the owner's Acquire load of `pending`.
+            self.shared.pending.store(true, Ordering::Release);
+        }
+        res
+    }
+
+    /// The address space goes away: kill every region of this chunk.
+    fn release(&self, sub: &IntervalNotifier) {
+        let mut ix = self.shared.index.lock();
+        let Index {
+            cached,
+            others,
+            implicit,
+            queue,
+            invalidations,
+            ..
+        } = &mut *ix;
+        let before = queue.len();
+        for r in cached
+            .values()
+            .chain(others.values())
+            .chain(implicit.iter())
+        {
+            if core::ptr::eq(r.notifier(), sub) && r.kill() {
+                r.mr().zap();
+                queue.push((r.0.slot, r.0.gen));
+                *invalidations += 1;
+            }
+        }
+        if queue.len() > before {
+            self.shared.pending.store(true, Ordering::Release);
+        }
+    }
+}

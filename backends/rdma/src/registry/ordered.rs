@@ -1,0 +1,260 @@
+//! The ordered index of cached regions: a map from start address to value
+//! kept as a sorted list of sorted blocks of at most [`B`] entries (a
+//! two-level "tiered vector").
+//!
+//! Why not `BTreeMap`: at tens of thousands of regions its insert, remove
+//! and predecessor search each walk four or five nodes of eleven keys with
+//! a cache miss per level, and sequential inserts leave its leaves half
+//! full. Here a lookup is one binary search over the block minima (8 bytes
+//! per block, dense) and one inside a block; an insert or remove moves at
+//! most a block's tail; an append past the last key starts a new block
+//! instead of splitting, so sequential registration leaves full blocks.
+
+use core::cell::Cell;
+
+/// Entries per block.
+const B: usize = 64;
+
+/// A sorted map from `u64` keys to `V`.
+pub(crate) struct SortedBlocks<V> {
+    /// First key of each block, ascending.
+    mins: Vec<u64>,
+    /// Non-empty blocks, each sorted, keys between their `mins` and the next.
+    blocks: Vec<Vec<(u64, V)>>,
+    len: usize,
+    /// The block of the last lookup (a finger: registrations tend to be
+    /// near each other, so the next lookup usually lands in it).
+    finger: Cell<usize>,
+}
+
+impl<V> Default for SortedBlocks<V> {
+    fn default() -> Self {
+        Self {
+            mins: Vec::new(),
+            blocks: Vec::new(),
+            len: 0,
+            finger: Cell::new(0),
+        }
+    }
+}
+
+impl<V> SortedBlocks<V> {
+    /// Number of entries.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Heap bytes held.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.mins.capacity() * 8
+            + self.blocks.capacity() * core::mem::size_of::<Vec<(u64, V)>>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.capacity() * core::mem::size_of::<(u64, V)>())
+                .sum::<usize>()
+    }
+
+    /// Index of the block that holds or would hold `key`.
+    #[inline]
+    fn block_of(&self, key: u64) -> usize {
+        let f = self.finger.get();
+        let n = self.mins.len();
+        if f < n && self.mins[f] <= key && (f + 1 == n || self.mins[f + 1] > key) {
+            return f;
+        }
+        let b = self.mins.partition_point(|&m| m <= key).saturating_sub(1);
+        self.finger.set(b);
+        b
+    }
+
+    /// Insert or replace; returns the old value.
+    pub(crate) fn insert(&mut self, key: u64, v: V) -> Option<V> {
+        if self.blocks.is_empty() {
+            let mut blk = Vec::with_capacity(B);
+            blk.push((key, v));
+            self.blocks.push(blk);
+            self.mins.push(key);
+            self.len = 1;
+            return None;
+        }
+        let mut b = self.block_of(key);
+        let blk = &self.blocks[b];
+        // Appending past a block's last key is the common case.
+        let pos = if blk[blk.len() - 1].0 < key {
+            blk.len()
+        } else {
+            blk.partition_point(|e| e.0 < key)
+        };
+        if pos < self.blocks[b].len() && self.blocks[b][pos].0 == key {
+            return Some(core::mem::replace(&mut self.blocks[b][pos].1, v));
+        }
+        let mut pos = pos;
+        if self.blocks[b].len() == B {
+            if pos == B {
+                // Past the block's last key: start a new block (sequential
+                // inserts keep full blocks).
+                let mut blk = Vec::with_capacity(B);
+                blk.push((key, v));
+                self.blocks.insert(b + 1, blk);
+                self.mins.insert(b + 1, key);
+                self.len += 1;
+                return None;
+            }
+            let mut upper = Vec::with_capacity(B);
+            upper.extend(self.blocks[b].drain(B / 2..));
+            self.mins.insert(b + 1, upper[0].0);
+            self.blocks.insert(b + 1, upper);
+            if pos > B / 2 {
+                b += 1;
+                pos -= B / 2;
+            }
+        }
+        self.blocks[b].insert(pos, (key, v));
+        self.mins[b] = self.blocks[b][0].0;
+        self.len += 1;
+        None
+    }
+
+    /// Remove `key`; returns its value.
+    pub(crate) fn remove(&mut self, key: u64) -> Option<V> {
+        if self.blocks.is_empty() {
+            return None;
+        }
+        let b = self.block_of(key);
+        let blk = &mut self.blocks[b];
+        let pos = blk.partition_point(|e| e.0 < key);
+        if pos >= blk.len() || blk[pos].0 != key {
+            return None;
+        }
+        let (_, v) = blk.remove(pos);
+        self.len -= 1;
+        if blk.is_empty() {
+            self.blocks.remove(b);
+            self.mins.remove(b);
+        } else {
+            self.mins[b] = blk[0].0;
+            // Fold a small block into its successor's room to bound waste.
+            if blk.len() < B / 4 && b + 1 < self.blocks.len() {
+                let next = self.blocks[b + 1].len();
+                if self.blocks[b].len() + next <= B {
+                    let moved = self.blocks.remove(b + 1);
+                    self.mins.remove(b + 1);
+                    self.blocks[b].extend(moved);
+                }
+            }
+        }
+        Some(v)
+    }
+
+    /// Entries with key `<= key`, descending.
+    #[inline]
+    pub(crate) fn rev_upto(&self, key: u64) -> RevIter<'_, V> {
+        if self.blocks.is_empty() || self.mins[0] > key {
+            return RevIter {
+                map: self,
+                b: 0,
+                i: 0,
+            };
+        }
+        let b = self.block_of(key);
+        let blk = &self.blocks[b];
+        let i = if blk[blk.len() - 1].0 <= key {
+            blk.len()
+        } else {
+            blk.partition_point(|e| e.0 <= key)
+        };
+        RevIter { map: self, b, i }
+    }
+
+    /// Entries with key `< key`, descending.
+    #[inline]
+    pub(crate) fn rev_below(&self, key: u64) -> RevIter<'_, V> {
+        match key.checked_sub(1) {
+            Some(k) => self.rev_upto(k),
+            None => RevIter {
+                map: self,
+                b: 0,
+                i: 0,
+            },
+        }
+    }
+
+    /// Remove every entry.
+    pub(crate) fn clear(&mut self) {
+        self.blocks.clear();
+        self.mins.clear();
+        self.len = 0;
+    }
+
+    /// All values, ascending.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.blocks.iter().flat_map(|b| b.iter().map(|e| &e.1))
+    }
+}
+
+/// Descending iterator (see [`SortedBlocks::rev_upto`]).
+pub(crate) struct RevIter<'a, V> {
+    map: &'a SortedBlocks<V>,
+    /// Current block; entries `[0, i)` of it remain.
+    b: usize,
+    i: usize,
+}
+
+impl<'a, V> Iterator for RevIter<'a, V> {
+    type Item = (u64, &'a V);
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.i == 0 {
+            if self.b == 0 {
+                return None;
+            }
+            self.b -= 1;
+            self.i = self.map.blocks[self.b].len();
+        }
+        self.i -= 1;
+        let e = &self.map.blocks[self.b][self.i];
+        Some((e.0, &e.1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn matches_a_btree_map_under_churn() {
+        let mut s = SortedBlocks::default();
+        let mut m = BTreeMap::new();
+        let mut x: u64 = 99;
+        for step in 0..100_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = if step % 4 == 0 {
+                u64::from(step) + 10_000
+            } else {
+                x % 3000
+            };
+            if x % 3 == 0 {
+                assert_eq!(s.remove(key), m.remove(&key));
+            } else {
+                assert_eq!(s.insert(key, step), m.insert(key, step));
+            }
+            if step % 997 == 0 {
+                assert_eq!(s.len(), m.len());
+                for probe in [0, 1, 1500, 2999, 3000, 20_000, 200_000, u64::MAX] {
+                    let a: Vec<_> = s.rev_upto(probe).map(|(k, v)| (k, *v)).collect();
+                    let b: Vec<_> = m.range(..=probe).rev().map(|(k, v)| (*k, *v)).collect();
+                    assert_eq!(a, b);
+                    let a: Vec<_> = s.rev_below(probe).map(|(k, _)| k).collect();
+                    let b: Vec<_> = m.range(..probe).rev().map(|(k, _)| *k).collect();
+                    assert_eq!(a, b);
+                }
+                assert!(s.values().copied().eq(m.values().copied()));
+            }
+        }
+    }
+}
