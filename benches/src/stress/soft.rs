@@ -188,19 +188,20 @@ impl SoftWorld {
         if cfg.inject == Some(Inject::FreeBeforeEnd) {
             mm.inject().set_free_before_end(true);
         }
-        // Idle subscriptions: one page each, every fourth inside the layout.
+        // Idle subscriptions: one page each. The first 64 sit inside the
+        // layout (every ninth page), the rest at a two-page stride on both
+        // sides of it, so the index is large but an invalidation of the
+        // layout meets few of them.
         let mut idle = Vec::with_capacity(cfg.subscriptions);
         for i in 0..cfg.subscriptions as u64 {
-            let addr = if i % 4 == 0 {
-                ARENA + (i / 4 % (ARENA_PAGES + FILE_PAGES)) * PAGE_SIZE
+            let addr = if i < 64 {
+                ARENA + (i * 9 % ((END - ARENA) / PAGE_SIZE)) * PAGE_SIZE
+            } else if i % 2 == 0 {
+                ARENA - (i + 2) * PAGE_SIZE
             } else {
-                0x20_0000_0000 + i * 2 * PAGE_SIZE
+                END + (i + 1) * PAGE_SIZE
             };
-            idle.push(
-                mm.notifiers()
-                    .interval_subscribe(addr, PAGE_SIZE, Idle)
-                    .map_err(|x| e("subscription", &x))?,
-            );
+            idle.push(mm.notifiers().interval_subscribe(addr, PAGE_SIZE, Idle).map_err(|x| e("subscription", &x))?);
         }
         Ok(Self {
             mm,
