@@ -10,15 +10,17 @@
 mod report;
 mod soft;
 mod timing;
+mod world;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use report::{Report, StageReport};
+pub use report::{ReplayKey, Report, StageReport};
 pub use soft::SoftWorld;
-use timing::Stages;
+pub use timing::Stages;
+pub use world::{Composite, World, WorldStats};
 
 use crate::rng::Rng;
 
@@ -119,6 +121,11 @@ pub enum Inject {
 pub enum Backend {
     /// The software primary with TLB-based mirrors.
     Soft,
+    /// The software primary; devices are RDMA software NICs doing DMA
+    /// through registrations of the registry.
+    Rdma,
+    /// Every backend available in this build, at once.
+    All,
 }
 
 /// A stress run's parameters.
@@ -169,11 +176,22 @@ pub type Progress<'a> = &'a (dyn Fn(f64, u64, u64, u64) + Sync);
 /// Run a stress and return its report.
 pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String> {
     let (mutators, devices) = cfg.split();
-    let world = SoftWorld::new(cfg, devices)?;
+    let world = world::build(cfg, devices)?;
+    let world: &dyn World = &*world;
+    let slots = world.device_slots().max(1);
     let start = Instant::now();
     let mut stages = Stages::default();
     let mut ops_by_kind = std::collections::BTreeMap::new();
     let mut log_hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let report_progress = || {
+        let w = world.stats();
+        progress(
+            start.elapsed().as_secs_f64(),
+            w.accesses,
+            w.operations,
+            w.violations,
+        );
+    };
 
     if let Some(steps) = cfg.steps {
         // Deterministic: one thread, the seed picks who acts.
@@ -184,110 +202,95 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
                 *ops_by_kind.entry(k).or_insert(0u64) += 1;
                 log_hash = (log_hash ^ (k as u64 + 1)).wrapping_mul(0x100_0000_01b3);
             } else {
-                let dev = rng.below(devices as u64 * cfg.mirrors.max(1) as u64) as usize;
+                let dev = rng.below(slots as u64) as usize;
                 world.device_step(&mut rng, dev);
             }
             if step % 65536 == 0 {
-                let c = &world.counters;
-                progress(
-                    start.elapsed().as_secs_f64(),
-                    c.accesses.load(Ordering::Relaxed),
-                    c.ops.load(Ordering::Relaxed),
-                    world.oracle.violation_count(),
-                );
+                report_progress();
             }
         }
     } else if cfg.threads <= 1 {
         let mut rng = Rng::new(cfg.seed);
         let deadline = start + Duration::from_secs_f64(cfg.seconds);
-        let mut n = 0u64;
+        let mut n = 0usize;
         while Instant::now() < deadline {
             for _ in 0..1024 {
                 if rng.chance(1, 40) {
                     let k = world.mutator_step(&mut rng, &mut stages);
                     *ops_by_kind.entry(k).or_insert(0u64) += 1;
                 } else {
-                    world.device_step(&mut rng, n as usize % world.mirrors.len());
+                    world.device_step(&mut rng, n % slots);
                 }
                 n += 1;
             }
-            let c = &world.counters;
-            progress(
-                start.elapsed().as_secs_f64(),
-                c.accesses.load(Ordering::Relaxed),
-                c.ops.load(Ordering::Relaxed),
-                world.oracle.violation_count(),
-            );
+            report_progress();
         }
     } else {
         let stop = AtomicBool::new(false);
-        let per_mutator: Vec<(Stages, std::collections::BTreeMap<OpKind, u64>)> =
-            std::thread::scope(|s| {
-                let world = &world;
-                let stop = &stop;
-                for d in 0..devices {
-                    let seed = cfg.seed ^ (0xD0 + d as u64) << 32;
-                    s.spawn(move || {
-                        let mut rng = Rng::new(seed);
-                        let mut k = d;
-                        while !stop.load(Ordering::Relaxed) {
-                            for _ in 0..256 {
-                                world.device_step(&mut rng, k);
-                                k = (k + devices) % (devices * world.mirrors.len());
+        type MutatorResult = (Stages, std::collections::BTreeMap<OpKind, u64>);
+        let per_mutator: Vec<MutatorResult> = std::thread::scope(|s| {
+            let stop = &stop;
+            for d in 0..devices {
+                let seed = cfg.seed ^ ((0xD0 + d as u64) << 32);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    // Device thread d owns the slots d, d + devices, ...
+                    let first = d % slots;
+                    let mut k = first;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..256 {
+                            world.device_step(&mut rng, k);
+                            k += devices;
+                            if k >= slots {
+                                k = first;
                             }
                         }
-                    });
-                }
-                let handles: Vec<_> = (0..mutators)
-                    .map(|m| {
-                        let seed = cfg.seed ^ (0x30 + m as u64) << 40;
-                        let rate = cfg.ops_per_sec as f64 / mutators as f64;
-                        s.spawn(move || {
-                            let mut rng = Rng::new(seed);
-                            let mut st = Stages::default();
-                            let mut kinds = std::collections::BTreeMap::new();
-                            let t0 = Instant::now();
-                            let mut done = 0u64;
-                            while !stop.load(Ordering::Relaxed) {
-                                if rate > 0.0 {
-                                    // Pace: stay within the target rate.
-                                    let due = t0.elapsed().as_secs_f64() * rate;
-                                    if done as f64 > due + 1.0 {
-                                        std::thread::sleep(Duration::from_secs_f64(
-                                            ((done as f64 - due) / rate).min(0.005),
-                                        ));
-                                        continue;
-                                    }
-                                }
-                                let k = world.mutator_step(&mut rng, &mut st);
-                                *kinds.entry(k).or_insert(0u64) += 1;
-                                done += 1;
-                            }
-                            (st, kinds)
-                        })
-                    })
-                    .collect();
-                let deadline = start + Duration::from_secs_f64(cfg.seconds);
-                loop {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
                     }
-                    std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
-                    let c = &world.counters;
-                    progress(
-                        start.elapsed().as_secs_f64(),
-                        c.accesses.load(Ordering::Relaxed),
-                        c.ops.load(Ordering::Relaxed),
-                        world.oracle.violation_count(),
-                    );
+                });
+            }
+            let handles: Vec<_> = (0..mutators)
+                .map(|m| {
+                    let seed = cfg.seed ^ ((0x30 + m as u64) << 40);
+                    let rate = cfg.ops_per_sec as f64 / mutators as f64;
+                    s.spawn(move || {
+                        let mut rng = Rng::new(seed);
+                        let mut st = Stages::default();
+                        let mut kinds = std::collections::BTreeMap::new();
+                        let t0 = Instant::now();
+                        let mut done = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            if rate > 0.0 {
+                                // Pace: stay within the target rate.
+                                let due = t0.elapsed().as_secs_f64() * rate;
+                                if done as f64 > due + 1.0 {
+                                    let ahead = (done as f64 - due) / rate;
+                                    std::thread::sleep(Duration::from_secs_f64(ahead.min(0.005)));
+                                    continue;
+                                }
+                            }
+                            let k = world.mutator_step(&mut rng, &mut st);
+                            *kinds.entry(k).or_insert(0u64) += 1;
+                            done += 1;
+                        }
+                        (st, kinds)
+                    })
+                })
+                .collect();
+            let deadline = start + Duration::from_secs_f64(cfg.seconds);
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
                 }
-                stop.store(true, Ordering::Relaxed);
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("mutator thread"))
-                    .collect()
-            });
+                std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+                report_progress();
+            }
+            stop.store(true, Ordering::Relaxed);
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("mutator thread"))
+                .collect()
+        });
         for (st, kinds) in per_mutator {
             stages.merge(&st);
             for (k, n) in kinds {
@@ -296,16 +299,13 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let hash = cfg.steps.map(|_| log_hash);
     Ok(Report::build(
         cfg,
-        &world,
+        &world.stats(),
         seconds,
         &stages,
         ops_by_kind,
-        if cfg.steps.is_some() {
-            Some(log_hash)
-        } else {
-            None
-        },
+        hash,
     ))
 }

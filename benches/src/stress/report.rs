@@ -1,12 +1,11 @@
 //! The stress report: the final table, JSON, and SVG latency plots.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::soft::SoftWorld;
 use super::timing::Stages;
+use super::world::WorldStats;
 use super::{OpKind, StressConfig};
 use notifier_core::verify::{LatencyHistogram, Percentiles};
 
@@ -111,16 +110,12 @@ pub struct Report {
 impl Report {
     pub(super) fn build(
         cfg: &StressConfig,
-        w: &SoftWorld,
+        w: &WorldStats,
         seconds: f64,
         stages: &Stages,
         ops: BTreeMap<OpKind, u64>,
         op_log_hash: Option<u64>,
     ) -> Self {
-        let ms = w.mirror_stats();
-        let c = &w.counters;
-        let accesses = c.accesses.load(Ordering::Relaxed);
-        let operations = c.ops.load(Ordering::Relaxed);
         let mut latency = BTreeMap::new();
         let mut buckets = BTreeMap::new();
         let named: [(&str, &LatencyHistogram); 3] = [
@@ -132,36 +127,35 @@ impl Report {
             latency.insert(n.to_string(), StageReport::from(h.percentiles()));
             buckets.insert(n.to_string(), h.buckets());
         }
+        let lookups = w.tlb_hits + w.tlb_misses;
         Self {
             config: cfg.clone(),
             seconds,
-            violations: w.oracle.violation_count(),
-            accesses,
-            denied: c.denied.load(Ordering::Relaxed),
-            checks: w.oracle.checks(),
-            operations,
-            rejected: c.rejected.load(Ordering::Relaxed),
+            violations: w.violations,
+            accesses: w.accesses,
+            denied: w.denied,
+            checks: w.checks,
+            operations: w.operations,
+            rejected: w.rejected,
             ops_by_kind: ops
                 .into_iter()
                 .map(|(k, n)| (k.name().to_string(), n))
                 .collect(),
-            faults: ms.faults,
-            retries: ms.retries,
-            invalidations: ms.invalidations,
-            tlb_hit_rate: ms.tlb.hit_rate(),
-            tlb_shootdowns: ms.tlb.shootdowns,
-            accesses_per_sec: accesses as f64 / seconds.max(1e-9),
-            ops_per_sec: operations as f64 / seconds.max(1e-9),
+            faults: w.faults,
+            retries: w.retries,
+            invalidations: w.invalidations,
+            tlb_hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                w.tlb_hits as f64 / lookups as f64
+            },
+            tlb_shootdowns: w.tlb_shootdowns,
+            accesses_per_sec: w.accesses as f64 / seconds.max(1e-9),
+            ops_per_sec: w.operations as f64 / seconds.max(1e-9),
             latency,
-            subscriptions: w.mm.notifiers().interval_count(),
+            subscriptions: w.subscriptions,
             op_log_hash,
-            first_violations: w
-                .oracle
-                .violations()
-                .iter()
-                .take(3)
-                .map(|v| v.to_string())
-                .collect(),
+            first_violations: w.first_violations.iter().take(3).cloned().collect(),
             buckets,
         }
     }

@@ -19,9 +19,46 @@ use notifier_core::secondary::{FlushPolicy, Mirror, MirrorConfig, MirrorError, T
 use notifier_core::verify::{Oracle, TrackedFrames};
 use notifier_core::PAGE_SIZE;
 
+use notifier_rdma::soft::{DmaAccess, DmaObserver};
+use notifier_rdma::{Access, Registry, RegistryConfig, SoftNic};
+
 use super::timing::{Stages, TimedCheck};
+use super::world::{World, WorldStats};
 use super::{Inject, OpKind, StressConfig};
 use crate::rng::Rng;
+
+/// Which secondaries the devices of a soft world use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceKinds {
+    /// TLB-based mirrors.
+    pub mirrors: bool,
+    /// RDMA software NICs doing DMA through registrations.
+    pub nics: bool,
+}
+
+impl DeviceKinds {
+    /// Mirrors only.
+    pub const MIRRORS: DeviceKinds = DeviceKinds {
+        mirrors: true,
+        nics: false,
+    };
+    /// NICs only.
+    pub const NICS: DeviceKinds = DeviceKinds {
+        mirrors: false,
+        nics: true,
+    };
+    /// Both.
+    pub const BOTH: DeviceKinds = DeviceKinds {
+        mirrors: true,
+        nics: true,
+    };
+}
+
+/// One NIC device: its registration cache (single owner) and the NIC.
+struct NicDevice {
+    reg: parking_lot::Mutex<Registry<SoftNic>>,
+    nic: SoftNic,
+}
 
 /// Pages of the anonymous arena.
 const ARENA_PAGES: u64 = 512;
@@ -76,6 +113,7 @@ pub struct SoftWorld {
     /// Shared counters.
     pub counters: Counters,
     devices: usize,
+    nics: Vec<NicDevice>,
 }
 
 /// Start of the arena.
@@ -90,7 +128,7 @@ pub const END: u64 = SPECIAL + SPECIAL_PAGES * PAGE_SIZE;
 impl SoftWorld {
     /// Build the layout, the mirrors (`mirrors` of them, each with
     /// `devices` devices) and `subscriptions` idle interval subscriptions.
-    pub fn new(cfg: &StressConfig, devices: usize) -> Result<Self, String> {
+    pub fn new(cfg: &StressConfig, devices: usize, kinds: DeviceKinds) -> Result<Self, String> {
         let heap = HeapFrames::new(0x1000, FRAMES);
         let (mm, oracle) = if cfg.inject == Some(Inject::FreeBeforeEnd) {
             // Liveness mode: mirrors flush at the bracket's end, which is
@@ -156,7 +194,7 @@ impl SoftWorld {
             oracle: oracle.clone(),
         });
         let mut mirrors = Vec::new();
-        for i in 0..cfg.mirrors.max(1) {
+        for i in 0..if kinds.mirrors { cfg.mirrors.max(1) } else { 0 } {
             let mcfg = MirrorConfig {
                 start: ARENA,
                 len: END - ARENA,
@@ -201,7 +239,28 @@ impl SoftWorld {
             } else {
                 END + (i + 1) * PAGE_SIZE
             };
-            idle.push(mm.notifiers().interval_subscribe(addr, PAGE_SIZE, Idle).map_err(|x| e("subscription", &x))?);
+            idle.push(
+                mm.notifiers()
+                    .interval_subscribe(addr, PAGE_SIZE, Idle)
+                    .map_err(|x| e("subscription", &x))?,
+            );
+        }
+        let mut nics = Vec::new();
+        if kinds.nics {
+            for d in 0..devices.max(1) {
+                let observer: DmaObserver = {
+                    let oracle = oracle.clone();
+                    Arc::new(move |a: &DmaAccess| {
+                        oracle.check(d, a.page, a.pfn, a.write);
+                    })
+                };
+                let nic = SoftNic::with_observer(mm.clone(), observer);
+                let reg = Registry::new(&*mm, nic.clone(), RegistryConfig::default());
+                nics.push(NicDevice {
+                    reg: parking_lot::Mutex::new(reg),
+                    nic,
+                });
+            }
         }
         Ok(Self {
             mm,
@@ -212,26 +271,69 @@ impl SoftWorld {
             _idle: idle,
             counters: Counters::default(),
             devices,
+            nics,
         })
     }
 
-    /// One device access by device `dev` (of mirror `dev % mirrors`).
+    /// Logical devices: `devices` per mirror, then one NIC per device
+    /// thread. Slot `s < mirrors * devices` is device `s % devices` of
+    /// mirror `s / devices`, so device thread `d` (slots `d`, `d + devices`,
+    /// ...) is always device `d` of each mirror, then NIC `d`.
+    pub fn slots(&self) -> usize {
+        self.mirrors.len() * self.devices + self.nics.len()
+    }
+
+    /// One device access through slot `slot`.
     #[inline]
-    pub fn device_step(&self, rng: &mut Rng, dev: usize) {
-        let m = &self.mirrors[dev % self.mirrors.len()];
-        let d = dev / self.mirrors.len() % self.devices;
+    pub fn device_step(&self, rng: &mut Rng, slot: usize) {
+        let mirror_slots = self.mirrors.len() * self.devices;
         let page = ARENA + rng.below((END - ARENA) / PAGE_SIZE) * PAGE_SIZE;
         let addr = page + 8 * rng.below(512);
         let write = page < SPECIAL && rng.chance(1, 4);
-        let r: Result<(), MirrorError> = if write {
-            m.write_u64(d, addr, rng.next_u64())
+        let ok = if slot < mirror_slots {
+            let m = &self.mirrors[slot / self.devices];
+            let d = slot % self.devices;
+            let r: Result<(), MirrorError> = if write {
+                m.write_u64(d, addr, rng.next_u64())
+            } else {
+                m.read_u64(d, addr).map(|_| ())
+            };
+            r.is_ok()
         } else {
-            m.read_u64(d, addr).map(|_| ())
+            self.nic_step(rng, (slot - mirror_slots) % self.nics.len().max(1), write)
         };
-        match r {
-            Ok(()) => self.counters.accesses.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.counters.denied.fetch_add(1, Ordering::Relaxed),
+        if ok {
+            self.counters.accesses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A NIC work request: get a registration of 1 to 4 arena pages (a
+    /// cache hit or a new registration), DMA one word through its lkey,
+    /// put it back.
+    fn nic_step(&self, rng: &mut Rng, n: usize, write: bool) -> bool {
+        let Some(dev) = self.nics.get(n) else {
+            return false;
         };
+        let pages = 1 + rng.below(4);
+        let first = rng.below(ARENA_PAGES - pages) & !3;
+        let start = ARENA + first * PAGE_SIZE;
+        let len = pages * PAGE_SIZE;
+        let a = start + 8 * rng.below(len / 8);
+        let mut reg = dev.reg.lock();
+        let Ok(h) = reg.get(start, len, Access::ALL) else {
+            return false;
+        };
+        let r = if write {
+            dev.nic
+                .local_write(h.lkey(), a, &rng.next_u64().to_le_bytes())
+        } else {
+            let mut b = [0u8; 8];
+            dev.nic.local_read(h.lkey(), a, &mut b)
+        };
+        let _ = reg.put(h);
+        r.is_ok()
     }
 
     /// One primary operation; returns its kind.
@@ -347,5 +449,49 @@ impl SoftWorld {
     /// Keep the special mapping and the file alive for the run.
     pub fn keep_alive(&self) -> (usize, u64) {
         (Arc::strong_count(&self.special), self.file.id())
+    }
+}
+
+impl World for SoftWorld {
+    fn device_slots(&self) -> usize {
+        self.slots()
+    }
+    fn device_step(&self, rng: &mut Rng, slot: usize) {
+        SoftWorld::device_step(self, rng, slot)
+    }
+    fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind {
+        SoftWorld::mutator_step(self, rng, stages)
+    }
+    fn stats(&self) -> WorldStats {
+        let m = self.mirror_stats();
+        let c = &self.counters;
+        let (mut faults, mut invalidations) = (m.faults, m.invalidations);
+        for n in &self.nics {
+            let s = n.nic.stats();
+            faults += s.faults;
+            invalidations += n.reg.lock().stats().invalidations;
+        }
+        WorldStats {
+            accesses: c.accesses.load(Ordering::Relaxed),
+            denied: c.denied.load(Ordering::Relaxed),
+            operations: c.ops.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            violations: self.oracle.violation_count(),
+            checks: self.oracle.checks(),
+            faults,
+            retries: m.retries,
+            invalidations,
+            tlb_hits: m.tlb.hits,
+            tlb_misses: m.tlb.misses,
+            tlb_shootdowns: m.tlb.shootdowns,
+            subscriptions: self.mm.notifiers().interval_count(),
+            first_violations: self
+                .oracle
+                .violations()
+                .iter()
+                .take(3)
+                .map(|v| v.to_string())
+                .collect(),
+        }
     }
 }

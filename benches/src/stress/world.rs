@@ -1,0 +1,133 @@
+//! What a stress backend provides, and the composite of several.
+
+use super::timing::Stages;
+use super::{Backend, OpKind, StressConfig};
+use crate::rng::Rng;
+
+/// Totals of a world, for progress lines and the report.
+#[derive(Clone, Debug, Default)]
+pub struct WorldStats {
+    /// Device accesses completed (each checked by an oracle).
+    pub accesses: u64,
+    /// Device accesses the primary refused.
+    pub denied: u64,
+    /// Primary operations applied.
+    pub operations: u64,
+    /// Primary operations the primary rejected.
+    pub rejected: u64,
+    /// Stale accesses found.
+    pub violations: u64,
+    /// Oracle checks.
+    pub checks: u64,
+    /// Secondary fills (fault-ins).
+    pub faults: u64,
+    /// Fill retries after a collision.
+    pub retries: u64,
+    /// Invalidate callbacks of the secondaries.
+    pub invalidations: u64,
+    /// TLB hits and misses (for the hit rate).
+    pub tlb_hits: u64,
+    /// TLB misses.
+    pub tlb_misses: u64,
+    /// TLB entries shot down.
+    pub tlb_shootdowns: u64,
+    /// Interval subscriptions in the primaries' indexes.
+    pub subscriptions: usize,
+    /// The first violations, with their page histories.
+    pub first_violations: Vec<String>,
+}
+
+impl WorldStats {
+    fn add(&mut self, o: WorldStats) {
+        self.accesses += o.accesses;
+        self.denied += o.denied;
+        self.operations += o.operations;
+        self.rejected += o.rejected;
+        self.violations += o.violations;
+        self.checks += o.checks;
+        self.faults += o.faults;
+        self.retries += o.retries;
+        self.invalidations += o.invalidations;
+        self.tlb_hits += o.tlb_hits;
+        self.tlb_misses += o.tlb_misses;
+        self.tlb_shootdowns += o.tlb_shootdowns;
+        self.subscriptions += o.subscriptions;
+        self.first_violations.extend(o.first_violations);
+    }
+}
+
+/// A primary with its secondaries, driven by the stress scheduler.
+pub trait World: Sync {
+    /// Logical devices (a device thread serves some of them).
+    fn device_slots(&self) -> usize;
+    /// One access by device `slot`.
+    fn device_step(&self, rng: &mut Rng, slot: usize);
+    /// One primary operation.
+    fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind;
+    /// Totals so far.
+    fn stats(&self) -> WorldStats;
+}
+
+/// Several worlds at once (`--backend all`): devices are spread over them,
+/// each mutator step goes to one of them in turn.
+pub struct Composite {
+    worlds: Vec<Box<dyn World>>,
+}
+
+impl World for Composite {
+    fn device_slots(&self) -> usize {
+        self.worlds.iter().map(|w| w.device_slots()).sum()
+    }
+    fn device_step(&self, rng: &mut Rng, mut slot: usize) {
+        for w in &self.worlds {
+            let n = w.device_slots();
+            if slot < n {
+                return w.device_step(rng, slot);
+            }
+            slot -= n;
+        }
+    }
+    fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind {
+        let i = rng.below(self.worlds.len() as u64) as usize;
+        self.worlds[i].mutator_step(rng, stages)
+    }
+    fn stats(&self) -> WorldStats {
+        let mut t = WorldStats::default();
+        for w in &self.worlds {
+            t.add(w.stats());
+        }
+        t
+    }
+}
+
+/// Build the world `cfg.backend` asks for.
+pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, String> {
+    use super::soft::{DeviceKinds, SoftWorld};
+    match cfg.backend {
+        Backend::Soft => Ok(Box::new(SoftWorld::new(
+            cfg,
+            devices,
+            DeviceKinds::MIRRORS,
+        )?)),
+        Backend::Rdma => {
+            if cfg.inject.is_some() {
+                return Err(
+                    "--inject breaks the mirrors' protocol; use it with --backend soft or all"
+                        .into(),
+                );
+            }
+            Ok(Box::new(SoftWorld::new(cfg, devices, DeviceKinds::NICS)?))
+        }
+        Backend::All => {
+            // The NICs' accesses carry no fill record, which the liveness
+            // oracle of `free-before-end` needs: that mode runs mirrors only.
+            let kinds = if cfg.inject == Some(super::Inject::FreeBeforeEnd) {
+                DeviceKinds::MIRRORS
+            } else {
+                DeviceKinds::BOTH
+            };
+            let worlds: Vec<Box<dyn World>> = vec![Box::new(SoftWorld::new(cfg, devices, kinds)?)];
+            Ok(Box::new(Composite { worlds }))
+        }
+    }
+}
