@@ -62,8 +62,12 @@ fn guest_follows_mm_through_every_change() {
         file.write(i * PAGE, &(0xf11e_0000u32 + i as u32).to_le_bytes())
             .unwrap();
     }
-    mm.mmap(&MmapRequest::file(file.clone(), 0, 4 * PAGE, Prot::RW).shared().at(va(F)))
-        .unwrap();
+    mm.mmap(
+        &MmapRequest::file(file.clone(), 0, 4 * PAGE, Prot::RW)
+            .shared()
+            .at(va(F)),
+    )
+    .unwrap();
     assert_eq!(g.read_u32(&mirror, F).unwrap(), 0xf11e_0000);
     mm.remap_file_pages(va(F), PAGE, 0, 7, 0).unwrap();
     assert_eq!(g.read_u32(&mirror, F).unwrap(), 0xf11e_0007);
@@ -77,7 +81,11 @@ fn guest_follows_mm_through_every_change() {
     g.write_u32(&mirror, F, 0x7777_7777).unwrap();
     let mut b = [0u8; 4];
     file.read(7 * PAGE, &mut b).unwrap();
-    assert_eq!(u32::from_le_bytes(b), 0x7777_7777, "guest write in file page 7");
+    assert_eq!(
+        u32::from_le_bytes(b),
+        0x7777_7777,
+        "guest write in file page 7"
+    );
     file.read(0, &mut b).unwrap();
     assert_eq!(u32::from_le_bytes(b), 0xdead_beef, "page 0 untouched");
 
@@ -150,9 +158,10 @@ fn guest_follows_mm_through_every_change() {
 
 #[test]
 fn guest_reads_a_special_mapping_through_its_fault_callback() {
-    let Some((_kvm, mm, mirror)) =
-        setup_mm("guest_reads_a_special_mapping_through_its_fault_callback", 512)
-    else {
+    let Some((_kvm, mm, mirror)) = setup_mm(
+        "guest_reads_a_special_mapping_through_its_fault_callback",
+        512,
+    ) else {
         return;
     };
     const S: u64 = 0x20000;
@@ -253,8 +262,12 @@ fn guest_never_reads_behind_concurrent_remap_file_pages() {
     for v in 0..=N {
         file.write(v * PAGE, &(v as u32).to_le_bytes()).unwrap();
     }
-    mm.mmap(&MmapRequest::file(file, 0, PAGE, Prot::RW).shared().at(va(F)))
-        .unwrap();
+    mm.mmap(
+        &MmapRequest::file(file, 0, PAGE, Prot::RW)
+            .shared()
+            .at(va(F)),
+    )
+    .unwrap();
     mirror.add_region_at(0, GUEST_BASE, F + PAGE, 0).unwrap();
     let current = AtomicU64::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
