@@ -444,7 +444,8 @@ impl UffdPage {
     /// Create the userfaultfd and the two pages; register the target page.
     pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: plain syscall with flags only.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -510,7 +511,12 @@ impl UffdPage {
         // SAFETY: reads at most 32 bytes into our buffer.
         let r = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
         if r != 32 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(e)
+            };
         }
         if msg[0] != UFFD_EVENT_PAGEFAULT {
             return Ok(false);
