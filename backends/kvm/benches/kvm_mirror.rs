@@ -14,10 +14,10 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use notifier_core::notifier::{Event, InvalidateRange};
 use notifier_core::primary::Primary;
 use notifier_core::PageRange;
-use notifier_kvm::baseline::{RawSlot, RawView};
+use notifier_kvm::baseline::{RawSlot, RawView, UffdCopy};
 use notifier_kvm::guest::RealModeGuest;
 use notifier_kvm::testing::TestPrimary;
-use notifier_kvm::{DeviceView, KvmMirror, MemfdFrames};
+use notifier_kvm::{DeviceView, KvmMirror, MemfdFrames, LOG_DIRTY_PAGES};
 use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
 
 type Env = (Kvm, Arc<TestPrimary>, KvmMirror<TestPrimary>);
@@ -72,6 +72,21 @@ fn memslot_update(c: &mut Criterion) {
         mirror.move_region(a, b).unwrap();
         mirror.move_region(b, a).unwrap();
     };
+    let raw_flags = || {
+        let mut l = live.borrow_mut();
+        l.set_flags(LOG_DIRTY_PAGES).unwrap();
+        l.set_flags(0).unwrap();
+    };
+    let mirror_flags = || {
+        mirror.set_dirty_logging(a, true).unwrap();
+        mirror.set_dirty_logging(a, false).unwrap();
+    };
+    g.bench_function("raw_ioctl_pair_dirty_log_on_off", |bn| {
+        bn.iter_custom(|n| interleaved(n, raw_flags, mirror_flags))
+    });
+    g.bench_function("mirror_dirty_logging_on_off", |bn| {
+        bn.iter_custom(|n| interleaved(n, mirror_flags, raw_flags))
+    });
     g.bench_function("raw_ioctl_pair_move_there_and_back", |bn| {
         bn.iter_custom(|n| interleaved(n, raw_move, mirror_move))
     });
@@ -226,6 +241,22 @@ fn demand_fault(c: &mut Criterion) {
             }
         })
     });
+    // The raw userfaultfd round trip: fault, helper thread's UFFDIO_COPY,
+    // resume; and the MADV_DONTNEED reset it needs, alone.
+    match UffdCopy::new() {
+        Ok(u) => {
+            g.bench_function("raw_uffd_copy_round_trip_incl_reset", |bn| {
+                bn.iter(|| {
+                    u.reset().unwrap();
+                    black_box(u.touch())
+                })
+            });
+            g.bench_function("raw_madv_dontneed_reset_only", |bn| {
+                bn.iter(|| u.reset().unwrap())
+            });
+        }
+        Err(e) => eprintln!("SKIP: raw userfaultfd baseline: {e}"),
+    }
     g.finish();
 }
 

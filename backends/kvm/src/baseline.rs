@@ -71,6 +71,18 @@ impl RawLiveSlot {
             .modify(gpa, flags)
             .map_err(|e| KvmError::kvm("move", e))
     }
+
+    /// One `KVM_SET_USER_MEMORY_REGION` that changes the slot's flags in
+    /// place (e.g. dirty logging on or off).
+    ///
+    /// # Errors
+    /// KVM's error.
+    pub fn set_flags(&mut self, flags: u32) -> Result<(), KvmError> {
+        let gpa = self.0.gpa();
+        self.0
+            .modify(gpa, flags)
+            .map_err(|e| KvmError::kvm("set flags", e))
+    }
 }
 
 /// A VA reservation to map memfd pages into and punch, raw.
@@ -114,5 +126,64 @@ impl RawView {
         self.view
             .punch(0, self.view.len())
             .map_err(|e| KvmError::os("punch", e))
+    }
+}
+
+/// The raw userfaultfd demand-paging round trip: a page registered for
+/// missing faults, a helper thread that serves each fault with one
+/// `UFFDIO_COPY`, and the faulting thread that resets the page
+/// (`MADV_DONTNEED`) and touches it.
+#[derive(Debug)]
+pub struct UffdCopy {
+    page: Arc<crate::sys::UffdPage>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    helper: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UffdCopy {
+    /// Set up the page and start the helper thread.
+    ///
+    /// # Errors
+    /// [`KvmError::Os`] when userfaultfd is unavailable (or not permitted).
+    pub fn new() -> Result<Self, KvmError> {
+        let page =
+            Arc::new(crate::sys::UffdPage::new().map_err(|e| KvmError::os("userfaultfd", e))?);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (page.clone(), stop.clone());
+        let helper = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                if p.serve_one(50).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            page,
+            stop,
+            helper: Some(helper),
+        })
+    }
+
+    /// `MADV_DONTNEED` the page (the next touch faults).
+    ///
+    /// # Errors
+    /// [`KvmError::Os`].
+    pub fn reset(&self) -> Result<(), KvmError> {
+        self.page.reset().map_err(|e| KvmError::os("madvise", e))
+    }
+
+    /// Touch the page: a fault served by the helper's `UFFDIO_COPY` when it
+    /// was reset.
+    pub fn touch(&self) -> u8 {
+        self.page.touch()
+    }
+}
+
+impl Drop for UffdCopy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.helper.take() {
+            let _ = h.join();
+        }
     }
 }

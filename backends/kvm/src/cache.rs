@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use notifier_core::notifier::{Again, IntervalNotifier, IntervalNotifierOps, InvalidateRange};
 use notifier_core::primary::{Primary, Translation};
+use notifier_core::secondary::AccessCheck;
 use notifier_core::PAGE_SHIFT;
 use parking_lot::RwLock;
 
@@ -67,10 +68,18 @@ pub(crate) struct TranslationCache {
     /// The optimistic readers' sequence; see the module docs.
     pub(crate) gen: AtomicU64,
     pub(crate) stats: CacheStats,
+    /// Optional access checker (a coherence oracle) and the device id it
+    /// reports accesses as: told of fills and invalidations here, and of
+    /// every access under the read lock by the device view.
+    pub(crate) check: Option<(std::sync::Arc<dyn AccessCheck>, usize)>,
 }
 
 impl TranslationCache {
-    pub(crate) fn new(pbase: u64, len: u64) -> Self {
+    pub(crate) fn new(
+        pbase: u64,
+        len: u64,
+        check: Option<(std::sync::Arc<dyn AccessCheck>, usize)>,
+    ) -> Self {
         let entries = (0..len >> PAGE_SHIFT).map(|_| AtomicU64::new(0)).collect();
         Self {
             pbase,
@@ -79,6 +88,7 @@ impl TranslationCache {
             entries,
             gen: AtomicU64::new(0),
             stats: CacheStats::default(),
+            check,
         }
     }
 
@@ -117,6 +127,9 @@ impl TranslationCache {
             // Relaxed: readers under the lock are ordered by it; optimistic
             // readers validate with `gen`, and a new entry retires nothing.
             self.entries[idx].store(pte(t), Ordering::Relaxed);
+            if let Some((c, _)) = &self.check {
+                c.on_fill(addr, t.pfn, t.writable);
+            }
             return Ok(t);
         }
     }
@@ -143,6 +156,9 @@ impl IntervalNotifierOps for CacheNotifier {
             c.lock.try_write().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
+        if let Some((chk, _)) = &c.check {
+            chk.on_invalidate_begin(range.start, range.end, range.event);
+        }
         // Release: pairs with the optimistic reader's fence + second load of
         // `gen`; bumped before any entry is cleared.
         c.gen.fetch_add(1, Ordering::Release);
@@ -162,6 +178,9 @@ impl IntervalNotifierOps for CacheNotifier {
                     x.store(0, Ordering::Relaxed);
                 }
             }
+        }
+        if let Some((chk, _)) = &c.check {
+            chk.on_invalidate(range.start, range.end, range.event);
         }
         c.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         Ok(())

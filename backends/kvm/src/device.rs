@@ -37,6 +37,7 @@ use std::sync::Arc;
 use notifier_core::addr::PAGE_MASK;
 use notifier_core::notifier::IntervalSubscription;
 use notifier_core::primary::{Primary, Translation};
+use notifier_core::secondary::AccessCheck;
 use notifier_core::{PAGE_SHIFT, PAGE_SIZE};
 use parking_lot::RwLockReadGuard;
 use vm_memory::bitmap::BS;
@@ -107,6 +108,11 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
             if let Some(t) =
                 TranslationCache::usable(self.cache.entries[idx].load(Ordering::Relaxed), write)
             {
+                if let Some((c, device)) = &self.cache.check {
+                    // Under the read lock: exact (see `AccessCheck`).
+                    let addr = self.cache.pbase + ((idx as u64) << PAGE_SHIFT);
+                    c.check_access(*device, addr, t.pfn, write);
+                }
                 return Ok(PageGuard {
                     _lock: l,
                     translation: t,
@@ -119,7 +125,9 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
 
     /// Optimistic lookup (no lock, no fault): the cached translation of the
     /// page at region offset `off` and the sequence to validate a read of
-    /// its frame with [`Self::lookup_retry`]. `None` on a miss.
+    /// its frame with [`Self::lookup_retry`]. `None` on a miss, and always
+    /// `None` when the view has an access check (an optimistic read cannot
+    /// be checked at the moment it happens).
     ///
     /// # Pairing
     /// `lookup`, read the frame, `lookup_retry`; discard what was read when
@@ -127,6 +135,9 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
     /// [`Self::translate`].
     #[inline]
     pub fn lookup(&self, off: u64) -> Option<(Translation, u64)> {
+        if self.cache.check.is_some() {
+            return None;
+        }
         let g = self.cache.gen.load(Ordering::Acquire);
         let e = self
             .cache
@@ -380,9 +391,36 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
     /// # Errors
     /// [`KvmError::Notifier`] when the primary was released.
     pub fn new(mirror: &KvmMirror<P>) -> Result<Self, KvmError> {
+        Self::build(mirror, None)
+    }
+
+    /// As [`Self::new`], with every access checked: `check.check_access`
+    /// runs (as `device`, with the primary address of the page) under the
+    /// page's cache lock right before the frame is touched, so a coherence
+    /// oracle's answer is exact; fills and invalidations are reported too.
+    /// The optimistic read path is off in such a view.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn with_access_check(
+        mirror: &KvmMirror<P>,
+        check: Arc<dyn AccessCheck>,
+        device: usize,
+    ) -> Result<Self, KvmError> {
+        Self::build(mirror, Some((check, device)))
+    }
+
+    fn build(
+        mirror: &KvmMirror<P>,
+        check: Option<(Arc<dyn AccessCheck>, usize)>,
+    ) -> Result<Self, KvmError> {
         let mut regions = Vec::new();
         for r in mirror.region_snapshot() {
-            let cache = Arc::new(TranslationCache::new(r.view.pbase, r.view.len));
+            let cache = Arc::new(TranslationCache::new(
+                r.view.pbase,
+                r.view.len,
+                check.clone(),
+            ));
             let sub = mirror.primary().notifiers().interval_subscribe(
                 r.view.pbase,
                 r.view.len,

@@ -84,15 +84,64 @@ pub(crate) struct HostView {
     pub(crate) stats: ViewStats,
 }
 
+/// Reserved host-view VA ranges of removed regions, all holes, kept for
+/// reuse: adding a region then costs no `mmap` and removing one no `munmap`
+/// (the pair is a third of a memslot add+remove's overhead).
+///
+/// # Locking
+/// `free` is a leaf lock, never held across a syscall.
+#[derive(Debug, Default)]
+pub(crate) struct ViewPool {
+    free: Mutex<Vec<Arc<Reservation>>>,
+}
+
+/// Reservations kept at most.
+const POOL_MAX: usize = 32;
+
+impl ViewPool {
+    /// A hole-only reservation of `len` bytes: a pooled one or a new one.
+    fn take(&self, len: u64) -> Result<Arc<Reservation>, KvmError> {
+        let mut free = self.free.lock();
+        if let Some(i) = free.iter().position(|r| r.len() as u64 == len) {
+            return Ok(free.swap_remove(i));
+        }
+        drop(free);
+        let r = Reservation::new(len as usize).map_err(|e| KvmError::os("reserve host view", e))?;
+        Ok(Arc::new(r))
+    }
+
+    /// Take back `view`'s reservation if nothing else (no memslot) holds it:
+    /// its present pages are punched first (one `mmap` per run), so it is
+    /// all holes again. Otherwise, or when the pool is full, it is simply
+    /// dropped (unmapped by its last holder).
+    pub(crate) fn recycle(&self, view: Arc<HostView>) {
+        let Ok(v) = Arc::try_unwrap(view) else {
+            return;
+        };
+        if Arc::strong_count(&v.view) != 1 || self.free.lock().len() >= POOL_MAX {
+            return;
+        }
+        let mut pt = std::mem::take(&mut *v.pt.lock());
+        v.zap(&mut pt, v.pbase, v.pbase + v.len, false);
+        self.free.lock().push(v.view);
+    }
+}
+
 impl HostView {
-    pub(crate) fn new(pbase: u64, len: u64, frames: Arc<MemfdFrames>) -> Result<Self, KvmError> {
+    /// A view of `len` bytes at primary `pbase`, all holes, its VA range
+    /// taken from `pool`.
+    pub(crate) fn new(
+        pbase: u64,
+        len: u64,
+        frames: Arc<MemfdFrames>,
+        pool: &ViewPool,
+    ) -> Result<Self, KvmError> {
         let pages = (len >> PAGE_SHIFT) as usize;
-        let view =
-            Reservation::new(len as usize).map_err(|e| KvmError::os("reserve host view", e))?;
+        let view = pool.take(len)?;
         Ok(Self {
             pbase,
             len,
-            view: Arc::new(view),
+            view,
             frames,
             pt: Mutex::new(vec![0; pages]),
             dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),

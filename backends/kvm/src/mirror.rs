@@ -48,7 +48,7 @@ use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
 use parking_lot::RwLock;
 
 use crate::dirty::DirtyBitmap;
-use crate::host_view::{decode, HostView, ViewNotifier};
+use crate::host_view::{decode, HostView, ViewNotifier, ViewPool};
 use crate::memfd::MemfdFrames;
 use crate::memslot::{slot_error, SlotTable};
 use crate::sys::UserMemslot;
@@ -131,6 +131,7 @@ pub struct KvmMirror<P: Primary + ?Sized + 'static> {
     primary: Arc<P>,
     frames: Arc<MemfdFrames>,
     layout: RwLock<Layout>,
+    pool: ViewPool,
 }
 
 impl<P: Primary + ?Sized + 'static> core::fmt::Debug for KvmMirror<P> {
@@ -153,6 +154,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
                 regions: BTreeMap::new(),
                 slots: SlotTable::new(max_slots),
             }),
+            pool: ViewPool::default(),
         }
     }
 
@@ -206,7 +208,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     ) -> Result<RegionInfo, KvmError> {
         PageRange::new(gpa, len)?;
         PageRange::new(pbase, len)?;
-        let view = Arc::new(HostView::new(pbase, len, self.frames.clone())?);
+        let view = Arc::new(HostView::new(pbase, len, self.frames.clone(), &self.pool)?);
         let sub =
             self.primary
                 .notifiers()
@@ -244,9 +246,11 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
             l.slots.release(id);
             r
         };
-        // Dropping the last Arc deletes the slot, then unsubscribes (which
-        // may wait out an invalidation: done without `layout` held).
-        drop(r);
+        // Delete the slot, then unsubscribe (which may wait out an
+        // invalidation: done without `layout` held), then give the view's
+        // VA range back to the pool. If someone still holds the region (a
+        // fault in flight), the last holder drops it the same way instead.
+        self.retire(r);
         Ok(())
     }
 
@@ -291,7 +295,12 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         let r = l.regions.get(&gpa).ok_or(KvmError::NoRegion(gpa))?.clone();
         PageRange::new(gpa, new_len)?;
         PageRange::new(r.view.pbase, new_len)?;
-        let view = Arc::new(HostView::new(r.view.pbase, new_len, self.frames.clone())?);
+        let view = Arc::new(HostView::new(
+            r.view.pbase,
+            new_len,
+            self.frames.clone(),
+            &self.pool,
+        )?);
         let sub = self.primary.notifiers().interval_subscribe(
             r.view.pbase,
             new_len,
@@ -312,8 +321,30 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         let info = resized.info();
         let old = l.regions.insert(gpa, Arc::new(resized));
         drop(l);
-        drop(old);
+        if let Some(old) = old {
+            self.retire(old);
+        }
         Ok(info)
+    }
+
+    /// Drop a region taken out of the layout: its slot (deleted unless
+    /// another region shares it), then its subscription, then its view,
+    /// whose VA range goes back to the pool when nothing else holds it.
+    ///
+    /// # Locking
+    /// Call without `layout` held (unsubscribing may wait out an
+    /// invalidation).
+    fn retire(&self, r: Arc<Region>) {
+        match Arc::try_unwrap(r) {
+            Ok(Region {
+                slot, sub, view, ..
+            }) => {
+                drop(slot);
+                drop(sub);
+                self.pool.recycle(view);
+            }
+            Err(r) => drop(r),
+        }
     }
 
     /// Turn KVM's dirty logging of the region on or off (in place).

@@ -295,6 +295,11 @@ impl UserMemslot {
         self.region.slot
     }
 
+    /// Guest-physical base.
+    pub(crate) fn gpa(&self) -> u64 {
+        self.region.guest_phys_addr
+    }
+
     /// Flags (`KVM_MEM_LOG_DIRTY_PAGES`, ...).
     pub(crate) fn flags(&self) -> u32 {
         self.region.flags
@@ -382,6 +387,161 @@ impl Drop for UserMemslot {
             // KVM may still read the view: keep it mapped forever rather
             // than let the VA range be reused under a live slot.
             std::mem::forget(self.view.clone());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd, for the raw demand-paging baseline only (x86_64 ioctl numbers).
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// One private anonymous page registered with a userfaultfd for missing
+/// faults, and a source page to copy in: the raw demand-paging baseline.
+#[derive(Debug)]
+pub(crate) struct UffdPage {
+    fd: OwnedFd,
+    page: usize,
+    src: usize,
+}
+
+// SAFETY: the two pages are owned by this value and only touched through
+// volatile reads, `madvise` and the kernel's UFFDIO_COPY, all thread safe.
+unsafe impl Send for UffdPage {}
+// SAFETY: as above.
+unsafe impl Sync for UffdPage {}
+
+impl UffdPage {
+    /// Create the userfaultfd and the two pages; register the target page.
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with flags only.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes the `UffdioApi` we pass, which
+        // lives across the call.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) })?;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let page = mmap(0, 4096, rw, anon, -1, 0)?;
+        let src = mmap(0, 4096, rw, anon, -1, 0)?;
+        let this = Self { fd, page, src };
+        let mut reg = UffdioRegister {
+            start: page as u64,
+            len: 4096,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes `reg`; the range is our
+        // own mapping.
+        check(unsafe { libc::ioctl(this.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) })?;
+        Ok(this)
+    }
+
+    /// Drop the target page (`MADV_DONTNEED`): the next touch faults.
+    pub(crate) fn reset(&self) -> io::Result<()> {
+        // SAFETY: our own mapping; no Rust reference points into it.
+        check(unsafe { libc::madvise(self.page as *mut libc::c_void, 4096, libc::MADV_DONTNEED) })
+    }
+
+    /// Read the target page's first byte (blocks while a handler serves the
+    /// fault).
+    pub(crate) fn touch(&self) -> u8 {
+        // SAFETY: the page is mapped for our lifetime; a missing page is
+        // filled by the handler (UFFDIO_COPY) before the read completes.
+        unsafe { std::ptr::read_volatile(self.page as *const u8) }
+    }
+
+    /// Wait up to `timeout_ms` for a fault and serve it with UFFDIO_COPY of
+    /// the source page. Returns whether one was served.
+    pub(crate) fn serve_one(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n <= 0 {
+            return if n == 0 {
+                Ok(false)
+            } else {
+                Err(io::Error::last_os_error())
+            };
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into our buffer.
+        let r = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        if r != 32 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if msg[0] != UFFD_EVENT_PAGEFAULT {
+            return Ok(false);
+        }
+        let addr = u64::from_ne_bytes(msg[16..24].try_into().expect("8 bytes")) & !0xfff;
+        let mut copy = UffdioCopy {
+            dst: addr,
+            src: self.src as u64,
+            len: 4096,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: copies our source page into the registered page the
+        // kernel reported; `copy` lives across the call.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut copy) })?;
+        Ok(true)
+    }
+}
+
+impl Drop for UffdPage {
+    fn drop(&mut self) {
+        // SAFETY: our own mappings; nothing refers to them any more.
+        unsafe {
+            libc::munmap(self.page as *mut libc::c_void, 4096);
+            libc::munmap(self.src as *mut libc::c_void, 4096);
         }
     }
 }

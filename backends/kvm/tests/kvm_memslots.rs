@@ -135,3 +135,31 @@ fn slot_limit_is_kvms() {
     assert_eq!(r.slot, 7);
     assert_eq!(mirror.slots_used(), (max, max));
 }
+
+/// A removed region's host-view VA range is pooled and reused: the next
+/// region of that size starts with every page a hole, and the guest sees
+/// only the new region's primary pages, never the old region's frames.
+#[test]
+fn reused_host_view_starts_empty() {
+    let Some((_kvm, primary, mirror)) = setup("reused_host_view_starts_empty", 256) else {
+        return;
+    };
+    primary.mmap_anon(0, 0x20000);
+    primary.mmap_anon(0x100000, 0x10000);
+    primary.write(0x3000, &0x0101_0101u32.to_le_bytes());
+    primary.write(0x100000 + 0x3000, &0x0202_0202u32.to_le_bytes());
+    // Old region: code region plus a data region, fully populated.
+    mirror.add_region(0, 0x10000).unwrap();
+    mirror.add_region_at(0x10000, 0, 0x10000, 0).unwrap();
+    mirror.populate(0x10000, 0x10000, true).unwrap();
+    assert_eq!(mirror.stats(0x10000).unwrap().present, 16);
+    mirror.remove_region(0x10000).unwrap();
+    // Same size, other primary pages: must not show the old frames.
+    mirror.add_region_at(0x10000, 0x100000, 0x10000, 0).unwrap();
+    assert_eq!(mirror.stats(0x10000).unwrap().present, 0, "all holes");
+    for p in 0..16u64 {
+        assert_eq!(mirror.translation(0x10000 + p * 0x1000), None);
+    }
+    let mut g = RealModeGuest::new(&mirror, 0).unwrap();
+    assert_eq!(g.read_u32(&mirror, 0x13000).unwrap(), 0x0202_0202);
+}

@@ -31,3 +31,29 @@ pub fn setup(test: &str, frames: usize) -> Option<(Kvm, Arc<TestPrimary>, KvmMir
     let mirror = KvmMirror::new(vm, primary.clone(), store, max);
     Some((kvm, primary, mirror))
 }
+
+/// Where guest-physical address 0 sits in the software primary's virtual
+/// space: region `[gpa, gpa + len)` is mirrored from `Mm` addresses
+/// `[GUEST_BASE + gpa, GUEST_BASE + gpa + len)` (a VMM's guest RAM is one
+/// mapping of its own address space, as with a real `mmap`ed RAM block).
+pub const GUEST_BASE: u64 = 0x10_0000_0000;
+
+/// A VM with a mirror of a fresh software primary (`mm::Mm`) whose frames
+/// are `frames` memfd pages. Nothing is mapped yet (attach an oracle now
+/// if the test needs one).
+pub fn setup_mm(
+    test: &str,
+    frames: usize,
+) -> Option<(
+    Kvm,
+    Arc<notifier_core::mm::Mm>,
+    KvmMirror<notifier_core::mm::Mm>,
+)> {
+    let kvm = kvm_or_skip(test)?;
+    let vm = Arc::new(kvm.create_vm().expect("create VM"));
+    let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
+    let mm = notifier_core::mm::Mm::new(store.clone() as Arc<dyn notifier_core::frame::FrameStore>);
+    let max = kvm.get_nr_memslots() as u32;
+    let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+    Some((kvm, mm, mirror))
+}
