@@ -269,3 +269,41 @@ fn multi_threaded_million_accesses_zero_violations() {
         oracle.violations().first().map(|v| v.to_string())
     );
 }
+
+#[test]
+fn contiguous_blocks_get_2m_entries_and_split_on_invalidation() {
+    use notifier_core::secondary::HUGE_SIZE;
+    let base = 0x8000_0000u64; // 2 MiB aligned
+    let p = TestPrimary::new(PageRange::new(base, 2 * HUGE_SIZE).unwrap(), 2048);
+    let m = CheckedMirror::<_, Va>::new(p.clone(), MirrorConfig::identity(base, 2 * HUGE_SIZE))
+        .unwrap();
+    // Fresh frames come out contiguous and aligned: one huge entry.
+    assert_eq!(
+        m.mirror
+            .prefetch(base, HUGE_SIZE, true, FaultMode::Fault)
+            .unwrap(),
+        512
+    );
+    let e = m.mirror.ept().lookup(Va(base + 5 * PAGE_SIZE)).unwrap();
+    assert!(e.huge);
+    assert_eq!(m.mirror.ept().mapped_pages(), 512);
+    p.cpu_write(base + 5 * PAGE_SIZE, 42);
+    assert_eq!(m.read(base + 5 * PAGE_SIZE).unwrap(), 42);
+    // Invalidating one page splits the entry and drops only that page.
+    p.unmap(base + 7 * PAGE_SIZE, base + 8 * PAGE_SIZE);
+    assert!(m.mirror.ept().lookup(Va(base + 7 * PAGE_SIZE)).is_none());
+    let e = m.mirror.ept().lookup(Va(base + 6 * PAGE_SIZE)).unwrap();
+    assert!(!e.huge);
+    assert_eq!(m.mirror.ept().mapped_pages(), 511);
+    assert_eq!(m.read(base + 5 * PAGE_SIZE).unwrap(), 42);
+    // A block whose frames are not contiguous is mapped page by page.
+    p.cpu_write(base + HUGE_SIZE + 3 * PAGE_SIZE, 1); // takes a frame out of order
+    assert_eq!(
+        m.mirror
+            .prefetch(base + HUGE_SIZE, HUGE_SIZE, true, FaultMode::Fault)
+            .unwrap(),
+        512
+    );
+    assert!(!m.mirror.ept().lookup(Va(base + HUGE_SIZE)).unwrap().huge);
+    assert_eq!(m.oracle.violation_count(), 0);
+}

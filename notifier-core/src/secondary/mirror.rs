@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::ept::ExternalPageTable;
+use super::ept::{ExternalPageTable, HUGE_PAGES, HUGE_SIZE};
 use super::ext_addr::{ExternalAddress, Perm};
 use super::tlb::{FlushBatch, Tlb, TlbConfig, TlbStats};
 use crate::frame::{FrameStore, Pfn};
@@ -511,10 +511,19 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
         write: bool,
         mode: FaultMode,
     ) -> Result<u64, MirrorError> {
+        let sh = self.sub.0.ops();
         let mut n = 0;
         let mut a = start & !(PAGE_SIZE - 1);
-        let end = start.saturating_add(len);
+        let end = start.saturating_add(len).min(sh.cfg.start + sh.cfg.len);
         while a < end {
+            // A whole 2 MiB block, aligned in both spaces: try one huge entry.
+            if a % HUGE_SIZE == 0 && sh.ext(a) % HUGE_SIZE == 0 && end - a >= HUGE_SIZE {
+                if let Some(k) = self.fault_in_huge(a, write, mode)? {
+                    n += k;
+                    a += HUGE_SIZE;
+                    continue;
+                }
+            }
             match self.fault_in(a, write, mode) {
                 Ok(_) => n += 1,
                 Err(MirrorError::Primary(PrimaryFault::NotPresent(_)))
@@ -524,6 +533,60 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             a += PAGE_SIZE;
         }
         Ok(n)
+    }
+
+    /// Fault in the 2 MiB block at `addr` as one unit (`hmm_range_fault`
+    /// over a block): one `read_begin`, every page from the primary, then
+    /// under the lock one `read_retry`; if the primary backs the block with
+    /// 512 contiguous frames, aligned, with one permission, write a single
+    /// 2 MiB entry. Returns `None` (nothing written) when the block is not
+    /// backed that way, so the caller maps it page by page.
+    fn fault_in_huge(
+        &self,
+        addr: u64,
+        write: bool,
+        mode: FaultMode,
+    ) -> Result<Option<u64>, MirrorError> {
+        let sh = self.sub.0.ops();
+        loop {
+            let seq = self.sub.0.read_begin();
+            let mut first: Option<Translation> = None;
+            for i in 0..HUGE_PAGES {
+                let page = addr + i * PAGE_SIZE;
+                let t = match mode {
+                    FaultMode::Fault => self.primary.fault_page(page, write)?,
+                    FaultMode::Snapshot => match self.primary.lookup_page(page) {
+                        Some(t) => t,
+                        None => return Ok(None),
+                    },
+                };
+                match first {
+                    None if t.pfn.0 % HUGE_PAGES == 0 => first = Some(t),
+                    Some(f) if t.pfn.0 == f.pfn.0 + i && t.writable == f.writable => {}
+                    _ => return Ok(None),
+                }
+            }
+            let Some(t) = first else { return Ok(None) };
+            let g = sh.lock.lock();
+            if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
+            {
+                drop(g);
+                sh.counters.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Some(c) = &sh.check {
+                for i in 0..HUGE_PAGES {
+                    c.on_fill(addr + i * PAGE_SIZE, Pfn(t.pfn.0 + i), t.writable);
+                }
+            }
+            let perm = Perm::from_writable(t.writable);
+            sh.ept
+                .map_huge(A::from_raw(sh.ext(addr)), t.pfn, perm)
+                .map_err(|_| MirrorError::OutOfRange(addr))?;
+            drop(g);
+            sh.counters.faults.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(HUGE_PAGES));
+        }
     }
 
     /// A device access to the page of `addr`: translate (TLB, then external
