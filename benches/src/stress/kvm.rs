@@ -484,6 +484,17 @@ impl KvmWorld {
     }
 }
 
+impl Drop for KvmWorld {
+    fn drop(&mut self) {
+        let n = self.counters.guest_errors.load(Ordering::Relaxed);
+        if n > 0 {
+            eprintln!(
+                "notifier stress: kvm: {n} guest reads failed (counted as denied; vCPUs replaced)"
+            );
+        }
+    }
+}
+
 impl World for KvmWorld {
     /// One device-view slot per device thread, then one vCPU slot per
     /// device thread (device thread `d` serves view `d` and vCPU `d`).
