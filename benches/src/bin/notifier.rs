@@ -187,6 +187,9 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
             fault_delay: a.fault_delay,
         },
     };
+    if let Err(e) = stress::preflight(&cfg) {
+        return usage(&e);
+    }
 
     let tty = std::io::stderr().is_terminal() && !a.quiet;
     let bar = tty.then(|| {

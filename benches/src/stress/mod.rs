@@ -7,6 +7,7 @@
 //!   thread interleaves the logical mutators and devices from the seed, so
 //!   a run (including any violation) replays exactly.
 
+mod kvm;
 mod report;
 mod soft;
 mod timing;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use kvm::KvmWorld;
 pub use report::{ReplayKey, Report, StageReport};
 pub use soft::SoftWorld;
 pub use timing::Stages;
@@ -124,6 +126,10 @@ pub enum Backend {
     /// The software primary; devices are RDMA software NICs doing DMA
     /// through registrations of the registry.
     Rdma,
+    /// A real VM (needs `/dev/kvm`): guest memory is a software primary
+    /// over memfd frames mirrored into KVM; devices are the device-emulation
+    /// view (vm-memory) and a real guest vCPU.
+    Kvm,
     /// Every backend available in this build, at once.
     All,
 }
@@ -168,6 +174,17 @@ impl StressConfig {
             (m, t - m)
         }
     }
+}
+
+/// Check what makes a configuration unusable before running it (a usage
+/// error, exit status 2): `--backend kvm` without `/dev/kvm`, or with an
+/// injection mode the KVM world does not support.
+pub fn preflight(cfg: &StressConfig) -> Result<(), String> {
+    if cfg.backend == Backend::Kvm {
+        kvm::available().map_err(|e| format!("--backend kvm: {e}"))?;
+        kvm::check_inject(cfg.inject)?;
+    }
+    Ok(())
 }
 
 /// Progress callback: (elapsed seconds, accesses, ops, violations).

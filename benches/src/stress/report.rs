@@ -98,6 +98,9 @@ pub struct Report {
     pub latency: BTreeMap<String, StageReport>,
     /// Interval subscriptions in the index at the end.
     pub subscriptions: usize,
+    /// Reads by real guest vCPUs (`--backend kvm`), part of `accesses`.
+    #[serde(default)]
+    pub guest_reads: u64,
     /// Deterministic runs: a hash of the operation sequence.
     pub op_log_hash: Option<u64>,
     /// The first violations, with their page histories.
@@ -154,6 +157,7 @@ impl Report {
             ops_per_sec: w.operations as f64 / seconds.max(1e-9),
             latency,
             subscriptions: w.subscriptions,
+            guest_reads: w.guest_reads,
             op_log_hash,
             first_violations: w.first_violations.iter().take(3).cloned().collect(),
             buckets,
@@ -195,6 +199,9 @@ impl Report {
         );
         let _ = writeln!(s, "  {:<28}{:>14}", "verified accesses", self.accesses);
         let _ = writeln!(s, "  {:<28}{:>14.0}", "accesses / s", self.accesses_per_sec);
+        if self.guest_reads > 0 {
+            let _ = writeln!(s, "    {:<26}{:>14}", "by real guests", self.guest_reads);
+        }
         let _ = writeln!(s, "  {:<28}{:>14}", "denied accesses", self.denied);
         let _ = writeln!(s, "  {:<28}{:>14}", "primary operations", self.operations);
         let _ = writeln!(s, "  {:<28}{:>14.0}", "operations / s", self.ops_per_sec);

@@ -485,6 +485,7 @@ impl World for SoftWorld {
             tlb_misses: m.tlb.misses,
             tlb_shootdowns: m.tlb.shootdowns,
             subscriptions: self.mm.notifiers().interval_count(),
+            guest_reads: 0,
             first_violations: self
                 .oracle
                 .violations()

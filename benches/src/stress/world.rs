@@ -33,6 +33,9 @@ pub struct WorldStats {
     pub tlb_shootdowns: u64,
     /// Interval subscriptions in the primaries' indexes.
     pub subscriptions: usize,
+    /// Reads made by real guest vCPUs (`--backend kvm`; included in
+    /// `accesses`, each checked by value).
+    pub guest_reads: u64,
     /// The first violations, with their page histories.
     pub first_violations: Vec<String>,
 }
@@ -52,6 +55,7 @@ impl WorldStats {
         self.tlb_misses += o.tlb_misses;
         self.tlb_shootdowns += o.tlb_shootdowns;
         self.subscriptions += o.subscriptions;
+        self.guest_reads += o.guest_reads;
         self.first_violations.extend(o.first_violations);
     }
 }
@@ -118,6 +122,7 @@ pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, Strin
             }
             Ok(Box::new(SoftWorld::new(cfg, devices, DeviceKinds::NICS)?))
         }
+        Backend::Kvm => Ok(Box::new(super::kvm::KvmWorld::new(cfg, devices)?)),
         Backend::All => {
             // The NICs' accesses carry no fill record, which the liveness
             // oracle of `free-before-end` needs: that mode runs mirrors only.
@@ -126,7 +131,14 @@ pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, Strin
             } else {
                 DeviceKinds::BOTH
             };
-            let worlds: Vec<Box<dyn World>> = vec![Box::new(SoftWorld::new(cfg, devices, kinds)?)];
+            let mut worlds: Vec<Box<dyn World>> =
+                vec![Box::new(SoftWorld::new(cfg, devices, kinds)?)];
+            // The KVM world when /dev/kvm opens and the injection mode
+            // means something to it; otherwise a note, not an error.
+            match super::kvm::available().and_then(|()| super::kvm::check_inject(cfg.inject)) {
+                Ok(()) => worlds.push(Box::new(super::kvm::KvmWorld::new(cfg, devices)?)),
+                Err(e) => eprintln!("notifier stress: --backend all runs without kvm: {e}"),
+            }
             Ok(Box::new(Composite { worlds }))
         }
     }
