@@ -65,12 +65,22 @@ pub(crate) struct LoopState {
     /// Faults read and not yet served (at most one per faulting thread: a
     /// faulting thread sleeps until served).
     faults: VecDeque<Fault>,
+    /// Child userfaultfds read from FORK events, handed off after the batch
+    /// (pre-reserved: nothing is allocated between reading a FORK event and
+    /// the end of the batch, see `ForkPolicy`).
+    forks: Vec<userfaultfd::Uffd>,
     page: Box<PageBuf>,
 }
 
 impl LoopState {
     pub(crate) fn new(batch: usize) -> Self {
-        Self { buf: EventBuffer::new(batch), batch, faults: VecDeque::with_capacity(batch), page: Box::new([0; PAGE_SIZE as usize]) }
+        Self {
+            buf: EventBuffer::new(batch),
+            batch,
+            faults: VecDeque::with_capacity(batch),
+            forks: Vec::with_capacity(batch),
+            page: Box::new([0; PAGE_SIZE as usize]),
+        }
     }
 }
 
@@ -153,7 +163,7 @@ impl Inner {
 
     /// One `read(2)`: changes are applied at once (coalesced), faults queued.
     fn read_batch(&self, st: &mut LoopState) -> Result<usize, UffdError> {
-        let LoopState { buf, faults, batch, .. } = st;
+        let LoopState { buf, faults, forks, batch, .. } = st;
         let batch = *batch;
         let events = self.uffd.read_events(buf).map_err(UffdError::Read)?;
         let mut co = Coalescer::default();
@@ -190,12 +200,15 @@ impl Inner {
                 Ok(userfaultfd::Event::Fork { uffd }) => {
                     Counters::inc(&c.forks);
                     co.flush(self);
-                    self.fork_event(uffd, batch);
+                    forks.push(uffd);
                 }
                 Err(e) => self.report(format!("bad userfaultfd message: {e}")),
             }
         }
         co.flush(self);
+        for child in forks.drain(..) {
+            self.fork_event(child, batch);
+        }
         Ok(n)
     }
 

@@ -32,11 +32,23 @@ pub enum ForkPolicy {
     /// Ask for fork events and hand the child's userfaultfd to the callback
     /// as a new monitor (same handler, same registrations as the parent had
     /// at the fork, a new notifier set, fork policy `Refuse`). The callback
-    /// runs on the thread driving the parent's monitor; the parent's
-    /// `fork(2)` returns only after it returned, and the child's faults wait
-    /// until someone drives the new monitor (e.g. `spawn` in the callback).
+    /// runs on the thread driving the parent's monitor, after the event was
+    /// read (so the parent's `fork(2)` may already have returned); the
+    /// child's faults wait until someone drives the new monitor (e.g.
+    /// `spawn` in the callback).
     Handoff(Arc<dyn Fn(UffdMonitor) + Send + Sync>),
 }
+
+// # The fork hazard (Refuse and Handoff)
+//
+// With fork events, the parent's fork(2) sleeps in the kernel until the
+// FORK event is read, and glibc holds its allocator locks across that
+// system call. The monitor reads and stashes the event without allocating,
+// but if the thread driving it is inside the fault handler or a subscriber
+// and allocates at that very moment, the two wait for each other. So with
+// `Refuse`/`Handoff`, do not fork while registered memory is faulting, or
+// use handlers and subscribers that do not allocate. `spawn` returns only
+// once the handler thread is up, so its own start-up is never caught.
 
 impl core::fmt::Debug for ForkPolicy {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

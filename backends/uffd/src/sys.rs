@@ -124,9 +124,13 @@ pub fn uffd_from_owned(fd: OwnedFd) -> userfaultfd::Uffd {
 }
 
 /// Take the descriptor back out of a `userfaultfd::Uffd`.
+///
+/// Not `Uffd::into_raw_fd`: in userfaultfd 0.9 it lets `Drop` run and so
+/// closes the descriptor it returns.
 pub fn owned_from_uffd(uffd: userfaultfd::Uffd) -> OwnedFd {
-    use std::os::fd::IntoRawFd;
-    owned(uffd.into_raw_fd())
+    let fd = uffd.as_raw_fd();
+    std::mem::forget(uffd);
+    owned(fd)
 }
 
 /// Set `O_NONBLOCK` on a descriptor.

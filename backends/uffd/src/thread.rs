@@ -42,9 +42,19 @@ impl UffdMonitor {
         }
         sys::eventfd_clear(self.inner.stop.as_fd());
         let inner = Arc::clone(&self.inner);
-        let spawned = std::thread::Builder::new().name("uffd-monitor".into()).spawn(move || run(&inner));
+        let (up_tx, up_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new().name("uffd-monitor".into()).spawn(move || {
+            // Finish thread start-up (and its allocations) before `spawn`
+            // returns: see the fork hazard in `ForkPolicy`.
+            let _ = up_tx.send(());
+            drop(up_tx);
+            run(&inner)
+        });
         match spawned {
-            Ok(join) => Ok(HandlerThread { inner: Arc::clone(&self.inner), join: Some(join) }),
+            Ok(join) => {
+                let _ = up_rx.recv();
+                Ok(HandlerThread { inner: Arc::clone(&self.inner), join: Some(join) })
+            }
             Err(e) => {
                 self.inner.running.store(false, Ordering::Release);
                 Err(UffdError::Io(e))

@@ -66,6 +66,7 @@ fn madvise_dontneed_gives_clear_and_page_is_served_again() {
     assert_eq!(*s.rec.log.lock(), vec![(Event::Clear, base + P, base + 3 * P)]);
     // The page was zapped: the next access is a missing fault again.
     assert_eq!(region.read_u8(P).unwrap(), 0x41);
+    wait_until("copies counted", || s.m.stats().copies == 2);
     let st = s.m.stats();
     assert_eq!((st.removes, st.missing_faults, st.copies), (1, 2, 2));
     assert_eq!(ranges(&s.m), vec![(base, base + 4 * P)]);
@@ -130,6 +131,7 @@ fn map_fixed_over_gives_unmap_and_new_memory_is_ordinary() {
     assert_eq!(ranges(&s.m), vec![(base, base + 2 * P), (base + 4 * P, base + 6 * P)]);
     assert_eq!(region.read_u8(2 * P).unwrap(), 0, "new mapping is not registered");
     assert_eq!(region.read_u8(4 * P).unwrap(), 0x44);
+    wait_until("copy counted", || s.m.stats().copies == 1);
     assert_eq!(s.m.stats().missing_faults, 1);
 }
 
