@@ -1,0 +1,139 @@
+//! # notifier-uffd
+//!
+//! Real process memory as a primary address space, watched through
+//! userfaultfd: mapping changes of registered ranges become notifier
+//! invalidations on a [`NotifierSubscriptions`], missing pages are served
+//! by a [`FaultHandler`], and [`UffdPrimary`] lets the secondary-MMU
+//! toolkit mirror the memory.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use notifier_uffd::{Fill, RegisterMode, Region, UffdMonitor};
+//!
+//! let monitor = UffdMonitor::builder().build(Arc::new(|f: &notifier_uffd::PageFault, page: &mut notifier_uffd::PageBuf| {
+//!     page.fill(f.pgoff as u8);
+//!     Ok(Fill::Bytes)
+//! }))?;
+//! let region = Region::anon(16 * 4096)?;
+//! monitor.register(&region, RegisterMode::MISSING)?;
+//! let _thread = monitor.spawn()?;
+//! assert_eq!(region.read_u8(3 * 4096)?, 3); // served by the handler
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # What each kernel event guarantees, and what a subscriber may assume
+//!
+//! | kernel event | raised by | when the kernel announces it | our invalidation |
+//! |---|---|---|---|
+//! | `UFFD_EVENT_REMOVE` | `madvise(DONTNEED / FREE / REMOVE)` | **before** the zap; the madvise caller sleeps only until the event is **read**, then zaps | [`Event::Clear`] of the range |
+//! | `UFFD_EVENT_UNMAP` | `munmap`, `mmap(MAP_FIXED)` over, `mremap` shrinking | **after** the pages are unmapped (the caller sleeps until the event is read) | [`Event::Unmap`] of the range; the registration is cut |
+//! | `UFFD_EVENT_REMAP` | `mremap` moving a range | **after** the move | [`Event::Unmap`] of the **old** range; the registration moves to the new address |
+//! | `UFFD_EVENT_FORK` | `fork` | during fork; the parent's fork waits until it is read | none: see [`ForkPolicy`] |
+//!
+//! What follows for a subscriber:
+//!
+//! - **REMOVE**: we read the event, and only then run the invalidation. By
+//!   then the kernel has let madvise go on, so our `invalidate_range_start`
+//!   **runs concurrently with the zap** (it may start before, during or after
+//!   it). A subscriber therefore cannot rely on the old contents being there
+//!   while it invalidates; what it gets is the promise that any fault on the
+//!   range raised after the zap is served only after its invalidation has
+//!   run (see *Ordering*), so it never mixes a translation made before the
+//!   REMOVE with data served after it. With the VA-as-PFN model of
+//!   [`RealMemory`] no frame is freed under a secondary: a stale
+//!   translation reads the new (zero or re-served) contents.
+//! - **UNMAP / REMAP**: the memory is **already gone** when subscribers hear
+//!   of it. A secondary must never touch a range except between its
+//!   registration and the invalidation that removes it, and the application
+//!   must not unmap a range while a secondary is accessing it; a secondary
+//!   that does touches an unmapped page (SIGSEGV) or, after `MAP_FIXED`,
+//!   the new mapping's memory.
+//! - Hole punching a memfd (`fallocate(PUNCH_HOLE)`) raises **no** event; use
+//!   `madvise(MADV_REMOVE)` on the mapping.
+//!
+//! # Keep the monitor driven
+//!
+//! While the userfaultfd is open, a `munmap`, `madvise`, `mremap` or `fork`
+//! touching registered memory **sleeps until its event is read**, and a
+//! fault until it is served. So keep the monitor driven (a
+//! [`HandlerThread`] from [`UffdMonitor::spawn`], or your own loop calling
+//! [`UffdMonitor::handle_pending`]) until the memory is unregistered or the
+//! monitor is dropped (closing the descriptor wakes everyone). In Rust
+//! terms: create the handler thread before the [`Region`]s it watches, so
+//! that they are dropped (unmapped) first.
+//!
+//! # Ordering (causality)
+//!
+//! See the `dispatch` module: within every `read(2)` batch the mapping
+//! changes are applied before the faults are served; a fill ioctl answering
+//! `EAGAIN` (a change is pending) makes us read and apply the pending
+//! changes, ask the handler again and retry; `EEXIST` (populated
+//! meanwhile) just wakes the faulting threads; a fault on a page no longer
+//! registered is woken. Hence a REMOVE is applied before any later fault on
+//! its range is served, and no fault read is left unanswered.
+//!
+//! # Failures
+//!
+//! A handler that fails or panics (caught), or an unexpected ioctl error,
+//! never leaves the faulting thread asleep: the page is poisoned with
+//! `UFFDIO_POISON` and the thread woken, so its access raises **SIGBUS**
+//! (without `UFFD_FEATURE_POISON`, SIGBUS is sent to the faulting thread
+//! with `tgkill`). We do not use `UFFD_FEATURE_SIGBUS`: it turns *every*
+//! missing fault into SIGBUS and would stop fault serving altogether. A
+//! subscriber that panics during an invalidation is caught too; the
+//! bracket still ends and the registry is still updated. Every failure is
+//! counted ([`Stats`]) and the last one kept ([`UffdMonitor::last_error`]).
+//!
+//! # Privileges
+//!
+//! [`MonitorBuilder::build`] tries `/dev/userfaultfd` first (root-only by
+//! default; serves kernel-mode faults too), then `userfaultfd(2)` with
+//! `UFFD_USER_MODE_ONLY` (works unprivileged), and returns
+//! [`UffdError::Unavailable`] with both causes when neither works.
+//!
+//! # A bounded event path
+//!
+//! The kernel itself applies back-pressure: a thread that unmaps, madvises,
+//! remaps or forks sleeps until its event is read, so at most one event
+//! per application thread is queued. We read into a fixed buffer of
+//! `batch` messages, merge consecutive same-kind ranges that touch or
+//! overlap into one invalidation, and apply them before reading on. The
+//! queue of faults read but not served holds at most one entry per
+//! faulting thread. The registry only shrinks on unmap. So memory stays
+//! bounded however fast the application unmaps (see the
+//! `uffd_unmap_storm` example for the peak RSS over 1,000,000 unmaps).
+//!
+//! # Unsafe
+//!
+//! Only in the `sys` module, every block with a `SAFETY` comment.
+//!
+//! [`NotifierSubscriptions`]: notifier_core::notifier::NotifierSubscriptions
+//! [`Event::Clear`]: notifier_core::notifier::Event::Clear
+//! [`Event::Unmap`]: notifier_core::notifier::Event::Unmap
+
+mod dispatch;
+mod error;
+mod handler;
+mod memory;
+mod monitor;
+mod open;
+mod registry;
+mod stats;
+mod sys;
+mod thread;
+
+pub use error::UffdError;
+pub use handler::{FaultError, FaultHandler, Fill, PageBuf, PageFault, ZeroHandler};
+pub use memory::{RealMemory, UffdPrimary};
+pub use monitor::{ForkPolicy, MonitorBuilder, UffdMonitor};
+pub use open::OpenPath;
+pub use registry::{RegisterMode, Registration};
+pub use stats::Stats;
+pub use thread::HandlerThread;
+pub use sys::{drop_privileges, geteuid, peak_rss_kib, run_in_child, Advice, ChildExit, Region};
+
+/// Whether real-kernel tests must fail instead of skipping when userfaultfd
+/// is unavailable (`NOTIFIER_REQUIRE_UFFD=1`).
+pub fn uffd_required() -> bool {
+    std::env::var("NOTIFIER_REQUIRE_UFFD").is_ok_and(|v| v == "1")
+}

@@ -1,0 +1,211 @@
+//! Real memory as a primary: [`RealMemory`] (a `FrameStore` whose frames
+//! are the process's own pages) and [`UffdPrimary`] (a `Primary` over a
+//! monitor's registered ranges), so the secondary-MMU toolkit can mirror
+//! real memory.
+//!
+//! # Frame numbers
+//! A "pfn" here is the host **virtual** page number: `pfn = va >> 12`. A
+//! secondary reaching a frame through it accesses the process's memory at
+//! that virtual address with atomic word accesses, exactly as a CPU thread
+//! would: copy-on-write, the zero page and write protection are all
+//! handled by the CPU MMU, and a missing page is faulted in and served by
+//! the monitor's handler (so a monitor must be driven, e.g. by
+//! [`UffdMonitor::spawn`]).
+//!
+//! # Hazard
+//! UNMAP is announced after the unmap. A secondary that touches a frame of
+//! a range the application unmaps concurrently faults (SIGSEGV), like a
+//! device DMA to an unmapped IOVA. Translations must only be used between a
+//! registration and the invalidation that removes it, and the application
+//! must not unmap memory a secondary is accessing at that very moment.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use notifier_core::frame::{FrameError, FrameStore, Pfn};
+use notifier_core::notifier::NotifierSubscriptions;
+use notifier_core::primary::{Primary, PrimaryFault, Translation};
+use notifier_core::{PAGE_SHIFT, PAGE_SIZE};
+
+use crate::handler::{Fill, PageFault};
+use crate::monitor::{Inner, UffdMonitor};
+use crate::registry::RegisterMode;
+use crate::sys;
+
+/// The process's own pages as frames: `pfn = va >> 12`, valid when inside
+/// a range registered on the monitor.
+#[derive(Clone)]
+pub struct RealMemory {
+    inner: Arc<Inner>,
+}
+
+impl core::fmt::Debug for RealMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RealMemory").finish_non_exhaustive()
+    }
+}
+
+impl RealMemory {
+    /// The frames of `monitor`'s registered ranges.
+    pub fn new(monitor: &UffdMonitor) -> Self {
+        Self { inner: Arc::clone(&monitor.inner) }
+    }
+
+    fn word_addr(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
+        if off % 8 != 0 || off + 8 > PAGE_SIZE as usize {
+            return Err(FrameError::OutOfBounds { offset: off, len: 8 });
+        }
+        if !self.pfn_valid(pfn) {
+            return Err(FrameError::InvalidPfn(pfn.0));
+        }
+        Ok((pfn.0 << PAGE_SHIFT) + off as u64)
+    }
+}
+
+impl FrameStore for RealMemory {
+    /// Frames are the process's own pages: nothing to allocate.
+    fn alloc(&self) -> Result<Pfn, FrameError> {
+        Err(FrameError::OutOfMemory)
+    }
+    fn free(&self, _pfn: Pfn) {}
+    fn pfn_valid(&self, pfn: Pfn) -> bool {
+        pfn.0.checked_shl(PAGE_SHIFT).filter(|a| a >> PAGE_SHIFT == pfn.0).is_some_and(|a| self.inner.registry.read().lookup(a).is_some())
+    }
+    fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
+        Ok(sys::load_word(self.word_addr(pfn, off)?))
+    }
+    fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError> {
+        sys::store_word(self.word_addr(pfn, off)?, val);
+        Ok(())
+    }
+    fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError> {
+        Ok(sys::fetch_add_word(self.word_addr(pfn, off)?, val))
+    }
+    fn allocated(&self) -> usize {
+        0
+    }
+}
+
+/// A monitor's registered ranges as a [`Primary`].
+///
+/// `fault_page` populates the page (asking the handler directly for a
+/// missing page, `UFFDIO_CONTINUE` for a minor one, un-write-protecting
+/// for a write to a tracked page, which logs it dirty) and then touches it;
+/// `lookup_page` reads the present and uffd-wp bits of `/proc/self/pagemap`
+/// (readable unprivileged: only the PFN field is hidden) without faulting.
+pub struct UffdPrimary {
+    monitor: UffdMonitor,
+    frames: RealMemory,
+    pagemap: File,
+}
+
+impl core::fmt::Debug for UffdPrimary {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("UffdPrimary").field("monitor", &self.monitor).finish()
+    }
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_UFFD_WP: u64 = 1 << 57;
+
+impl UffdPrimary {
+    /// A primary over `monitor`'s registered ranges.
+    ///
+    /// # Errors
+    /// When `/proc/self/pagemap` cannot be opened.
+    pub fn new(monitor: &UffdMonitor) -> std::io::Result<Self> {
+        Ok(Self { monitor: monitor.clone(), frames: RealMemory::new(monitor), pagemap: File::open("/proc/self/pagemap")? })
+    }
+
+    /// The monitor.
+    pub fn monitor(&self) -> &UffdMonitor {
+        &self.monitor
+    }
+
+    fn pagemap_entry(&self, page: u64) -> u64 {
+        let mut b = [0u8; 8];
+        match self.pagemap.read_exact_at(&mut b, (page >> PAGE_SHIFT) * 8) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
+    }
+
+    /// Populate a missing page from the handler on this thread.
+    fn populate(&self, inner: &Inner, pf: &PageFault) -> Result<(), PrimaryFault> {
+        let mut buf = Box::new([0u8; PAGE_SIZE as usize]);
+        let fd = std::os::fd::AsFd::as_fd(&inner.uffd);
+        for _ in 0..1000 {
+            let fill = match catch_unwind(AssertUnwindSafe(|| inner.handler.missing(pf, &mut buf))) {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    inner.report(format!("fault_page: {e}"));
+                    return Err(PrimaryFault::Bus(pf.addr));
+                }
+                Err(_) => {
+                    inner.report(format!("fault_page: handler panicked at {:#x}", pf.addr));
+                    return Err(PrimaryFault::Bus(pf.addr));
+                }
+            };
+            let r = match fill {
+                Fill::Bytes => sys::copy(fd, pf.addr, &buf, true),
+                Fill::Zero => sys::zeropage(fd, pf.addr, PAGE_SIZE, true),
+            };
+            match r {
+                Ok(()) | Err(libc::EEXIST) | Err(libc::ENOENT) => return Ok(()),
+                // A mapping change is pending; the monitor's driver applies it.
+                Err(libc::EAGAIN) => std::thread::yield_now(),
+                Err(_) => return Err(PrimaryFault::Bus(pf.addr)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Primary for UffdPrimary {
+    fn notifiers(&self) -> &Arc<NotifierSubscriptions> {
+        self.monitor.notifiers()
+    }
+
+    fn frames(&self) -> &dyn FrameStore {
+        &self.frames
+    }
+
+    fn fault_page(&self, addr: u64, write: bool) -> Result<Translation, PrimaryFault> {
+        let page = addr & !(PAGE_SIZE - 1);
+        let inner = &self.monitor.inner;
+        for _ in 0..16 {
+            let Some(reg) = self.monitor.registration(page) else { return Err(PrimaryFault::NoMapping(addr)) };
+            let pm = self.pagemap_entry(page);
+            let present = pm & PM_PRESENT != 0;
+            if present && (!write || pm & PM_UFFD_WP == 0) {
+                return Ok(Translation { pfn: Pfn(page >> PAGE_SHIFT), writable: pm & PM_UFFD_WP == 0 });
+            }
+            let fd = std::os::fd::AsFd::as_fd(&inner.uffd);
+            if !present && reg.mode.contains(RegisterMode::MISSING) {
+                let pf = PageFault { range: reg.range, pgoff: reg.pgoff + (page - reg.range.start()) / PAGE_SIZE, addr: page, write, thread_id: None };
+                self.populate(inner, &pf)?;
+            } else if !present && reg.mode.contains(RegisterMode::MINOR) {
+                let _ = sys::cont(fd, page, PAGE_SIZE, true);
+            }
+            if write && reg.mode.contains(RegisterMode::WP) {
+                inner.registry.write().mark_dirty(page);
+                let _ = sys::writeprotect(fd, page, PAGE_SIZE, false, true);
+            }
+            if write {
+                sys::fetch_add_word(page, 0);
+            } else {
+                sys::load_word(page);
+            }
+        }
+        Err(PrimaryFault::NotPresent(addr))
+    }
+
+    fn lookup_page(&self, addr: u64) -> Option<Translation> {
+        let page = addr & !(PAGE_SIZE - 1);
+        self.monitor.registration(page)?;
+        let pm = self.pagemap_entry(page);
+        (pm & PM_PRESENT != 0).then_some(Translation { pfn: Pfn(page >> PAGE_SHIFT), writable: pm & PM_UFFD_WP == 0 })
+    }
+}
