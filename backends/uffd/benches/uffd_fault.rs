@@ -2,12 +2,14 @@
 //! UFFDIO_COPY round trip (a bare userfaultfd and a thread that reads the
 //! fault and copies one page).
 
+#![allow(missing_docs)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use notifier_uffd::{Advice, Fill, PageBuf, PageFault, RegisterMode, Region, UffdMonitor};
+use notifier_uffd::{Advice, Fill, PageBuf, PageFault, Region, RegisterMode, UffdMonitor};
 use userfaultfd::{Event as UEvent, UffdBuilder};
 
 const P: u64 = 4096;
@@ -39,7 +41,11 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("uffd_fault");
     g.sample_size(20).measurement_time(Duration::from_secs(4));
 
-    let raw = match UffdBuilder::new().user_mode_only(false).close_on_exec(true).create() {
+    let raw = match UffdBuilder::new()
+        .user_mode_only(false)
+        .close_on_exec(true)
+        .create()
+    {
         Ok(u) => Arc::new(u),
         Err(e) => {
             eprintln!("SKIP: userfaultfd unavailable: {e}");
@@ -47,7 +53,8 @@ fn bench(c: &mut Criterion) {
         }
     };
     let region = Region::anon(PAGES * P).unwrap();
-    raw.register(region.addr() as *mut libc::c_void, (PAGES * P) as usize).unwrap();
+    raw.register(region.addr() as *mut libc::c_void, (PAGES * P) as usize)
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let (raw, stop) = (raw.clone(), stop.clone());
@@ -58,13 +65,22 @@ fn bench(c: &mut Criterion) {
                     let page = (addr as u64) & !(P - 1);
                     // SAFETY: `src` is a live page-sized buffer; the kernel
                     // installs a copy at a missing page of the registered range.
-                    let _ = unsafe { raw.copy(src.as_ptr().cast(), page as *mut libc::c_void, P as usize, true) };
+                    let _ = unsafe {
+                        raw.copy(
+                            src.as_ptr().cast(),
+                            page as *mut libc::c_void,
+                            P as usize,
+                            true,
+                        )
+                    };
                 }
             }
         })
     };
     let mut next = 0;
-    g.bench_function("raw_uffdio_copy_round_trip", |b| b.iter_custom(|iters| touch_missing(&region, &mut next, iters)));
+    g.bench_function("raw_uffdio_copy_round_trip", |b| {
+        b.iter_custom(|iters| touch_missing(&region, &mut next, iters))
+    });
     stop.store(true, Ordering::Relaxed);
     // One more fault wakes the server so it sees the stop flag.
     if next == PAGES {
@@ -73,7 +89,8 @@ fn bench(c: &mut Criterion) {
     }
     region.read_u8(next * P).unwrap();
     server.join().unwrap();
-    raw.unregister(region.addr() as *mut libc::c_void, (PAGES * P) as usize).unwrap();
+    raw.unregister(region.addr() as *mut libc::c_void, (PAGES * P) as usize)
+        .unwrap();
     drop(region);
 
     let h = Arc::new(|_: &PageFault, page: &mut PageBuf| {
@@ -85,10 +102,16 @@ fn bench(c: &mut Criterion) {
     let region = Region::anon(PAGES * P).unwrap();
     m.register(&region, RegisterMode::MISSING).unwrap();
     let mut next = 0;
-    g.bench_function("monitor_missing_fault", |b| b.iter_custom(|iters| touch_missing(&region, &mut next, iters)));
+    g.bench_function("monitor_missing_fault", |b| {
+        b.iter_custom(|iters| touch_missing(&region, &mut next, iters))
+    });
     g.finish();
     eprintln!("monitor stats: {:?}", m.stats());
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = Criterion::default();
+    targets = bench
+}
 criterion_main!(benches);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use notifier_core::notifier::{Again, Event, Hooks, InvalidateRange, MmuNotifierOps};
-use notifier_uffd::{peak_rss_kib, RegisterMode, Region, UffdMonitor, ZeroHandler};
+use notifier_uffd::{peak_rss_kib, Region, RegisterMode, UffdMonitor, ZeroHandler};
 
 struct Count(AtomicU64, AtomicU64);
 impl MmuNotifierOps for Count {
@@ -19,14 +19,19 @@ impl MmuNotifierOps for Count {
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
         if r.event == Event::Unmap {
             self.0.fetch_add(1, Ordering::Relaxed);
-            self.1.fetch_add((r.end - r.start) / 4096, Ordering::Relaxed);
+            self.1
+                .fetch_add((r.end - r.start) / 4096, Ordering::Relaxed);
         }
         Ok(())
     }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: u64 = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let m = UffdMonitor::builder().build(Arc::new(ZeroHandler))?;
     let _t = m.spawn()?;
     let count = Arc::new(Count(AtomicU64::new(0), AtomicU64::new(0)));
@@ -38,7 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..n {
         region.munmap(i * 4096, 4096)?;
         if (i + 1) % (n / 10).max(1) == 0 {
-            println!("{:>8} unmaps: peak RSS {:>6} KiB, registrations {}", i + 1, peak_rss_kib(), m.registered().len());
+            println!(
+                "{:>8} unmaps: peak RSS {:>6} KiB, registrations {}",
+                i + 1,
+                peak_rss_kib(),
+                m.registered().len()
+            );
         }
     }
     let el = t.elapsed();

@@ -109,7 +109,9 @@ impl Coalescer {
 
     fn flush(&mut self, inner: &Inner) {
         if let Some((ev, s, e)) = self.pending.take() {
-            let Ok(range) = PageRange::from_bounds(s, e) else { return };
+            let Ok(range) = PageRange::from_bounds(s, e) else {
+                return;
+            };
             inner.invalidate(range, ev, || {
                 if ev == Event::Unmap {
                     inner.registry.write().cut(s, e);
@@ -120,7 +122,10 @@ impl Coalescer {
 }
 
 fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 impl UffdMonitor {
@@ -163,7 +168,13 @@ impl Inner {
 
     /// One `read(2)`: changes are applied at once (coalesced), faults queued.
     fn read_batch(&self, st: &mut LoopState) -> Result<usize, UffdError> {
-        let LoopState { buf, faults, forks, batch, .. } = st;
+        let LoopState {
+            buf,
+            faults,
+            forks,
+            batch,
+            ..
+        } = st;
         let batch = *batch;
         let events = self.uffd.read_events(buf).map_err(UffdError::Read)?;
         let mut co = Coalescer::default();
@@ -172,14 +183,24 @@ impl Inner {
         for ev in events {
             n += 1;
             match ev {
-                Ok(userfaultfd::Event::Pagefault { kind, rw, addr, thread_id }) => {
+                Ok(userfaultfd::Event::Pagefault {
+                    kind,
+                    rw,
+                    addr,
+                    thread_id,
+                }) => {
                     Counters::inc(match kind {
                         FaultKind::Missing => &c.missing_faults,
                         FaultKind::Minor => &c.minor_faults,
                         FaultKind::WriteProtected => &c.wp_faults,
                     });
                     let tid = (self.features & feature::THREAD_ID != 0).then(|| thread_id.as_raw());
-                    faults.push_back(Fault { addr: addr as u64, kind, write: rw == ReadWrite::Write, tid });
+                    faults.push_back(Fault {
+                        addr: addr as u64,
+                        kind,
+                        write: rw == ReadWrite::Write,
+                        tid,
+                    });
                 }
                 Ok(userfaultfd::Event::Remove { start, end }) => {
                     Counters::inc(&c.removes);
@@ -193,8 +214,12 @@ impl Inner {
                     Counters::inc(&c.remaps);
                     co.flush(self);
                     let (from, to, len) = (from as u64, to as u64, len as u64);
-                    if let Ok(range) = PageRange::new(from & !PAGE_MASK, (len + PAGE_MASK) & !PAGE_MASK) {
-                        self.invalidate(range, Event::Unmap, || self.registry.write().remap(from, to, len));
+                    if let Ok(range) =
+                        PageRange::new(from & !PAGE_MASK, (len + PAGE_MASK) & !PAGE_MASK)
+                    {
+                        self.invalidate(range, Event::Unmap, || {
+                            self.registry.write().remap(from, to, len)
+                        });
                     }
                 }
                 Ok(userfaultfd::Event::Fork { uffd }) => {
@@ -217,7 +242,9 @@ impl Inner {
     pub(crate) fn invalidate(&self, range: PageRange, ev: Event, update: impl FnOnce()) {
         let mut update = Some(update);
         let r = catch_unwind(AssertUnwindSafe(|| {
-            let inv = self.subs.invalidate_range_start(&InvalidateRange::new(range, ev))?;
+            let inv = self
+                .subs
+                .invalidate_range_start(&InvalidateRange::new(range, ev))?;
             if let Some(u) = update.take() {
                 u();
             }
@@ -226,10 +253,17 @@ impl Inner {
         }));
         match r {
             Ok(Ok(())) => Counters::inc(&self.counters.invalidations),
-            Ok(Err(e)) => self.report(format!("invalidation of {range:?} ({}) failed: {e}", ev.name())),
+            Ok(Err(e)) => self.report(format!(
+                "invalidation of {range:?} ({}) failed: {e}",
+                ev.name()
+            )),
             Err(p) => {
                 Counters::inc(&self.counters.subscriber_failures);
-                self.report(format!("subscriber panicked in invalidation of {range:?} ({}): {}", ev.name(), panic_msg(&*p)));
+                self.report(format!(
+                    "subscriber panicked in invalidation of {range:?} ({}): {}",
+                    ev.name(),
+                    panic_msg(&*p)
+                ));
             }
         }
         if let Some(u) = update.take() {
@@ -247,25 +281,49 @@ impl Inner {
                 let _ = sys::wake(fd, page, PAGE_SIZE);
                 return;
             };
-            let pf = PageFault { range: reg.range, pgoff: reg.pgoff + (page - reg.range.start()) / PAGE_SIZE, addr: page, write: f.write, thread_id: f.tid };
+            let pf = PageFault {
+                range: reg.range,
+                pgoff: reg.pgoff + (page - reg.range.start()) / PAGE_SIZE,
+                addr: page,
+                write: f.write,
+                thread_id: f.tid,
+            };
             let res = match f.kind {
-                FaultKind::Missing => match catch_unwind(AssertUnwindSafe(|| self.handler.missing(&pf, &mut st.page))) {
-                    Ok(Ok(Fill::Bytes)) => sys::copy(fd, page, &st.page, true).inspect(|_| Counters::inc(&self.counters.copies)),
-                    Ok(Ok(Fill::Zero)) => sys::zeropage(fd, page, PAGE_SIZE, true).inspect(|_| Counters::inc(&self.counters.zeropages)),
-                    Ok(Err(e)) => return self.fail(st, page, f.tid, e.to_string()),
-                    Err(p) => {
-                        Counters::inc(&self.counters.handler_panics);
-                        return self.fail(st, page, f.tid, format!("fault handler panicked at {page:#x}: {}", panic_msg(&*p)));
+                FaultKind::Missing => {
+                    match catch_unwind(AssertUnwindSafe(|| self.handler.missing(&pf, &mut st.page)))
+                    {
+                        Ok(Ok(Fill::Bytes)) => sys::copy(fd, page, &st.page, true)
+                            .inspect(|_| Counters::inc(&self.counters.copies)),
+                        Ok(Ok(Fill::Zero)) => sys::zeropage(fd, page, PAGE_SIZE, true)
+                            .inspect(|_| Counters::inc(&self.counters.zeropages)),
+                        Ok(Err(e)) => return self.fail(st, page, f.tid, e.to_string()),
+                        Err(p) => {
+                            Counters::inc(&self.counters.handler_panics);
+                            return self.fail(
+                                st,
+                                page,
+                                f.tid,
+                                format!("fault handler panicked at {page:#x}: {}", panic_msg(&*p)),
+                            );
+                        }
                     }
-                },
-                FaultKind::Minor => match catch_unwind(AssertUnwindSafe(|| self.handler.minor(&pf))) {
-                    Ok(Ok(())) => sys::cont(fd, page, PAGE_SIZE, true).inspect(|_| Counters::inc(&self.counters.continues)),
-                    Ok(Err(e)) => return self.fail(st, page, f.tid, e.to_string()),
-                    Err(p) => {
-                        Counters::inc(&self.counters.handler_panics);
-                        return self.fail(st, page, f.tid, format!("minor handler panicked at {page:#x}: {}", panic_msg(&*p)));
+                }
+                FaultKind::Minor => {
+                    match catch_unwind(AssertUnwindSafe(|| self.handler.minor(&pf))) {
+                        Ok(Ok(())) => sys::cont(fd, page, PAGE_SIZE, true)
+                            .inspect(|_| Counters::inc(&self.counters.continues)),
+                        Ok(Err(e)) => return self.fail(st, page, f.tid, e.to_string()),
+                        Err(p) => {
+                            Counters::inc(&self.counters.handler_panics);
+                            return self.fail(
+                                st,
+                                page,
+                                f.tid,
+                                format!("minor handler panicked at {page:#x}: {}", panic_msg(&*p)),
+                            );
+                        }
                     }
-                },
+                }
                 FaultKind::WriteProtected => {
                     self.registry.write().mark_dirty(page);
                     sys::writeprotect(fd, page, PAGE_SIZE, false, true)
@@ -289,7 +347,10 @@ impl Inner {
                     return;
                 }
                 Err(e) => {
-                    let msg = format!("serving fault at {page:#x}: {}", std::io::Error::from_raw_os_error(e));
+                    let msg = format!(
+                        "serving fault at {page:#x}: {}",
+                        std::io::Error::from_raw_os_error(e)
+                    );
                     return self.fail(st, page, f.tid, msg);
                 }
             }
@@ -351,9 +412,21 @@ impl Inner {
                     self.report(format!("fork: child userfaultfd: {e}"));
                 }
                 let registry = self.registry.read().fork_copy();
-                let m = UffdMonitor::from_parts(fd, self.path, self.features, NotifierSubscriptions::new(), Arc::clone(&self.handler), ForkPolicy::Refuse, batch, registry);
+                let m = UffdMonitor::from_parts(
+                    fd,
+                    self.path,
+                    self.features,
+                    NotifierSubscriptions::new(),
+                    Arc::clone(&self.handler),
+                    ForkPolicy::Refuse,
+                    batch,
+                    registry,
+                );
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| cb(m))) {
-                    self.report(format!("fork handoff callback panicked: {}", panic_msg(&*p)));
+                    self.report(format!(
+                        "fork handoff callback panicked: {}",
+                        panic_msg(&*p)
+                    ));
                 }
             }
         }

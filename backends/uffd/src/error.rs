@@ -27,7 +27,11 @@ pub enum UffdError {
     },
     /// The range argument is bad.
     #[error("bad range")]
-    Range(#[from] #[source] RangeError),
+    Range(
+        #[from]
+        #[source]
+        RangeError,
+    ),
     /// The range overlaps one already registered.
     #[error("range [{start:#x}, {end:#x}) overlaps a registered range")]
     Overlap {
@@ -65,10 +69,18 @@ pub enum UffdError {
     Read(#[source] userfaultfd::Error),
     /// A system call around the userfaultfd failed (eventfd, poll, thread).
     #[error("system call failed")]
-    Io(#[from] #[source] io::Error),
+    Io(
+        #[from]
+        #[source]
+        io::Error,
+    ),
     /// The notifier machinery refused (e.g. the address space was released).
     #[error("notifier error")]
-    Notifier(#[from] #[source] NotifierError),
+    Notifier(
+        #[from]
+        #[source]
+        NotifierError,
+    ),
     /// The monitor is already driven by a handler thread.
     #[error("a handler thread already drives this monitor")]
     AlreadyRunning,
@@ -76,6 +88,9 @@ pub enum UffdError {
 
 impl UffdError {
     pub(crate) fn ioctl(op: &'static str, errno: i32) -> Self {
-        UffdError::Ioctl { op, source: io::Error::from_raw_os_error(errno) }
+        UffdError::Ioctl {
+            op,
+            source: io::Error::from_raw_os_error(errno),
+        }
     }
 }

@@ -129,8 +129,8 @@ pub use monitor::{ForkPolicy, MonitorBuilder, UffdMonitor};
 pub use open::OpenPath;
 pub use registry::{RegisterMode, Registration};
 pub use stats::Stats;
-pub use thread::HandlerThread;
 pub use sys::{drop_privileges, geteuid, peak_rss_kib, run_in_child, Advice, ChildExit, Region};
+pub use thread::HandlerThread;
 
 /// Whether real-kernel tests must fail instead of skipping when userfaultfd
 /// is unavailable (`NOTIFIER_REQUIRE_UFFD=1`).

@@ -50,12 +50,17 @@ impl core::fmt::Debug for RealMemory {
 impl RealMemory {
     /// The frames of `monitor`'s registered ranges.
     pub fn new(monitor: &UffdMonitor) -> Self {
-        Self { inner: Arc::clone(&monitor.inner) }
+        Self {
+            inner: Arc::clone(&monitor.inner),
+        }
     }
 
     fn word_addr(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
         if off % 8 != 0 || off + 8 > PAGE_SIZE as usize {
-            return Err(FrameError::OutOfBounds { offset: off, len: 8 });
+            return Err(FrameError::OutOfBounds {
+                offset: off,
+                len: 8,
+            });
         }
         if !self.pfn_valid(pfn) {
             return Err(FrameError::InvalidPfn(pfn.0));
@@ -71,7 +76,10 @@ impl FrameStore for RealMemory {
     }
     fn free(&self, _pfn: Pfn) {}
     fn pfn_valid(&self, pfn: Pfn) -> bool {
-        pfn.0.checked_shl(PAGE_SHIFT).filter(|a| a >> PAGE_SHIFT == pfn.0).is_some_and(|a| self.inner.registry.read().lookup(a).is_some())
+        pfn.0
+            .checked_shl(PAGE_SHIFT)
+            .filter(|a| a >> PAGE_SHIFT == pfn.0)
+            .is_some_and(|a| self.inner.registry.read().lookup(a).is_some())
     }
     fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
         Ok(sys::load_word(self.word_addr(pfn, off)?))
@@ -103,7 +111,9 @@ pub struct UffdPrimary {
 
 impl core::fmt::Debug for UffdPrimary {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("UffdPrimary").field("monitor", &self.monitor).finish()
+        f.debug_struct("UffdPrimary")
+            .field("monitor", &self.monitor)
+            .finish()
     }
 }
 
@@ -116,7 +126,11 @@ impl UffdPrimary {
     /// # Errors
     /// When `/proc/self/pagemap` cannot be opened.
     pub fn new(monitor: &UffdMonitor) -> std::io::Result<Self> {
-        Ok(Self { monitor: monitor.clone(), frames: RealMemory::new(monitor), pagemap: File::open("/proc/self/pagemap")? })
+        Ok(Self {
+            monitor: monitor.clone(),
+            frames: RealMemory::new(monitor),
+            pagemap: File::open("/proc/self/pagemap")?,
+        })
     }
 
     /// The monitor.
@@ -137,7 +151,8 @@ impl UffdPrimary {
         let mut buf = Box::new([0u8; PAGE_SIZE as usize]);
         let fd = std::os::fd::AsFd::as_fd(&inner.uffd);
         for _ in 0..1000 {
-            let fill = match catch_unwind(AssertUnwindSafe(|| inner.handler.missing(pf, &mut buf))) {
+            let fill = match catch_unwind(AssertUnwindSafe(|| inner.handler.missing(pf, &mut buf)))
+            {
                 Ok(Ok(f)) => f,
                 Ok(Err(e)) => {
                     inner.report(format!("fault_page: {e}"));
@@ -176,15 +191,26 @@ impl Primary for UffdPrimary {
         let page = addr & !(PAGE_SIZE - 1);
         let inner = &self.monitor.inner;
         for _ in 0..16 {
-            let Some(reg) = self.monitor.registration(page) else { return Err(PrimaryFault::NoMapping(addr)) };
+            let Some(reg) = self.monitor.registration(page) else {
+                return Err(PrimaryFault::NoMapping(addr));
+            };
             let pm = self.pagemap_entry(page);
             let present = pm & PM_PRESENT != 0;
             if present && (!write || pm & PM_UFFD_WP == 0) {
-                return Ok(Translation { pfn: Pfn(page >> PAGE_SHIFT), writable: pm & PM_UFFD_WP == 0 });
+                return Ok(Translation {
+                    pfn: Pfn(page >> PAGE_SHIFT),
+                    writable: pm & PM_UFFD_WP == 0,
+                });
             }
             let fd = std::os::fd::AsFd::as_fd(&inner.uffd);
             if !present && reg.mode.contains(RegisterMode::MISSING) {
-                let pf = PageFault { range: reg.range, pgoff: reg.pgoff + (page - reg.range.start()) / PAGE_SIZE, addr: page, write, thread_id: None };
+                let pf = PageFault {
+                    range: reg.range,
+                    pgoff: reg.pgoff + (page - reg.range.start()) / PAGE_SIZE,
+                    addr: page,
+                    write,
+                    thread_id: None,
+                };
                 self.populate(inner, &pf)?;
             } else if !present && reg.mode.contains(RegisterMode::MINOR) {
                 let _ = sys::cont(fd, page, PAGE_SIZE, true);
@@ -206,6 +232,9 @@ impl Primary for UffdPrimary {
         let page = addr & !(PAGE_SIZE - 1);
         self.monitor.registration(page)?;
         let pm = self.pagemap_entry(page);
-        (pm & PM_PRESENT != 0).then_some(Translation { pfn: Pfn(page >> PAGE_SHIFT), writable: pm & PM_UFFD_WP == 0 })
+        (pm & PM_PRESENT != 0).then_some(Translation {
+            pfn: Pfn(page >> PAGE_SHIFT),
+            writable: pm & PM_UFFD_WP == 0,
+        })
     }
 }

@@ -103,10 +103,23 @@ impl MonitorBuilder {
     /// [`UffdError::Unavailable`] when neither the device nor the system
     /// call works, [`UffdError::MissingFeatures`] on an old kernel.
     pub fn build(self, handler: Arc<dyn FaultHandler>) -> Result<UffdMonitor, UffdError> {
-        let extra = if matches!(self.fork, ForkPolicy::Ignore) { 0 } else { feature::EVENT_FORK };
+        let extra = if matches!(self.fork, ForkPolicy::Ignore) {
+            0
+        } else {
+            feature::EVENT_FORK
+        };
         let (fd, path, features) = open::open(self.user_mode_only, extra)?;
         let subs = self.subs.unwrap_or_else(NotifierSubscriptions::new);
-        Ok(UffdMonitor::from_parts(fd, path, features, subs, handler, self.fork, self.batch.unwrap_or(64), Registry::default()))
+        Ok(UffdMonitor::from_parts(
+            fd,
+            path,
+            features,
+            subs,
+            handler,
+            self.fork,
+            self.batch.unwrap_or(64),
+            Registry::default(),
+        ))
     }
 }
 
@@ -214,7 +227,9 @@ impl UffdMonitor {
             running: AtomicBool::new(false),
             stop,
         };
-        Self { inner: Arc::new(inner) }
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The notifier set this monitor feeds.
@@ -248,7 +263,13 @@ impl UffdMonitor {
     /// [`UffdError::UnsupportedMode`] when the kernel refuses the mode for
     /// this memory (e.g. MINOR on anonymous memory). Nothing registered
     /// before is lost.
-    pub fn register_range(&self, region: &Region, off: u64, len: u64, mode: RegisterMode) -> Result<PageRange, UffdError> {
+    pub fn register_range(
+        &self,
+        region: &Region,
+        off: u64,
+        len: u64,
+        mode: RegisterMode,
+    ) -> Result<PageRange, UffdError> {
         let r = PageRange::new(region.addr().wrapping_add(off), len)?;
         if off.checked_add(len).is_none_or(|e| e > region.len()) {
             return Err(UffdError::OutsideMapping);
@@ -268,11 +289,17 @@ impl UffdMonitor {
     /// As [`Self::register_range`].
     pub fn register_raw(&self, range: PageRange, mode: RegisterMode) -> Result<(), UffdError> {
         if mode.is_empty() {
-            return Err(UffdError::UnsupportedMode(userfaultfd::Error::UnsupportedIoctls(userfaultfd::IoctlFlags::empty())));
+            return Err(UffdError::UnsupportedMode(
+                userfaultfd::Error::UnsupportedIoctls(userfaultfd::IoctlFlags::empty()),
+            ));
         }
         let mut reg = self.inner.registry.write();
         reg.insert(range, mode)?;
-        if let Err(e) = self.inner.uffd.register_with_mode(range.start() as *mut libc::c_void, range.len() as usize, mode.to_uffd()) {
+        if let Err(e) = self.inner.uffd.register_with_mode(
+            range.start() as *mut libc::c_void,
+            range.len() as usize,
+            mode.to_uffd(),
+        ) {
             reg.cut(range.start(), range.end());
             return Err(UffdError::UnsupportedMode(e));
         }
@@ -287,12 +314,18 @@ impl UffdMonitor {
     pub fn unregister(&self, range: PageRange) -> Result<(), UffdError> {
         let mut reg = self.inner.registry.write();
         if !reg.covers(range.start(), range.end()) {
-            return Err(UffdError::NotRegistered { start: range.start(), end: range.end() });
+            return Err(UffdError::NotRegistered {
+                start: range.start(),
+                end: range.end(),
+            });
         }
         self.inner
             .uffd
             .unregister(range.start() as *mut libc::c_void, range.len() as usize)
-            .map_err(|e| UffdError::Ioctl { op: "UFFDIO_UNREGISTER", source: std::io::Error::other(e) })?;
+            .map_err(|e| UffdError::Ioctl {
+                op: "UFFDIO_UNREGISTER",
+                source: std::io::Error::other(e),
+            })?;
         reg.cut(range.start(), range.end());
         Ok(())
     }
@@ -324,13 +357,24 @@ impl UffdMonitor {
             while at < range.end() {
                 match reg.lookup(at) {
                     Some(r) if r.mode.contains(RegisterMode::WP) => at = r.range.end(),
-                    _ => return Err(UffdError::NotRegistered { start: range.start(), end: range.end() }),
+                    _ => {
+                        return Err(UffdError::NotRegistered {
+                            start: range.start(),
+                            end: range.end(),
+                        })
+                    }
                 }
             }
         }
-        let inv = self.inner.subs.invalidate_range_start(&InvalidateRange::new(range, Event::SoftDirty))?;
+        let inv = self
+            .inner
+            .subs
+            .invalidate_range_start(&InvalidateRange::new(range, Event::SoftDirty))?;
         let r = sys::writeprotect(self.inner.fd(), range.start(), range.len(), true, false);
-        self.inner.registry.write().clear_dirty(range.start(), range.end());
+        self.inner
+            .registry
+            .write()
+            .clear_dirty(range.start(), range.end());
         inv.end();
         Counters::inc(&self.inner.counters.invalidations);
         r.map_err(|e| UffdError::ioctl("UFFDIO_WRITEPROTECT", e))
@@ -340,7 +384,10 @@ impl UffdMonitor {
     /// they are forgotten (the log is read once). The pages stay writable
     /// until the next `write_protect`.
     pub fn take_dirty(&self, range: PageRange) -> Vec<u64> {
-        self.inner.registry.write().clear_dirty(range.start(), range.end())
+        self.inner
+            .registry
+            .write()
+            .clear_dirty(range.start(), range.end())
     }
 
     /// Counters.

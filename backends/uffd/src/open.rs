@@ -25,7 +25,8 @@ pub enum OpenPath {
 }
 
 /// Features the monitor cannot work without.
-pub(crate) const REQUIRED: u64 = feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::EVENT_REMAP;
+pub(crate) const REQUIRED: u64 =
+    feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::EVENT_REMAP;
 
 /// Features used when the kernel has them.
 pub(crate) const OPTIONAL: u64 = feature::THREAD_ID
@@ -47,9 +48,15 @@ fn open_fd(path: OpenPath) -> std::io::Result<OwnedFd> {
 /// Open a userfaultfd (device first unless `user_mode_only`) and complete
 /// the handshake with `REQUIRED | extra` plus whatever of `OPTIONAL` the
 /// kernel supports. Returns the descriptor, the path and granted features.
-pub(crate) fn open(user_mode_only: bool, extra: u64) -> Result<(OwnedFd, OpenPath, u64), UffdError> {
+pub(crate) fn open(
+    user_mode_only: bool,
+    extra: u64,
+) -> Result<(OwnedFd, OpenPath, u64), UffdError> {
     let device = if user_mode_only {
-        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "skipped: user-mode-only requested"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "skipped: user-mode-only requested",
+        ))
     } else {
         open_fd(OpenPath::Device)
     };
@@ -61,14 +68,22 @@ pub(crate) fn open(user_mode_only: bool, extra: u64) -> Result<(OwnedFd, OpenPat
         },
     };
     // UFFDIO_API may run once per descriptor: probe on one, use another.
-    let (supported, _) = sys::api(probe.as_fd(), 0).map_err(|source| UffdError::Ioctl { op: "UFFDIO_API", source })?;
+    let (supported, _) = sys::api(probe.as_fd(), 0).map_err(|source| UffdError::Ioctl {
+        op: "UFFDIO_API",
+        source,
+    })?;
     drop(probe);
     let required = REQUIRED | extra;
     if supported & required != required {
-        return Err(UffdError::MissingFeatures { missing: required & !supported });
+        return Err(UffdError::MissingFeatures {
+            missing: required & !supported,
+        });
     }
     let fd = open_fd(path)?;
     let want = required | (OPTIONAL & supported);
-    sys::api(fd.as_fd(), want).map_err(|source| UffdError::Ioctl { op: "UFFDIO_API", source })?;
+    sys::api(fd.as_fd(), want).map_err(|source| UffdError::Ioctl {
+        op: "UFFDIO_API",
+        source,
+    })?;
     Ok((fd, path, want))
 }

@@ -57,8 +57,16 @@ impl core::ops::BitOr for RegisterMode {
 
 impl core::fmt::Debug for RegisterMode {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let names = [(Self::MISSING, "MISSING"), (Self::MINOR, "MINOR"), (Self::WP, "WP")];
-        let set: Vec<&str> = names.iter().filter(|(m, _)| self.contains(*m)).map(|(_, n)| *n).collect();
+        let names = [
+            (Self::MISSING, "MISSING"),
+            (Self::MINOR, "MINOR"),
+            (Self::WP, "WP"),
+        ];
+        let set: Vec<&str> = names
+            .iter()
+            .filter(|(m, _)| self.contains(*m))
+            .map(|(_, n)| *n)
+            .collect();
         if set.is_empty() {
             f.write_str("NONE")
         } else {
@@ -92,12 +100,19 @@ impl Registry {
     /// The registration containing `addr`.
     pub(crate) fn lookup(&self, addr: u64) -> Option<Registration> {
         let (&s, &(e, mode, pgoff)) = self.ranges.range(..=addr).next_back()?;
-        (addr < e).then(|| Registration { range: PageRange::from_bounds(s, e).expect("stored ranges are valid"), mode, pgoff })
+        (addr < e).then(|| Registration {
+            range: PageRange::from_bounds(s, e).expect("stored ranges are valid"),
+            mode,
+            pgoff,
+        })
     }
 
     /// Whether any registration overlaps `[s, e)`.
     fn overlaps(&self, s: u64, e: u64) -> bool {
-        self.ranges.range(..e).next_back().is_some_and(|(_, &(re, _, _))| re > s)
+        self.ranges
+            .range(..e)
+            .next_back()
+            .is_some_and(|(_, &(re, _, _))| re > s)
     }
 
     /// Whether `[s, e)` is covered by registrations without a gap.
@@ -116,19 +131,33 @@ impl Registry {
         self.insert_at(range, mode, 0)
     }
 
-    fn insert_at(&mut self, range: PageRange, mode: RegisterMode, pgoff: u64) -> Result<(), UffdError> {
+    fn insert_at(
+        &mut self,
+        range: PageRange,
+        mode: RegisterMode,
+        pgoff: u64,
+    ) -> Result<(), UffdError> {
         if self.overlaps(range.start(), range.end()) {
-            return Err(UffdError::Overlap { start: range.start(), end: range.end() });
+            return Err(UffdError::Overlap {
+                start: range.start(),
+                end: range.end(),
+            });
         }
-        self.ranges.insert(range.start(), (range.end(), mode, pgoff));
+        self.ranges
+            .insert(range.start(), (range.end(), mode, pgoff));
         Ok(())
     }
 
     /// Remove `[s, e)` from the registrations, splitting partially covered
     /// ones; returns the pieces removed.
     pub(crate) fn cut(&mut self, s: u64, e: u64) -> Vec<Registration> {
-        let hit: Vec<(u64, u64, RegisterMode, u64)> =
-            self.ranges.range(..e).rev().take_while(|(_, &(re, _, _))| re > s).map(|(&rs, &(re, m, o))| (rs, re, m, o)).collect();
+        let hit: Vec<(u64, u64, RegisterMode, u64)> = self
+            .ranges
+            .range(..e)
+            .rev()
+            .take_while(|(_, &(re, _, _))| re > s)
+            .map(|(&rs, &(re, m, o))| (rs, re, m, o))
+            .collect();
         let mut removed = Vec::with_capacity(hit.len());
         for (rs, re, m, o) in hit {
             self.ranges.remove(&rs);
@@ -140,7 +169,11 @@ impl Registry {
             }
             let (cs, ce) = (rs.max(s), re.min(e));
             let pgoff = o + (cs - rs) / PAGE_SIZE;
-            removed.push(Registration { range: PageRange::from_bounds(cs, ce).expect("non-empty overlap"), mode: m, pgoff });
+            removed.push(Registration {
+                range: PageRange::from_bounds(cs, ce).expect("non-empty overlap"),
+                mode: m,
+                pgoff,
+            });
         }
         let gone: Vec<u64> = self.dirty.range(s..e).copied().collect();
         for p in gone {
@@ -169,11 +202,21 @@ impl Registry {
 
     /// The registrations (not the dirty log), for a forked child's monitor.
     pub(crate) fn fork_copy(&self) -> Registry {
-        Registry { ranges: self.ranges.clone(), dirty: BTreeSet::new() }
+        Registry {
+            ranges: self.ranges.clone(),
+            dirty: BTreeSet::new(),
+        }
     }
 
     pub(crate) fn all(&self) -> Vec<Registration> {
-        self.ranges.iter().map(|(&s, &(e, mode, pgoff))| Registration { range: PageRange::from_bounds(s, e).expect("valid"), mode, pgoff }).collect()
+        self.ranges
+            .iter()
+            .map(|(&s, &(e, mode, pgoff))| Registration {
+                range: PageRange::from_bounds(s, e).expect("valid"),
+                mode,
+                pgoff,
+            })
+            .collect()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -210,8 +253,14 @@ mod tests {
     fn insert_rejects_overlap_and_keeps_existing() {
         let mut g = Registry::default();
         g.insert(r(0x1000, 0x5000), RegisterMode::MISSING).unwrap();
-        assert!(matches!(g.insert(r(0x4000, 0x6000), RegisterMode::MISSING), Err(UffdError::Overlap { .. })));
-        assert!(matches!(g.insert(r(0x0, 0x2000), RegisterMode::MISSING), Err(UffdError::Overlap { .. })));
+        assert!(matches!(
+            g.insert(r(0x4000, 0x6000), RegisterMode::MISSING),
+            Err(UffdError::Overlap { .. })
+        ));
+        assert!(matches!(
+            g.insert(r(0x0, 0x2000), RegisterMode::MISSING),
+            Err(UffdError::Overlap { .. })
+        ));
         g.insert(r(0x5000, 0x6000), RegisterMode::WP).unwrap();
         assert_eq!(g.len(), 2);
         assert!(g.covers(0x1000, 0x6000));
@@ -221,18 +270,36 @@ mod tests {
     #[test]
     fn cut_splits_and_remap_moves() {
         let mut g = Registry::default();
-        g.insert(r(0x10000, 0x20000), RegisterMode::MISSING).unwrap();
+        g.insert(r(0x10000, 0x20000), RegisterMode::MISSING)
+            .unwrap();
         g.mark_dirty(0x13000);
         let cut = g.cut(0x12000, 0x14000);
-        assert_eq!(cut, vec![Registration { range: r(0x12000, 0x14000), mode: RegisterMode::MISSING, pgoff: 2 }]);
+        assert_eq!(
+            cut,
+            vec![Registration {
+                range: r(0x12000, 0x14000),
+                mode: RegisterMode::MISSING,
+                pgoff: 2
+            }]
+        );
         assert!(!g.is_dirty(0x13000));
-        assert_eq!(g.all().iter().map(|x| x.range).collect::<Vec<_>>(), vec![r(0x10000, 0x12000), r(0x14000, 0x20000)]);
+        assert_eq!(
+            g.all().iter().map(|x| x.range).collect::<Vec<_>>(),
+            vec![r(0x10000, 0x12000), r(0x14000, 0x20000)]
+        );
         g.mark_dirty(0x15000);
         g.remap(0x14000, 0x80000, 0xc000);
-        assert_eq!(g.all().iter().map(|x| x.range).collect::<Vec<_>>(), vec![r(0x10000, 0x12000), r(0x80000, 0x8c000)]);
+        assert_eq!(
+            g.all().iter().map(|x| x.range).collect::<Vec<_>>(),
+            vec![r(0x10000, 0x12000), r(0x80000, 0x8c000)]
+        );
         assert!(g.is_dirty(0x81000));
         assert_eq!(g.lookup(0x8bfff).unwrap().range, r(0x80000, 0x8c000));
-        assert_eq!(g.lookup(0x8bfff).unwrap().pgoff, 4, "pgoff survives split and move");
+        assert_eq!(
+            g.lookup(0x8bfff).unwrap().pgoff,
+            4,
+            "pgoff survives split and move"
+        );
         assert!(g.lookup(0x8c000).is_none());
     }
 }

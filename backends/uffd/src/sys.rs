@@ -104,7 +104,9 @@ const MODE_DONTWAKE: u64 = 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -150,7 +152,10 @@ fn owned(fd: RawFd) -> OwnedFd {
 
 /// A new userfaultfd from `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`).
 pub fn open_device(flags: i32) -> io::Result<OwnedFd> {
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd")?;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
     // SAFETY: USERFAULTFD_IOC_NEW takes its argument by value (the flags)
     // and dereferences nothing.
     let fd = cvt(unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) })?;
@@ -171,7 +176,11 @@ pub fn open_syscall(flags: i32) -> io::Result<OwnedFd> {
 /// the kernel granted (or, when `features == 0`, all it supports) and the
 /// ioctl bitmap.
 pub fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<(u64, u64)> {
-    let mut a = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    let mut a = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: `a` is a live, correctly laid out `uffdio_api` the kernel
     // reads and writes for the duration of the call.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut a) })?;
@@ -180,7 +189,12 @@ pub fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<(u64, u64)> {
 
 /// `UFFDIO_COPY` of one page from `src` to the registered page `dst`.
 /// Returns the raw errno on failure (`EAGAIN`, `EEXIST`, `ENOENT`, ...).
-pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8; PAGE as usize], wake: bool) -> Result<(), i32> {
+pub fn copy(
+    fd: BorrowedFd<'_>,
+    dst: u64,
+    src: &[u8; PAGE as usize],
+    wake: bool,
+) -> Result<(), i32> {
     let mut c = UffdioCopy {
         dst,
         src: src.as_ptr() as u64,
@@ -246,7 +260,13 @@ pub fn wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), i32> {
 }
 
 /// `UFFDIO_WRITEPROTECT`: protect (`wp`) or unprotect `[start, start + len)`.
-pub fn writeprotect(fd: BorrowedFd<'_>, start: u64, len: u64, wp: bool, wake: bool) -> Result<(), i32> {
+pub fn writeprotect(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    wp: bool,
+    wake: bool,
+) -> Result<(), i32> {
     let mode = if wp {
         UFFDIO_WRITEPROTECT_MODE_WP
     } else if wake {
@@ -254,7 +274,10 @@ pub fn writeprotect(fd: BorrowedFd<'_>, start: u64, len: u64, wp: bool, wake: bo
     } else {
         2 // UFFDIO_WRITEPROTECT_MODE_DONTWAKE
     };
-    let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+    let mut w = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode,
+    };
     // SAFETY: `w` is a live uffdio_writeprotect; the kernel changes only
     // PTE permissions of registered ranges.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &mut w) };
@@ -292,8 +315,16 @@ pub fn eventfd_clear(fd: BorrowedFd<'_>) {
 /// `poll(2)` two fds for input; returns which are readable (or hung up).
 pub fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<(bool, bool)> {
     let mut fds = [
-        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     // SAFETY: `fds` is a live array of two pollfd.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
@@ -311,7 +342,14 @@ pub fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Resul
 /// Send `sig` to thread `tid` of this process (`tgkill`).
 pub fn tgkill(tid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid() as libc::c_long, tid as libc::c_long, sig as libc::c_long) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid() as libc::c_long,
+            tid as libc::c_long,
+            sig as libc::c_long,
+        )
+    };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -405,14 +443,25 @@ impl Region {
         if pages % 64 != 0 {
             *bits.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
         }
-        Self { addr, len, mapped: RwLock::new(bits), file }
+        Self {
+            addr,
+            len,
+            mapped: RwLock::new(bits),
+            file,
+        }
     }
 
     /// Fresh anonymous private read-write memory of `len` bytes (a multiple
     /// of the page size).
     pub fn anon(len: u64) -> io::Result<Self> {
         check_len(len)?;
-        let a = mmap_raw(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1)?;
+        let a = mmap_raw(
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        )?;
         Ok(Self::new(a, len, None))
     }
 
@@ -423,15 +472,30 @@ impl Region {
         let fd = cvt(unsafe { libc::memfd_create(c"notifier-uffd".as_ptr(), libc::MFD_CLOEXEC) })?;
         let file = File::from(owned(fd));
         file.set_len(len)?;
-        let a = mmap_raw(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd())?;
+        let a = mmap_raw(
+            0,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+        )?;
         Ok(Self::new(a, len, Some(std::sync::Arc::new(file))))
     }
 
     /// A second shared mapping of the same memfd (for populating the page
     /// cache behind a MINOR-registered mapping).
     pub fn alias(&self) -> io::Result<Self> {
-        let file = self.file.clone().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let a = mmap_raw(0, self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd())?;
+        let file = self
+            .file
+            .clone()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let a = mmap_raw(
+            0,
+            self.len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+        )?;
         Ok(Self::new(a, self.len, Some(file)))
     }
 
@@ -450,7 +514,8 @@ impl Region {
 
     /// Whether every page of `[off, off + len)` is still mapped.
     fn all_mapped(bits: &[u64], off: u64, len: u64) -> bool {
-        (off / PAGE..(off + len).div_ceil(PAGE)).all(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+        (off / PAGE..(off + len).div_ceil(PAGE))
+            .all(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
     }
 
     fn check(&self, off: u64, len: u64) -> io::Result<()> {
@@ -479,7 +544,8 @@ impl Region {
             // SAFETY: the byte lies in a page of this region that is still
             // mapped (checked under the read lock; unmap takes the write lock); region
             // memory is only accessed atomically.
-            *b = unsafe { AtomicU8::from_ptr((base + i as u64) as *mut u8) }.load(Ordering::Relaxed);
+            *b =
+                unsafe { AtomicU8::from_ptr((base + i as u64) as *mut u8) }.load(Ordering::Relaxed);
         }
         Ok(())
     }
@@ -491,7 +557,8 @@ impl Region {
         let base = self.addr + off;
         for (i, b) in data.iter().enumerate() {
             // SAFETY: as in `read`.
-            unsafe { AtomicU8::from_ptr((base + i as u64) as *mut u8) }.store(*b, Ordering::Relaxed);
+            unsafe { AtomicU8::from_ptr((base + i as u64) as *mut u8) }
+                .store(*b, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -511,7 +578,11 @@ impl Region {
         self.check_mapped(&bits, off, 1)?;
         // SAFETY: as in `read`.
         let a = unsafe { AtomicU8::from_ptr((self.addr + off) as *mut u8) };
-        Ok(if write { a.fetch_add(0, Ordering::Relaxed) } else { a.load(Ordering::Relaxed) })
+        Ok(if write {
+            a.fetch_add(0, Ordering::Relaxed)
+        } else {
+            a.load(Ordering::Relaxed)
+        })
     }
 
     /// `read(2)` from `file` into `[off, off + len)`: the kernel itself
@@ -523,7 +594,13 @@ impl Region {
         self.check_mapped(&bits, off, len)?;
         // SAFETY: the destination lies inside this region's mapped pages,
         // which hold no Rust object; the kernel validates and writes them.
-        let r = unsafe { libc::read(file.as_raw_fd(), (self.addr + off) as *mut libc::c_void, len as usize) };
+        let r = unsafe {
+            libc::read(
+                file.as_raw_fd(),
+                (self.addr + off) as *mut libc::c_void,
+                len as usize,
+            )
+        };
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -568,7 +645,13 @@ impl Region {
     pub fn map_fixed_over(&self, off: u64, len: u64) -> io::Result<()> {
         let mut bits = self.mapped.write();
         self.check(off, len)?;
-        mmap_raw(self.addr + off, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED, -1)?;
+        mmap_raw(
+            self.addr + off,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+        )?;
         for p in off / PAGE..(off + len).div_ceil(PAGE) {
             bits[(p / 64) as usize] |= 1 << (p % 64);
         }
@@ -582,11 +665,23 @@ impl Region {
         self.check_mapped(&bits, 0, self.len)?;
         drop(bits);
         // Reserve a destination so the move surely changes address.
-        let dst = mmap_raw(0, self.len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1)?;
+        let dst = mmap_raw(
+            0,
+            self.len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        )?;
         // SAFETY: the source is this whole region (all pages mapped, no Rust
         // object inside); the destination is the reservation just made.
         let p = unsafe {
-            libc::mremap(self.addr as *mut libc::c_void, self.len as usize, self.len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dst as *mut libc::c_void)
+            libc::mremap(
+                self.addr as *mut libc::c_void,
+                self.len as usize,
+                self.len as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dst as *mut libc::c_void,
+            )
         };
         if p == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
@@ -622,14 +717,23 @@ impl Drop for Region {
                 p += 1;
             }
             // SAFETY: a run of pages this region still maps.
-            unsafe { libc::munmap((self.addr + s * PAGE) as *mut libc::c_void, ((p - s) * PAGE) as usize) };
+            unsafe {
+                libc::munmap(
+                    (self.addr + s * PAGE) as *mut libc::c_void,
+                    ((p - s) * PAGE) as usize,
+                )
+            };
         }
     }
 }
 
 impl core::fmt::Debug for Region {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Region").field("addr", &format_args!("{:#x}", self.addr)).field("len", &self.len).field("shared", &self.file.is_some()).finish()
+        f.debug_struct("Region")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("shared", &self.file.is_some())
+            .finish()
     }
 }
 
@@ -702,6 +806,10 @@ pub fn geteuid() -> u32 {
 pub fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }

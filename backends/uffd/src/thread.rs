@@ -26,7 +26,9 @@ pub struct HandlerThread {
 
 impl core::fmt::Debug for HandlerThread {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("HandlerThread").field("running", &self.join.is_some()).finish()
+        f.debug_struct("HandlerThread")
+            .field("running", &self.join.is_some())
+            .finish()
     }
 }
 
@@ -43,17 +45,22 @@ impl UffdMonitor {
         sys::eventfd_clear(self.inner.stop.as_fd());
         let inner = Arc::clone(&self.inner);
         let (up_tx, up_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let spawned = std::thread::Builder::new().name("uffd-monitor".into()).spawn(move || {
-            // Finish thread start-up (and its allocations) before `spawn`
-            // returns: see the fork hazard in `ForkPolicy`.
-            let _ = up_tx.send(());
-            drop(up_tx);
-            run(&inner)
-        });
+        let spawned = std::thread::Builder::new()
+            .name("uffd-monitor".into())
+            .spawn(move || {
+                // Finish thread start-up (and its allocations) before `spawn`
+                // returns: see the fork hazard in `ForkPolicy`.
+                let _ = up_tx.send(());
+                drop(up_tx);
+                run(&inner)
+            });
         match spawned {
             Ok(join) => {
                 let _ = up_rx.recv();
-                Ok(HandlerThread { inner: Arc::clone(&self.inner), join: Some(join) })
+                Ok(HandlerThread {
+                    inner: Arc::clone(&self.inner),
+                    join: Some(join),
+                })
             }
             Err(e) => {
                 self.inner.running.store(false, Ordering::Release);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::{monitor, wait_until, IRec, Rec, P};
 use notifier_core::addr::PageRange;
 use notifier_core::notifier::Event;
-use notifier_uffd::{Advice, Fill, PageBuf, PageFault, RegisterMode, Region, UffdMonitor};
+use notifier_uffd::{Advice, Fill, PageBuf, PageFault, Region, RegisterMode, UffdMonitor};
 
 fn pattern_handler() -> Arc<dyn notifier_uffd::FaultHandler> {
     Arc::new(|f: &PageFault, page: &mut PageBuf| {
@@ -31,7 +31,10 @@ fn setup() -> Option<Setup> {
 }
 
 fn ranges(m: &UffdMonitor) -> Vec<(u64, u64)> {
-    m.registered().iter().map(|r| (r.range.start(), r.range.end())).collect()
+    m.registered()
+        .iter()
+        .map(|r| (r.range.start(), r.range.end()))
+        .collect()
 }
 
 #[test]
@@ -41,12 +44,24 @@ fn munmap_gives_unmap_to_both_kinds_and_cuts_registration() {
     let region = Region::anon(8 * P).unwrap();
     let base = region.addr();
     s.m.register(&region, RegisterMode::MISSING).unwrap();
-    let irec = s.m.notifiers().interval_subscribe(base, 8 * P, IRec::default()).unwrap();
+    let irec =
+        s.m.notifiers()
+            .interval_subscribe(base, 8 * P, IRec::default())
+            .unwrap();
     region.munmap(2 * P, 2 * P).unwrap();
     wait_until("unmap invalidation", || !s.rec.log.lock().is_empty());
-    assert_eq!(*s.rec.log.lock(), vec![(Event::Unmap, base + 2 * P, base + 4 * P)]);
-    assert_eq!(*irec.ops().log.lock(), vec![(Event::Unmap, base + 2 * P, base + 4 * P)]);
-    assert_eq!(ranges(&s.m), vec![(base, base + 2 * P), (base + 4 * P, base + 8 * P)]);
+    assert_eq!(
+        *s.rec.log.lock(),
+        vec![(Event::Unmap, base + 2 * P, base + 4 * P)]
+    );
+    assert_eq!(
+        *irec.ops().log.lock(),
+        vec![(Event::Unmap, base + 2 * P, base + 4 * P)]
+    );
+    assert_eq!(
+        ranges(&s.m),
+        vec![(base, base + 2 * P), (base + 4 * P, base + 8 * P)]
+    );
     assert_eq!(s.m.stats().unmaps, 1);
     // The rest is still served.
     assert_eq!(region.read_u8(5 * P).unwrap(), 0x45);
@@ -63,7 +78,10 @@ fn madvise_dontneed_gives_clear_and_page_is_served_again() {
     region.write(P, &[9]).unwrap();
     region.madvise(P, 2 * P, Advice::DontNeed).unwrap();
     wait_until("remove invalidation", || !s.rec.log.lock().is_empty());
-    assert_eq!(*s.rec.log.lock(), vec![(Event::Clear, base + P, base + 3 * P)]);
+    assert_eq!(
+        *s.rec.log.lock(),
+        vec![(Event::Clear, base + P, base + 3 * P)]
+    );
     // The page was zapped: the next access is a missing fault again.
     assert_eq!(region.read_u8(P).unwrap(), 0x41);
     wait_until("copies counted", || s.m.stats().copies == 2);
@@ -82,7 +100,10 @@ fn madvise_free_gives_clear() {
     region.read_u8(3 * P).unwrap();
     region.madvise(2 * P, 2 * P, Advice::Free).unwrap();
     wait_until("free invalidation", || !s.rec.log.lock().is_empty());
-    assert_eq!(*s.rec.log.lock(), vec![(Event::Clear, base + 2 * P, base + 4 * P)]);
+    assert_eq!(
+        *s.rec.log.lock(),
+        vec![(Event::Clear, base + 2 * P, base + 4 * P)]
+    );
 }
 
 #[test]
@@ -92,11 +113,19 @@ fn madvise_remove_on_memfd_gives_clear() {
     let region = Region::memfd(4 * P).unwrap();
     let base = region.addr();
     s.m.register(&region, RegisterMode::MISSING).unwrap();
-    assert_eq!(region.read_u8(0).unwrap(), 0x40, "shmem missing fault served");
+    assert_eq!(
+        region.read_u8(0).unwrap(),
+        0x40,
+        "shmem missing fault served"
+    );
     region.madvise(0, P, Advice::Remove).unwrap();
     wait_until("remove invalidation", || !s.rec.log.lock().is_empty());
     assert_eq!(*s.rec.log.lock(), vec![(Event::Clear, base, base + P)]);
-    assert_eq!(region.read_u8(0).unwrap(), 0x40, "hole punched: served again");
+    assert_eq!(
+        region.read_u8(0).unwrap(),
+        0x40,
+        "hole punched: served again"
+    );
 }
 
 #[test]
@@ -109,8 +138,14 @@ fn mremap_gives_unmap_of_old_range_and_moves_registration() {
     assert_eq!(region.read_u8(0).unwrap(), 0x40);
     let new = region.mremap_move().unwrap();
     assert_ne!(new, old);
-    wait_until("remap invalidation", || s.m.stats().remaps == 1 && !s.rec.log.lock().is_empty());
-    assert!(s.rec.log.lock().contains(&(Event::Unmap, old, old + 4 * P)), "{:?}", s.rec.log.lock());
+    wait_until("remap invalidation", || {
+        s.m.stats().remaps == 1 && !s.rec.log.lock().is_empty()
+    });
+    assert!(
+        s.rec.log.lock().contains(&(Event::Unmap, old, old + 4 * P)),
+        "{:?}",
+        s.rec.log.lock()
+    );
     assert_eq!(ranges(&s.m), vec![(new, new + 4 * P)]);
     // The moved page kept its contents; an unpopulated one is served with
     // its offset relative to the moved registration.
@@ -127,9 +162,19 @@ fn map_fixed_over_gives_unmap_and_new_memory_is_ordinary() {
     s.m.register(&region, RegisterMode::MISSING).unwrap();
     region.map_fixed_over(2 * P, 2 * P).unwrap();
     wait_until("unmap invalidation", || !s.rec.log.lock().is_empty());
-    assert_eq!(*s.rec.log.lock(), vec![(Event::Unmap, base + 2 * P, base + 4 * P)]);
-    assert_eq!(ranges(&s.m), vec![(base, base + 2 * P), (base + 4 * P, base + 6 * P)]);
-    assert_eq!(region.read_u8(2 * P).unwrap(), 0, "new mapping is not registered");
+    assert_eq!(
+        *s.rec.log.lock(),
+        vec![(Event::Unmap, base + 2 * P, base + 4 * P)]
+    );
+    assert_eq!(
+        ranges(&s.m),
+        vec![(base, base + 2 * P), (base + 4 * P, base + 6 * P)]
+    );
+    assert_eq!(
+        region.read_u8(2 * P).unwrap(),
+        0,
+        "new mapping is not registered"
+    );
     assert_eq!(region.read_u8(4 * P).unwrap(), 0x44);
     wait_until("copy counted", || s.m.stats().copies == 1);
     assert_eq!(s.m.stats().missing_faults, 1);
@@ -141,15 +186,32 @@ fn register_errors_are_typed_and_lose_nothing() {
     let _t = s.m.spawn().unwrap();
     let region = Region::anon(4 * P).unwrap();
     let base = region.addr();
-    s.m.register_range(&region, 0, 2 * P, RegisterMode::MISSING).unwrap();
-    assert!(matches!(s.m.register_range(&region, P, 2 * P, RegisterMode::MISSING), Err(notifier_uffd::UffdError::Overlap { .. })));
-    assert!(matches!(s.m.register_range(&region, 3 * P, 2 * P, RegisterMode::MISSING), Err(notifier_uffd::UffdError::OutsideMapping)));
-    assert!(matches!(s.m.register_range(&region, 100, P, RegisterMode::MISSING), Err(notifier_uffd::UffdError::Range(_))));
+    s.m.register_range(&region, 0, 2 * P, RegisterMode::MISSING)
+        .unwrap();
+    assert!(matches!(
+        s.m.register_range(&region, P, 2 * P, RegisterMode::MISSING),
+        Err(notifier_uffd::UffdError::Overlap { .. })
+    ));
+    assert!(matches!(
+        s.m.register_range(&region, 3 * P, 2 * P, RegisterMode::MISSING),
+        Err(notifier_uffd::UffdError::OutsideMapping)
+    ));
+    assert!(matches!(
+        s.m.register_range(&region, 100, P, RegisterMode::MISSING),
+        Err(notifier_uffd::UffdError::Range(_))
+    ));
     // MINOR is refused on anonymous memory by the kernel.
-    assert!(matches!(s.m.register_range(&region, 2 * P, P, RegisterMode::MINOR), Err(notifier_uffd::UffdError::UnsupportedMode(_))));
-    assert!(matches!(s.m.unregister(PageRange::new(base + P, 2 * P).unwrap()), Err(notifier_uffd::UffdError::NotRegistered { .. })));
+    assert!(matches!(
+        s.m.register_range(&region, 2 * P, P, RegisterMode::MINOR),
+        Err(notifier_uffd::UffdError::UnsupportedMode(_))
+    ));
+    assert!(matches!(
+        s.m.unregister(PageRange::new(base + P, 2 * P).unwrap()),
+        Err(notifier_uffd::UffdError::NotRegistered { .. })
+    ));
     assert_eq!(ranges(&s.m), vec![(base, base + 2 * P)]);
-    s.m.unregister(PageRange::new(base + P, P).unwrap()).unwrap();
+    s.m.unregister(PageRange::new(base + P, P).unwrap())
+        .unwrap();
     assert_eq!(ranges(&s.m), vec![(base, base + P)]);
     // The unregistered page is ordinary memory again.
     assert_eq!(region.read_u8(P).unwrap(), 0);
@@ -162,11 +224,16 @@ fn panicking_subscriber_is_reported_and_nothing_hangs() {
         fn hooks(&self) -> notifier_core::notifier::Hooks {
             notifier_core::notifier::Hooks::START
         }
-        fn invalidate_range_start(&self, _: &notifier_core::notifier::InvalidateRange) -> Result<(), notifier_core::notifier::Again> {
+        fn invalidate_range_start(
+            &self,
+            _: &notifier_core::notifier::InvalidateRange,
+        ) -> Result<(), notifier_core::notifier::Again> {
             panic!("subscriber bug")
         }
     }
-    let Some(m) = monitor(UffdMonitor::builder(), pattern_handler()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), pattern_handler()) else {
+        return;
+    };
     let _bad = m.notifiers().register(Arc::new(Bad)).unwrap();
     let _t = m.spawn().unwrap();
     let region = Region::anon(4 * P).unwrap();
@@ -200,5 +267,6 @@ fn poll_driven_handle_pending_applies_events() {
     assert_eq!(*s.rec.log.lock(), vec![(Event::Clear, base, base + P)]);
     // Nobody drives the monitor any more: unregister before the region is
     // unmapped (munmap would wait for its UNMAP event to be read).
-    s.m.unregister(PageRange::new(base, 4 * P).unwrap()).unwrap();
+    s.m.unregister(PageRange::new(base, 4 * P).unwrap())
+        .unwrap();
 }

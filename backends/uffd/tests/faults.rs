@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use common::{monitor, wait_until, Rec, P};
 use notifier_core::notifier::{Again, Event, Hooks, InvalidateRange, MmuNotifierOps};
-use notifier_uffd::{Advice, FaultError, Fill, OpenPath, PageBuf, PageFault, RegisterMode, Region, UffdMonitor, ZeroHandler};
+use notifier_uffd::{
+    Advice, FaultError, Fill, OpenPath, PageBuf, PageFault, Region, RegisterMode, UffdMonitor,
+    ZeroHandler,
+};
 
 #[test]
 fn missing_fault_is_served_with_the_handlers_bytes_and_offset() {
@@ -22,7 +25,9 @@ fn missing_fault_is_served_with_the_handlers_bytes_and_offset() {
         }
         Ok(Fill::Bytes)
     });
-    let Some(m) = monitor(UffdMonitor::builder(), h) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), h) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let region = Region::anon(4 * P).unwrap();
     let range = m.register(&region, RegisterMode::MISSING).unwrap();
@@ -31,7 +36,13 @@ fn missing_fault_is_served_with_the_handlers_bytes_and_offset() {
     assert_eq!(buf, [35, 36, 37, 38, 39, 40, 41, 42]);
     region.write(3 * P, &[7]).unwrap();
     assert_eq!(region.read_u8(3 * P + 1).unwrap(), 49);
-    assert_eq!(*seen.lock(), vec![(2, region.addr() + 2 * P, false, range), (3, region.addr() + 3 * P, true, range)]);
+    assert_eq!(
+        *seen.lock(),
+        vec![
+            (2, region.addr() + 2 * P, false, range),
+            (3, region.addr() + 3 * P, true, range)
+        ]
+    );
     // Counters are bumped after the fill ioctl woke the faulting thread.
     wait_until("copies counted", || m.stats().copies == 2);
     let st = m.stats();
@@ -40,7 +51,9 @@ fn missing_fault_is_served_with_the_handlers_bytes_and_offset() {
 
 #[test]
 fn zero_answer_maps_the_zero_page() {
-    let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let region = Region::anon(2 * P).unwrap();
     m.register(&region, RegisterMode::MISSING).unwrap();
@@ -55,7 +68,9 @@ fn zero_answer_maps_the_zero_page() {
 
 #[test]
 fn minor_fault_on_memfd_is_served_with_continue() {
-    let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let region = Region::memfd(4 * P).unwrap();
     let alias = region.alias().unwrap();
@@ -78,23 +93,37 @@ fn write_protect_announces_soft_dirty_and_logs_written_pages() {
         page.fill(f.pgoff as u8);
         Ok(Fill::Bytes)
     });
-    let Some(m) = monitor(UffdMonitor::builder(), h) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), h) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let rec = Arc::new(Rec::default());
     let _r = m.notifiers().register(rec.clone()).unwrap();
     let region = Region::anon(8 * P).unwrap();
-    let range = m.register(&region, RegisterMode::MISSING | RegisterMode::WP).unwrap();
+    let range = m
+        .register(&region, RegisterMode::MISSING | RegisterMode::WP)
+        .unwrap();
     for p in 0..8 {
         region.read_u8(p * P).unwrap();
     }
     m.write_protect(range).unwrap();
-    assert_eq!(*rec.log.lock(), vec![(Event::SoftDirty, range.start(), range.end())]);
+    assert_eq!(
+        *rec.log.lock(),
+        vec![(Event::SoftDirty, range.start(), range.end())]
+    );
     region.write(P + 10, &[0xEE]).unwrap();
     region.write(5 * P, &[0xDD, 0xDC]).unwrap();
     region.write(5 * P + 100, &[0xDB]).unwrap();
     assert_eq!(region.read_u8(6 * P).unwrap(), 6, "reads do not dirty");
-    assert_eq!(m.take_dirty(range), vec![range.start() + P, range.start() + 5 * P]);
-    assert_eq!(m.take_dirty(range), Vec::<u64>::new(), "the log is read once");
+    assert_eq!(
+        m.take_dirty(range),
+        vec![range.start() + P, range.start() + 5 * P]
+    );
+    assert_eq!(
+        m.take_dirty(range),
+        Vec::<u64>::new(),
+        "the log is read once"
+    );
     assert_eq!(region.read_u8(P + 10).unwrap(), 0xEE);
     wait_until("wp faults counted", || m.stats().wp_faults == 2);
     // Re-arming catches the next write of the same page.
@@ -104,7 +133,10 @@ fn write_protect_announces_soft_dirty_and_logs_written_pages() {
     // Only WP-registered ranges can be tracked.
     let other = Region::anon(P).unwrap();
     let r2 = m.register(&other, RegisterMode::MISSING).unwrap();
-    assert!(matches!(m.write_protect(r2), Err(notifier_uffd::UffdError::NotRegistered { .. })));
+    assert!(matches!(
+        m.write_protect(r2),
+        Err(notifier_uffd::UffdError::NotRegistered { .. })
+    ));
 }
 
 /// Counts REMOVE invalidations; the handler serves the count it has seen.
@@ -130,9 +162,14 @@ fn remove_racing_faults_on_the_same_page_is_applied_before_later_faults() {
         page[..8].copy_from_slice(&a2.load(Ordering::SeqCst).to_le_bytes());
         Ok(Fill::Bytes)
     });
-    let Some(m) = monitor(UffdMonitor::builder(), h) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), h) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
-    let _sub = m.notifiers().register(Arc::new(Removes(applied.clone()))).unwrap();
+    let _sub = m
+        .notifiers()
+        .register(Arc::new(Removes(applied.clone())))
+        .unwrap();
     let region = Region::anon(2 * P).unwrap();
     m.register(&region, RegisterMode::MISSING).unwrap();
     let read = |r: &Region| {
@@ -154,13 +191,20 @@ fn remove_racing_faults_on_the_same_page_is_applied_before_later_faults() {
             // This fault happens after REMOVE k was raised: it must be served
             // by a handler that already saw REMOVE k applied.
             let v = read(&region);
-            assert!(v >= k, "round {k}: fault served with {v} before REMOVE {k} was applied");
+            assert!(
+                v >= k,
+                "round {k}: fault served with {v} before REMOVE {k} was applied"
+            );
         }
         stop.store(1, Ordering::Relaxed);
     });
     let st = m.stats();
     assert_eq!(st.removes, ROUNDS);
-    assert_eq!(applied.load(Ordering::SeqCst) + st.coalesced, ROUNDS, "every REMOVE invalidated (merged ones once)");
+    assert_eq!(
+        applied.load(Ordering::SeqCst) + st.coalesced,
+        ROUNDS,
+        "every REMOVE invalidated (merged ones once)"
+    );
     assert_eq!(st.sigbus, 0);
     eprintln!("race stats: {st:?}");
 }
@@ -175,7 +219,9 @@ fn failing_handler_poisons_the_page_for_a_kernel_mode_access() {
         page.fill(0x11);
         Ok(Fill::Bytes)
     });
-    let Some(m) = monitor(UffdMonitor::builder(), h) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), h) else {
+        return;
+    };
     if m.open_path() != OpenPath::Device {
         eprintln!("SKIP: kernel-mode faults need /dev/userfaultfd");
         return;

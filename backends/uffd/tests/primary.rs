@@ -6,9 +6,13 @@ use std::sync::Arc;
 
 use common::{monitor, P};
 use notifier_core::frame::{FrameError, Pfn};
-use notifier_core::notifier::{Again, Event, IntervalNotifier, IntervalNotifierOps, InvalidateRange};
+use notifier_core::notifier::{
+    Again, Event, IntervalNotifier, IntervalNotifierOps, InvalidateRange,
+};
 use notifier_core::primary::{Primary, PrimaryFault};
-use notifier_uffd::{Advice, FaultError, Fill, PageBuf, PageFault, RegisterMode, Region, UffdMonitor, UffdPrimary};
+use notifier_uffd::{
+    Advice, FaultError, Fill, PageBuf, PageFault, Region, RegisterMode, UffdMonitor, UffdPrimary,
+};
 use parking_lot::Mutex;
 
 fn handler() -> Arc<dyn notifier_uffd::FaultHandler> {
@@ -23,7 +27,9 @@ fn handler() -> Arc<dyn notifier_uffd::FaultHandler> {
 
 #[test]
 fn fault_page_populates_and_translates_to_the_virtual_page() {
-    let Some(m) = monitor(UffdMonitor::builder(), handler()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), handler()) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let prim = UffdPrimary::new(&m).unwrap();
     let region = Region::anon(8 * P).unwrap();
@@ -42,15 +48,23 @@ fn fault_page_populates_and_translates_to_the_virtual_page() {
     region.read(3 * P + 8, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 0xfeee);
     // Errors are typed.
-    assert_eq!(prim.fault_page(region.addr() + 7 * P, false), Err(PrimaryFault::Bus(region.addr() + 7 * P)));
+    assert_eq!(
+        prim.fault_page(region.addr() + 7 * P, false),
+        Err(PrimaryFault::Bus(region.addr() + 7 * P))
+    );
     assert!(m.last_error().unwrap().contains("page 7"));
-    assert_eq!(prim.fault_page(0x1000, false), Err(PrimaryFault::NoMapping(0x1000)));
+    assert_eq!(
+        prim.fault_page(0x1000, false),
+        Err(PrimaryFault::NoMapping(0x1000))
+    );
     assert!(Arc::ptr_eq(prim.notifiers(), m.notifiers()));
 }
 
 #[test]
 fn real_memory_frame_store_contract() {
-    let Some(m) = monitor(UffdMonitor::builder(), handler()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), handler()) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let prim = UffdPrimary::new(&m).unwrap();
     let region = Region::anon(2 * P).unwrap();
@@ -61,8 +75,14 @@ fn real_memory_frame_store_contract() {
     assert!(!f.pfn_valid(Pfn(pfn.0 + 2)));
     assert_eq!(f.alloc(), Err(FrameError::OutOfMemory));
     assert_eq!(f.allocated(), 0);
-    assert_eq!(f.load(Pfn(pfn.0 + 2), 0), Err(FrameError::InvalidPfn(pfn.0 + 2)));
-    assert_eq!(f.load(pfn, 4), Err(FrameError::OutOfBounds { offset: 4, len: 8 }));
+    assert_eq!(
+        f.load(Pfn(pfn.0 + 2), 0),
+        Err(FrameError::InvalidPfn(pfn.0 + 2))
+    );
+    assert_eq!(
+        f.load(pfn, 4),
+        Err(FrameError::OutOfBounds { offset: 4, len: 8 })
+    );
     // A load of a missing page faults it in through the handler.
     assert_eq!(f.load(Pfn(pfn.0 + 1), 0).unwrap(), 0x1001);
     f.write(pfn, 100, b"real bytes").unwrap();
@@ -73,11 +93,15 @@ fn real_memory_frame_store_contract() {
 
 #[test]
 fn write_fault_on_tracked_page_upgrades_and_logs_dirty() {
-    let Some(m) = monitor(UffdMonitor::builder(), handler()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), handler()) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let prim = UffdPrimary::new(&m).unwrap();
     let region = Region::anon(4 * P).unwrap();
-    let range = m.register(&region, RegisterMode::MISSING | RegisterMode::WP).unwrap();
+    let range = m
+        .register(&region, RegisterMode::MISSING | RegisterMode::WP)
+        .unwrap();
     let a = region.addr() + P;
     prim.fault_page(a, true).unwrap();
     m.write_protect(range).unwrap();
@@ -97,7 +121,12 @@ struct Mirror {
 }
 
 impl IntervalNotifierOps for Mirror {
-    fn invalidate(&self, sub: &IntervalNotifier, r: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        r: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         let mut t = self.table.lock();
         sub.set_seq(cur_seq);
         let gone: Vec<u64> = t.range(r.start..r.end).map(|(k, _)| *k).collect();
@@ -111,13 +140,25 @@ impl IntervalNotifierOps for Mirror {
 
 #[test]
 fn a_mirror_fed_by_the_monitor_drops_entries_on_remove_and_unmap() {
-    let Some(m) = monitor(UffdMonitor::builder(), handler()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder(), handler()) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let prim = UffdPrimary::new(&m).unwrap();
     let region = Region::anon(4 * P).unwrap();
     let base = region.addr();
     m.register(&region, RegisterMode::MISSING).unwrap();
-    let sub = m.notifiers().interval_subscribe(base, 4 * P, Mirror { table: Mutex::default(), events: Mutex::default() }).unwrap();
+    let sub = m
+        .notifiers()
+        .interval_subscribe(
+            base,
+            4 * P,
+            Mirror {
+                table: Mutex::default(),
+                events: Mutex::default(),
+            },
+        )
+        .unwrap();
     let map = |addr: u64| loop {
         let seq = sub.read_begin();
         let t = prim.fault_page(addr, false).unwrap();
@@ -137,8 +178,17 @@ fn a_mirror_fed_by_the_monitor_drops_entries_on_remove_and_unmap() {
     assert!(!sub.ops().table.lock().contains_key(&(base + P)));
     region.munmap(2 * P, 2 * P).unwrap();
     common::wait_until("unmap seen", || sub.ops().events.lock().len() == 2);
-    assert_eq!(*sub.ops().events.lock(), vec![(Event::Clear, base + P, base + 2 * P), (Event::Unmap, base + 2 * P, base + 4 * P)]);
-    assert_eq!(sub.ops().table.lock().keys().copied().collect::<Vec<_>>(), vec![base]);
+    assert_eq!(
+        *sub.ops().events.lock(),
+        vec![
+            (Event::Clear, base + P, base + 2 * P),
+            (Event::Unmap, base + 2 * P, base + 4 * P)
+        ]
+    );
+    assert_eq!(
+        sub.ops().table.lock().keys().copied().collect::<Vec<_>>(),
+        vec![base]
+    );
     // The mirror's remaining entry still reads the real bytes.
     assert_eq!(prim.frames().load(Pfn(base >> 12), 0).unwrap(), 0x1000);
 }

@@ -11,7 +11,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{monitor, wait_until, P};
-use notifier_uffd::{run_in_child, ChildExit, FaultError, Fill, ForkPolicy, HandlerThread, OpenPath, PageBuf, PageFault, RegisterMode, Region, UffdMonitor};
+use notifier_uffd::{
+    run_in_child, ChildExit, FaultError, Fill, ForkPolicy, HandlerThread, OpenPath, PageBuf,
+    PageFault, Region, RegisterMode, UffdMonitor,
+};
 use parking_lot::Mutex;
 
 static FORK: Mutex<()> = Mutex::new(());
@@ -37,7 +40,9 @@ fn unprivileged_body() -> i32 {
         return 11;
     }
     let Ok(_t) = m.spawn() else { return 12 };
-    let Ok(region) = Region::anon(4 * P) else { return 13 };
+    let Ok(region) = Region::anon(4 * P) else {
+        return 13;
+    };
     if m.register(&region, RegisterMode::MISSING).is_err() {
         return 14;
     }
@@ -70,7 +75,11 @@ fn unprivileged_user_mode_only_serves_a_fault() {
         unprivileged_body()
     })
     .unwrap();
-    assert_eq!(exit, ChildExit::Exited(0), "child as uid 65534 (10..15: step that failed)");
+    assert_eq!(
+        exit,
+        ChildExit::Exited(0),
+        "child as uid 65534 (10..15: step that failed)"
+    );
 }
 
 #[test]
@@ -80,10 +89,18 @@ fn failing_handler_kills_the_faulting_thread_with_sigbus() {
         return;
     }
     let exit = run_in_child(|| {
-        let h = Arc::new(|_: &PageFault, _: &mut PageBuf| -> Result<Fill, FaultError> { Err(FaultError("backing store lost".into())) });
-        let Ok(m) = UffdMonitor::builder().build(h) else { return 30 };
+        let h = Arc::new(
+            |_: &PageFault, _: &mut PageBuf| -> Result<Fill, FaultError> {
+                Err(FaultError("backing store lost".into()))
+            },
+        );
+        let Ok(m) = UffdMonitor::builder().build(h) else {
+            return 30;
+        };
         let Ok(_t) = m.spawn() else { return 31 };
-        let Ok(region) = Region::anon(P) else { return 32 };
+        let Ok(region) = Region::anon(P) else {
+            return 32;
+        };
         if m.register(&region, RegisterMode::MISSING).is_err() {
             return 33;
         }
@@ -103,10 +120,16 @@ fn panicking_handler_kills_the_faulting_thread_with_sigbus() {
     }
     let exit = run_in_child(|| {
         std::panic::set_hook(Box::new(|_| {}));
-        let h = Arc::new(|_: &PageFault, _: &mut PageBuf| -> Result<Fill, FaultError> { panic!("handler bug") });
-        let Ok(m) = UffdMonitor::builder().build(h) else { return 40 };
+        let h = Arc::new(
+            |_: &PageFault, _: &mut PageBuf| -> Result<Fill, FaultError> { panic!("handler bug") },
+        );
+        let Ok(m) = UffdMonitor::builder().build(h) else {
+            return 40;
+        };
         let Ok(_t) = m.spawn() else { return 41 };
-        let Ok(region) = Region::anon(P) else { return 42 };
+        let Ok(region) = Region::anon(P) else {
+            return 42;
+        };
         if m.register(&region, RegisterMode::MISSING).is_err() {
             return 43;
         }
@@ -120,7 +143,12 @@ fn panicking_handler_kills_the_faulting_thread_with_sigbus() {
 #[test]
 fn fork_refused_child_gets_ordinary_memory() {
     let _g = FORK.lock();
-    let Some(m) = monitor(UffdMonitor::builder().fork_policy(ForkPolicy::Refuse), fill_ab()) else { return };
+    let Some(m) = monitor(
+        UffdMonitor::builder().fork_policy(ForkPolicy::Refuse),
+        fill_ab(),
+    ) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let region = Region::anon(2 * P).unwrap();
     m.register(&region, RegisterMode::MISSING).unwrap();
@@ -148,7 +176,9 @@ fn fork_handoff_gives_the_child_its_own_monitor() {
         let t = child.spawn().expect("spawn child monitor");
         c2.lock().push((child, t));
     }));
-    let Some(m) = monitor(UffdMonitor::builder().fork_policy(policy), fill_ab()) else { return };
+    let Some(m) = monitor(UffdMonitor::builder().fork_policy(policy), fill_ab()) else {
+        return;
+    };
     let _t = m.spawn().unwrap();
     let region = Region::anon(2 * P).unwrap();
     m.register(&region, RegisterMode::MISSING).unwrap();
@@ -162,7 +192,11 @@ fn fork_handoff_gives_the_child_its_own_monitor() {
     wait_until("child monitor", || !children.lock().is_empty());
     let kids = children.lock();
     let (child, _) = &kids[0];
-    assert_eq!(child.registered(), m.registered(), "the child starts with the parent's registrations");
+    assert_eq!(
+        child.registered(),
+        m.registered(),
+        "the child starts with the parent's registrations"
+    );
     wait_until("child fault counted", || child.stats().copies == 1);
     assert_eq!(m.stats().forks, 1);
     assert_eq!(m.stats().copies, 0, "the parent served nothing");

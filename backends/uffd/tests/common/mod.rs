@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notifier_core::notifier::{Again, Event, Hooks, IntervalNotifier, IntervalNotifierOps, InvalidateRange, MmuNotifierOps};
+use notifier_core::notifier::{
+    Again, Event, Hooks, IntervalNotifier, IntervalNotifierOps, InvalidateRange, MmuNotifierOps,
+};
 use notifier_uffd::{FaultHandler, MonitorBuilder, UffdMonitor};
 use parking_lot::Mutex;
 
@@ -15,7 +17,9 @@ pub const P: u64 = 4096;
 pub fn monitor(b: MonitorBuilder, h: Arc<dyn FaultHandler>) -> Option<UffdMonitor> {
     match b.build(h) {
         Ok(m) => Some(m),
-        Err(e) if notifier_uffd::uffd_required() => panic!("userfaultfd required but unavailable: {e}"),
+        Err(e) if notifier_uffd::uffd_required() => {
+            panic!("userfaultfd required but unavailable: {e}")
+        }
         Err(e) => {
             eprintln!("SKIP: userfaultfd unavailable: {e}");
             None
@@ -27,7 +31,10 @@ pub fn monitor(b: MonitorBuilder, h: Arc<dyn FaultHandler>) -> Option<UffdMonito
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
     while !cond() {
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -55,7 +62,12 @@ pub struct IRec {
 }
 
 impl IntervalNotifierOps for IRec {
-    fn invalidate(&self, sub: &IntervalNotifier, r: &InvalidateRange, cur_seq: u64) -> Result<(), Again> {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        r: &InvalidateRange,
+        cur_seq: u64,
+    ) -> Result<(), Again> {
         let mut log = self.log.lock();
         sub.set_seq(cur_seq);
         log.push((r.event, r.start, r.end));
