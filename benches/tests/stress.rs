@@ -18,6 +18,7 @@ fn cfg(seconds: f64, inject: Option<Inject>) -> StressConfig {
         mirrors: 2,
         ops_per_sec: 50_000,
         fault_delay: 0,
+        flush_at_end: false,
     }
 }
 
@@ -57,6 +58,20 @@ fn a_clean_run_with_a_slow_fault_path_still_finds_nothing() {
         "the widened window must produce collisions: {}",
         r.table()
     );
+}
+
+#[test]
+fn end_flushing_mirrors_are_clean_while_frames_outlive_the_bracket() {
+    let r = run(
+        &StressConfig {
+            flush_at_end: true,
+            ..cfg(1.5, None)
+        },
+        &quiet,
+    )
+    .unwrap();
+    assert_eq!(r.violations, 0, "{}", r.first_violations.join("\n"));
+    assert!(r.accesses > 10_000, "{}", r.table());
 }
 
 #[test]

@@ -71,6 +71,9 @@ struct StressArgs {
     /// the sequence protocol guards (a correct run still finds nothing).
     #[arg(long, default_value_t = 0)]
     fault_delay: u32,
+    /// Mirrors flush TLBs at the bracket's end (checked for frame liveness).
+    #[arg(long)]
+    flush_at_end: bool,
     /// Break the protocol on purpose: the run must then find violations.
     #[arg(long, value_enum)]
     inject: Option<Inject>,
@@ -185,6 +188,7 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
             mirrors: a.mirrors,
             ops_per_sec: a.ops_per_sec,
             fault_delay: a.fault_delay,
+            flush_at_end: a.flush_at_end,
         },
     };
     if let Err(e) = stress::preflight(&cfg) {

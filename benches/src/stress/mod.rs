@@ -161,6 +161,11 @@ pub struct StressConfig {
     /// sequence protocol guards; a correct run stays at zero violations).
     #[serde(default)]
     pub fault_delay: u32,
+    /// Mirrors flush device TLBs at the bracket's end (an IOMMU that
+    /// batches), checked by the oracle's liveness mode, with a device that
+    /// keeps working while brackets end. Implied by `free-before-end`.
+    #[serde(default)]
+    pub flush_at_end: bool,
 }
 
 impl StressConfig {

@@ -86,6 +86,36 @@ impl IntervalNotifierOps for Idle {
     }
 }
 
+/// A device that keeps working while a bracket ends: at each
+/// `invalidate_range_end` (registered before the mirrors' end flushers, so
+/// it runs first) it reads the range's pages through its TLBs without
+/// faulting. With end-flushing mirrors that is legitimate exactly as long
+/// as the primary frees no frame before the end — the invariant
+/// `free-before-end` breaks.
+struct DeviceAtEnd {
+    mirrors: std::sync::OnceLock<Vec<Arc<Mirror<Mm, Va>>>>,
+}
+
+impl notifier_core::notifier::MmuNotifierOps for DeviceAtEnd {
+    fn hooks(&self) -> notifier_core::notifier::Hooks {
+        notifier_core::notifier::Hooks::END
+    }
+    fn invalidate_range_end(&self, r: &InvalidateRange) {
+        let Some(mirrors) = self.mirrors.get() else {
+            return;
+        };
+        let start = r.start.max(ARENA);
+        let end = r.end.min(END).min(start + 8 * PAGE_SIZE);
+        for m in mirrors {
+            let mut a = start;
+            while a < end {
+                let _ = m.try_access(0, a, false, |f, pfn| f.load(pfn, 0));
+                a += PAGE_SIZE;
+            }
+        }
+    }
+}
+
 /// Counters shared by the threads (progress and totals).
 #[derive(Default)]
 pub struct Counters {
@@ -106,10 +136,11 @@ pub struct SoftWorld {
     /// The oracle.
     pub oracle: Arc<Oracle>,
     /// The mirrors.
-    pub mirrors: Vec<Mirror<Mm, Va>>,
+    pub mirrors: Vec<Arc<Mirror<Mm, Va>>>,
     special: Arc<SpecialMapping>,
     file: Arc<notifier_core::mm::FileObj>,
     _idle: Vec<IntervalSubscription<Idle>>,
+    _slow_end: Option<notifier_core::notifier::MmuNotifier>,
     /// Shared counters.
     pub counters: Counters,
     devices: usize,
@@ -130,7 +161,8 @@ impl SoftWorld {
     /// `devices` devices) and `subscriptions` idle interval subscriptions.
     pub fn new(cfg: &StressConfig, devices: usize, kinds: DeviceKinds) -> Result<Self, String> {
         let heap = HeapFrames::new(0x1000, FRAMES);
-        let (mm, oracle) = if cfg.inject == Some(Inject::FreeBeforeEnd) {
+        let at_end = cfg.flush_at_end || cfg.inject == Some(Inject::FreeBeforeEnd);
+        let (mm, oracle) = if at_end {
             // Liveness mode: mirrors flush at the bracket's end, which is
             // safe only while frames outlive the bracket.
             let tracked = Arc::new(TrackedFrames::new(heap, 0x1000, FRAMES));
@@ -185,7 +217,23 @@ impl SoftWorld {
         )
         .map_err(|x| e("special mapping", &x))?;
 
-        let flush = if cfg.inject == Some(Inject::FreeBeforeEnd) {
+        // With end-flushing mirrors, a device that works during the
+        // bracket's end (registered before the mirrors, so its end runs
+        // first) falls into the window between "frames freed" and "TLBs
+        // flushed" when the primary frees early.
+        let at_end_device = Arc::new(DeviceAtEnd {
+            mirrors: std::sync::OnceLock::new(),
+        });
+        let slow_end = if at_end {
+            Some(
+                mm.notifiers()
+                    .register(at_end_device.clone())
+                    .map_err(|x| e("device at end", &x))?,
+            )
+        } else {
+            None
+        };
+        let flush = if at_end {
             FlushPolicy::AtEnd
         } else {
             FlushPolicy::InCallback
@@ -221,8 +269,9 @@ impl SoftWorld {
                 Some(Inject::LateFlush) => m.inject().set_flush_after_end(true),
                 _ => {}
             }
-            mirrors.push(m);
+            mirrors.push(Arc::new(m));
         }
+        let _ = at_end_device.mirrors.set(mirrors.clone());
         if cfg.inject == Some(Inject::FreeBeforeEnd) {
             mm.inject().set_free_before_end(true);
         }
@@ -269,6 +318,7 @@ impl SoftWorld {
             special,
             file,
             _idle: idle,
+            _slow_end: slow_end,
             counters: Counters::default(),
             devices,
             nics,

@@ -660,6 +660,44 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             .map_err(MirrorError::from)
     }
 
+    /// A device access that does not fault: like [`Self::access`] when the
+    /// TLB or the external table has a translation with the permission,
+    /// `Ok(None)` otherwise. Safe to call where faulting in the primary is
+    /// not (from inside a notifier callback, for instance).
+    ///
+    /// # Locking
+    /// Takes device `dev`'s lock only.
+    pub fn try_access<R>(
+        &self,
+        dev: usize,
+        addr: u64,
+        write: bool,
+        op: impl FnOnce(&dyn FrameStore, Pfn) -> R,
+    ) -> Result<Option<R>, MirrorError> {
+        let page = self.check_addr(addr)?;
+        let sh = self.sub.0.ops();
+        let dev_lock = sh.devices.get(dev).ok_or(MirrorError::NoDevice(dev))?;
+        let ext = sh.ext(page);
+        let mut d = dev_lock.lock();
+        let hit = match d.tlb.lookup(ext) {
+            Some(e) => Some((e.pfn, e.perm)),
+            None => sh.ept.lookup(A::from_raw(ext)).map(|e| {
+                d.tlb.fill(ext, e.pfn, e.perm);
+                (e.pfn, e.perm)
+            }),
+        };
+        match hit {
+            Some((pfn, perm)) if perm.allows(write) => {
+                if let Some(c) = &sh.check {
+                    c.check_access(dev, page, pfn, write);
+                }
+                d.accesses += 1;
+                Ok(Some(op(self.primary.frames(), pfn)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Translate `addr` through device `dev`'s TLB and the external table
     /// only (no fault, no check): what a device's address-translation unit
     /// does before it decides to fault.
