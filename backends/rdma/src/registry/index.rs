@@ -65,7 +65,7 @@ impl StartHash {
     }
 
     /// The slot of the region starting at `page`.
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn get(&self, page: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
         let h = mix(page);
         let t = tag(h);
@@ -76,6 +76,27 @@ impl StartHash {
                 return None;
             }
             if b & !SLOT_MASK == t && key_of(b & SLOT_MASK) == page {
+                return Some(b & SLOT_MASK);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// The first slot in `page`'s probe run whose tag matches: the region
+    /// starting at `page` if the caller's check of its start agrees (a
+    /// different region in 1 of 256 probes of a present key, when the
+    /// caller should fall back to [`Self::get`] or another index).
+    #[inline(always)]
+    pub(crate) fn candidate(&self, page: u64) -> Option<u32> {
+        let h = mix(page);
+        let t = tag(h);
+        let mut i = home(h, self.mask);
+        loop {
+            let b = self.buckets[i];
+            if b == EMPTY {
+                return None;
+            }
+            if b & !SLOT_MASK == t {
                 return Some(b & SLOT_MASK);
             }
             i = (i + 1) & self.mask;

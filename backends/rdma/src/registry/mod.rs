@@ -428,14 +428,14 @@ impl<N: Provider> Registry<N> {
             && (start | len) & (PAGE_SIZE - 1) == 0
             && access.validate()
         {
-            let hot = &self.hot;
-            let found = self.hash.get(start >> PAGE_SHIFT, |s| {
-                hot[s as usize].start_bits >> PAGE_SHIFT
-            });
-            if let Some(slot) = found {
-                // The hash holds cached regions only, keyed by their start.
+            // The hash holds cached regions only, keyed by their start; a
+            // candidate of another start (a tag collision) takes the slow path.
+            if let Some(slot) = self.hash.candidate(start >> PAGE_SHIFT) {
                 let x = &mut self.hot[slot as usize];
-                if len >> PAGE_SHIFT <= u64::from(x.pages) && x.access().contains(access) {
+                if x.start_bits & !(PAGE_SIZE - 1) == start
+                    && len >> PAGE_SHIFT <= u64::from(x.pages)
+                    && x.access().contains(access)
+                {
                     self.tick = self.tick.wrapping_add(1);
                     x.refs += 1;
                     self.ticks[slot as usize] = self.tick;
