@@ -1,37 +1,49 @@
 //! The hit-path index: an open-addressing hash from a cached region's
 //! first page to its slot (linear probing, backward-shift deletion, load at
-//! most 3/4, 16-byte buckets).
+//! most 3/4), whose buckets are 4-byte tagged slot numbers.
 //!
-//! It holds exactly the cached (live, indexed) regions, keyed by start, so
-//! a `get` whose start is a region's start finds its slot in one probe and
-//! everything for the handle in the slot's 32-byte hot record, which the
-//! reference count update touches anyway; other starts fall back to the
-//! ordered index.
+//! It holds the cached (live, indexed) regions, keyed by start, so a `get`
+//! whose start is a region's start finds its slot in one probe; the key
+//! itself is not stored: the slot's hot record holds the region's start,
+//! which the hit reads anyway (for the handle and the reference count), and
+//! an 8-bit tag of the key's hash in each bucket makes a probe of another
+//! key's bucket skip that read 255 times in 256. Other starts fall back to
+//! the ordered index.
+//!
+//! The hash is an accelerator: a region whose slot does not fit the 24 bits
+//! of a bucket is simply not hashed, and its `get`s take the slow path.
 
-const EMPTY: u64 = u64::MAX;
+/// A bucket: `tag << 24 | slot`; `EMPTY` is never a valid bucket.
+const EMPTY: u32 = u32::MAX;
+const SLOT_BITS: u32 = 24;
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 
-/// A cached region's slot.
-pub(crate) type Hit = u32;
+/// Largest slot the hash can hold (exclusive): slot `SLOT_MASK` with tag
+/// 0xff would be `EMPTY`.
+pub(crate) const MAX_SLOT: u32 = SLOT_MASK;
 
-#[derive(Clone, Copy)]
-struct Bucket {
-    page: u64,
-    hit: Hit,
-}
-
-const NO_HIT: Hit = 0;
-
-/// Page-keyed hash of indexed regions.
+/// Page-keyed hash of indexed regions. Every method that needs the key of
+/// a stored slot takes `key_of(slot)`, the region start page of that slot.
 pub(crate) struct StartHash {
-    buckets: Box<[Bucket]>,
+    buckets: Box<[u32]>,
     mask: usize,
     len: usize,
 }
 
-#[inline]
-fn home(page: u64, mask: usize) -> usize {
+#[inline(always)]
+fn mix(page: u64) -> u64 {
     // Fibonacci hashing: the high bits of the product are well mixed.
-    (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & mask
+    page.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[inline(always)]
+fn home(h: u64, mask: usize) -> usize {
+    (h >> 32) as usize & mask
+}
+
+#[inline(always)]
+fn tag(h: u64) -> u32 {
+    ((h >> 56) as u32) << SLOT_BITS
 }
 
 impl StartHash {
@@ -41,14 +53,7 @@ impl StartHash {
 
     fn with_buckets(n: usize) -> Self {
         Self {
-            buckets: vec![
-                Bucket {
-                    page: EMPTY,
-                    hit: NO_HIT
-                };
-                n
-            ]
-            .into_boxed_slice(),
+            buckets: vec![EMPTY; n].into_boxed_slice(),
             mask: n - 1,
             len: 0,
         }
@@ -56,64 +61,97 @@ impl StartHash {
 
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.buckets.len() * core::mem::size_of::<Bucket>()
+        self.buckets.len() * core::mem::size_of::<u32>()
     }
 
-    /// The region starting at `page`.
-    #[inline(always)]
-    pub(crate) fn get(&self, page: u64) -> Option<&Hit> {
-        let mut i = home(page, self.mask);
+    /// The slot of the region starting at `page`.
+    #[cfg(test)]
+    pub(crate) fn get(&self, page: u64, key_of: impl Fn(u32) -> u64) -> Option<u32> {
+        let h = mix(page);
+        let t = tag(h);
+        let mut i = home(h, self.mask);
         loop {
-            let b = &self.buckets[i];
-            if b.page == page {
-                return Some(&b.hit);
-            }
-            if b.page == EMPTY {
+            let b = self.buckets[i];
+            if b == EMPTY {
                 return None;
+            }
+            if b & !SLOT_MASK == t && key_of(b & SLOT_MASK) == page {
+                return Some(b & SLOT_MASK);
             }
             i = (i + 1) & self.mask;
         }
     }
 
-    /// Insert or replace.
-    pub(crate) fn insert(&mut self, page: u64, hit: Hit) {
-        debug_assert_ne!(page, EMPTY);
-        if (self.len + 1) * 4 > self.buckets.len() * 3 {
-            self.grow();
-        }
-        let mut i = home(page, self.mask);
+    /// The first slot in `page`'s probe run whose tag matches: the region
+    /// starting at `page` if the caller's check of its start agrees (a
+    /// different region in 1 of 256 probes of a present key, when the
+    /// caller should fall back to [`Self::get`] or another index).
+    #[inline(always)]
+    pub(crate) fn candidate(&self, page: u64) -> Option<u32> {
+        let h = mix(page);
+        let t = tag(h);
+        let mut i = home(h, self.mask);
         loop {
-            let b = &mut self.buckets[i];
-            if b.page == page {
-                b.hit = hit;
-                return;
+            let b = self.buckets[i];
+            if b == EMPTY {
+                return None;
             }
-            if b.page == EMPTY {
-                *b = Bucket { page, hit };
+            if b & !SLOT_MASK == t {
+                return Some(b & SLOT_MASK);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Insert `slot` (below [`MAX_SLOT`]) under `page`, or replace the slot
+    /// stored under it.
+    pub(crate) fn insert(&mut self, page: u64, slot: u32, key_of: impl Fn(u32) -> u64) {
+        debug_assert!(slot < MAX_SLOT);
+        if (self.len + 1) * 4 > self.buckets.len() * 3 {
+            self.resize(self.buckets.len() * 2, &key_of);
+        }
+        let h = mix(page);
+        let t = tag(h);
+        let mut i = home(h, self.mask);
+        loop {
+            let b = self.buckets[i];
+            if b == EMPTY {
+                self.buckets[i] = t | slot;
                 self.len += 1;
                 return;
             }
+            if b & !SLOT_MASK == t && key_of(b & SLOT_MASK) == page {
+                self.buckets[i] = t | slot;
+                return;
+            }
             i = (i + 1) & self.mask;
         }
     }
 
-    fn grow(&mut self) {
-        let mut bigger = Self::with_buckets(self.buckets.len() * 2);
-        for b in self.buckets.iter().filter(|b| b.page != EMPTY) {
-            bigger.insert(b.page, b.hit);
+    /// Rebuild with `n` buckets (keys are distinct: plain placement).
+    fn resize(&mut self, n: usize, key_of: &impl Fn(u32) -> u64) {
+        let old = core::mem::replace(&mut self.buckets, vec![EMPTY; n].into_boxed_slice());
+        self.mask = n - 1;
+        for b in old.iter().copied().filter(|&b| b != EMPTY) {
+            let mut i = home(mix(key_of(b & SLOT_MASK)), self.mask);
+            while self.buckets[i] != EMPTY {
+                i = (i + 1) & self.mask;
+            }
+            self.buckets[i] = b;
         }
-        *self = bigger;
     }
 
     /// Remove `page` if present.
-    pub(crate) fn remove(&mut self, page: u64) {
-        let mut i = home(page, self.mask);
+    pub(crate) fn remove(&mut self, page: u64, key_of: impl Fn(u32) -> u64) {
+        let h = mix(page);
+        let t = tag(h);
+        let mut i = home(h, self.mask);
         loop {
             let b = self.buckets[i];
-            if b.page == EMPTY {
+            if b == EMPTY {
                 return;
             }
-            if b.page == page {
+            if b & !SLOT_MASK == t && key_of(b & SLOT_MASK) == page {
                 break;
             }
             i = (i + 1) & self.mask;
@@ -124,10 +162,10 @@ impl StartHash {
         loop {
             j = (j + 1) & self.mask;
             let b = self.buckets[j];
-            if b.page == EMPTY {
+            if b == EMPTY {
                 break;
             }
-            let k = home(b.page, self.mask);
+            let k = home(mix(key_of(b & SLOT_MASK)), self.mask);
             let stays = if i <= j {
                 i < k && k <= j
             } else {
@@ -139,14 +177,10 @@ impl StartHash {
             self.buckets[i] = b;
             i = j;
         }
-        self.buckets[i].page = EMPTY;
+        self.buckets[i] = EMPTY;
         self.len -= 1;
         if self.len * 16 < self.buckets.len() && self.buckets.len() > 16 {
-            let mut smaller = Self::with_buckets(self.buckets.len() / 4);
-            for b in self.buckets.iter().filter(|b| b.page != EMPTY) {
-                smaller.insert(b.page, b.hit);
-            }
-            *self = smaller;
+            self.resize(self.buckets.len() / 4, &key_of);
         }
     }
 
@@ -164,26 +198,31 @@ mod tests {
 
     #[test]
     fn matches_a_hash_map_under_churn() {
+        // Slot s holds page keys[s]; pages are reused under new slots.
         let mut h = StartHash::new();
-        let mut m = HashMap::new();
+        let mut m: HashMap<u64, u32> = HashMap::new();
+        let mut keys: Vec<u64> = Vec::new();
         let mut x: u64 = 12345;
         for step in 0..200_000u32 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let page = x % 5000;
+            // Pages that collide in their low bits too.
+            let page = (x % 5000) << (x % 3 * 16);
             if x % 3 == 0 {
-                h.remove(page);
+                h.remove(page, |s| keys[s as usize]);
                 m.remove(&page);
             } else {
-                let hit = step;
-                h.insert(page, hit);
-                m.insert(page, hit);
+                let slot = keys.len() as u32;
+                keys.push(page);
+                h.insert(page, slot, |s| keys[s as usize]);
+                m.insert(page, slot);
             }
             if step % 1000 == 0 {
-                for p in 0..5000 {
-                    assert_eq!(h.get(p), m.get(&p));
+                for (&p, &s) in &m {
+                    assert_eq!(h.get(p, |s| keys[s as usize]), Some(s));
                 }
+                assert_eq!(h.get(u64::MAX / 3, |s| keys[s as usize]), None);
             }
         }
         assert_eq!(h.len(), m.len());

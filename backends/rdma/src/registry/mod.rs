@@ -141,18 +141,18 @@ struct Info {
 /// The part of a slot every `get` and `put` touches, kept dense (32
 /// bytes, half a cache line): the handle a hit returns (copied whole, so
 /// the caller's 16-byte load of it forwards from one store), the region's
-/// end with rights and slot state in its page-offset bits, the reference
-/// count and the LRU tick. The copies are exact: a live region's range,
-/// rights, keys and generation never change.
+/// start (the hash key, which the hash does not store) with rights and
+/// slot state in its page-offset bits, its length in pages and the
+/// reference count. The LRU tick lives in a parallel array. The copies are
+/// exact: a live region's range, rights, keys and generation never change.
 #[derive(Clone, Copy)]
 struct Hot {
     handle: MrHandle,
-    /// `end | access (bits 0-4) | kind (bits 5-6) | linked (bit 7)`.
-    end_bits: u64,
+    /// `start | access (bits 0-4) | kind (bits 5-6) | linked (bit 7)`.
+    start_bits: u64,
+    /// Length in pages, `u32::MAX` when longer (such a region is not hashed).
+    pages: u32,
     refs: u32,
-    /// Value of the owner's use clock at the last `get` (wrapping; LRU age
-    /// is `now - tick`).
-    tick: u32,
 }
 
 const ACCESS_MASK: u64 = 0x1f;
@@ -169,17 +169,13 @@ impl Hot {
             lkey: 0,
             rkey: 0,
         },
-        end_bits: 0,
+        start_bits: 0,
+        pages: 0,
         refs: 0,
-        tick: 0,
     };
     #[inline(always)]
-    fn end(&self) -> u64 {
-        self.end_bits & !(PAGE_SIZE - 1)
-    }
-    #[inline(always)]
     fn access(&self) -> Access {
-        Access::from_bits((self.end_bits & ACCESS_MASK) as u8)
+        Access::from_bits((self.start_bits & ACCESS_MASK) as u8)
     }
     #[inline(always)]
     fn gen(&self) -> u32 {
@@ -187,7 +183,7 @@ impl Hot {
     }
     #[inline(always)]
     fn kind(&self) -> Kind {
-        match (self.end_bits & KIND_MASK) >> KIND_SHIFT {
+        match (self.start_bits & KIND_MASK) >> KIND_SHIFT {
             0 => Kind::Free,
             1 => Kind::Cached,
             2 => Kind::Orphan,
@@ -202,18 +198,18 @@ impl Hot {
             Kind::Orphan => 2,
             Kind::Direct => 3,
         };
-        self.end_bits = (self.end_bits & !KIND_MASK) | (v << KIND_SHIFT);
+        self.start_bits = (self.start_bits & !KIND_MASK) | (v << KIND_SHIFT);
     }
     #[inline(always)]
     fn linked(&self) -> bool {
-        self.end_bits & LINKED != 0
+        self.start_bits & LINKED != 0
     }
     #[inline(always)]
     fn set_linked(&mut self, on: bool) {
         if on {
-            self.end_bits |= LINKED;
+            self.start_bits |= LINKED;
         } else {
-            self.end_bits &= !LINKED;
+            self.start_bits &= !LINKED;
         }
     }
 }
@@ -232,6 +228,9 @@ pub struct Registry<N: Provider> {
     /// The region of each slot (`None` when free): the cold part.
     slots: Vec<Option<Region<N::Mr>>>,
     hot: Vec<Hot>,
+    /// Value of the owner's use clock at each slot's last `get` (wrapping;
+    /// LRU age is `now - tick`).
+    ticks: Vec<u32>,
     free: Vec<u32>,
     /// Shared chunks by window number (`start >> CHUNK_SHIFT`).
     chunks: BTreeMap<u64, ChunkSlot<N::Mr>>,
@@ -274,6 +273,7 @@ impl<N: Provider> Registry<N> {
             shared: Shared::new(),
             slots: Vec::new(),
             hot: Vec::new(),
+            ticks: Vec::new(),
             free: Vec::new(),
             chunks: BTreeMap::new(),
             empty_chunks: 0,
@@ -326,6 +326,7 @@ impl<N: Provider> Registry<N> {
             + self.chunks.len() * leaf(8, 16);
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
             + self.hot.capacity() * core::mem::size_of::<Hot>()
+            + self.ticks.capacity() * 4
             + self.free.capacity() * 4
             + trees
             + self.hash.heap_bytes()
@@ -403,9 +404,8 @@ impl<N: Provider> Registry<N> {
     #[inline(always)]
     fn take_ref(&mut self, idx: u32) {
         self.tick = self.tick.wrapping_add(1);
-        let x = &mut self.hot[idx as usize];
-        x.refs += 1;
-        x.tick = self.tick;
+        self.hot[idx as usize].refs += 1;
+        self.ticks[idx as usize] = self.tick;
     }
 
     // ------------------------------------------------------------------
@@ -428,13 +428,17 @@ impl<N: Provider> Registry<N> {
             && (start | len) & (PAGE_SIZE - 1) == 0
             && access.validate()
         {
-            if let Some(&slot) = self.hash.get(start >> PAGE_SHIFT) {
-                // The hash holds cached regions only, keyed by their start.
+            // The hash holds cached regions only, keyed by their start; a
+            // candidate of another start (a tag collision) takes the slow path.
+            if let Some(slot) = self.hash.candidate(start >> PAGE_SHIFT) {
                 let x = &mut self.hot[slot as usize];
-                if len <= x.end() - start && x.access().contains(access) {
+                if x.start_bits & !(PAGE_SIZE - 1) == start
+                    && len >> PAGE_SHIFT <= u64::from(x.pages)
+                    && x.access().contains(access)
+                {
                     self.tick = self.tick.wrapping_add(1);
                     x.refs += 1;
-                    x.tick = self.tick;
+                    self.ticks[slot as usize] = self.tick;
                     self.hits += 1;
                     return Ok(x.handle);
                 }
@@ -816,6 +820,7 @@ impl<N: Provider> Registry<N> {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
                 self.slots.push(None);
                 self.hot.push(Hot::FREE);
+                self.ticks.push(0);
                 i
             }
         };
@@ -867,10 +872,11 @@ impl<N: Provider> Registry<N> {
                 lkey,
                 rkey,
             },
-            end_bits: range.end() | u64::from(access.bits()),
+            start_bits: range.start() | u64::from(access.bits()),
+            pages: u32::try_from(range.len() >> PAGE_SHIFT).unwrap_or(u32::MAX),
             refs: 0,
-            tick: self.tick,
         };
+        self.ticks[idx as usize] = self.tick;
         x.set_kind(kind);
         x.set_linked(kind == Kind::Direct);
         self.hot[idx as usize] = x;
@@ -893,7 +899,12 @@ impl<N: Provider> Registry<N> {
             ix.cached.insert(start, r.clone());
             self.publish(&mut ix, &r, self.seq);
         }
-        self.hash.insert(start >> PAGE_SHIFT, idx);
+        if idx < index::MAX_SLOT && self.hot[idx as usize].pages != u32::MAX {
+            let hot = &self.hot;
+            self.hash.insert(start >> PAGE_SHIFT, idx, |s| {
+                hot[s as usize].start_bits >> PAGE_SHIFT
+            });
+        }
         self.cached += 1;
         self.cached_bytes += end - start;
     }
@@ -934,7 +945,10 @@ impl<N: Provider> Registry<N> {
         debug_assert_eq!(self.hot[idx as usize].kind(), Kind::Cached);
         self.hot[idx as usize].set_kind(Kind::Orphan);
         let s = self.info(idx);
-        self.hash.remove(s.start >> PAGE_SHIFT);
+        let hot = &self.hot;
+        self.hash.remove(s.start >> PAGE_SHIFT, |s| {
+            hot[s as usize].start_bits >> PAGE_SHIFT
+        });
         self.cached -= 1;
         self.cached_bytes -= s.end - s.start;
     }
@@ -982,7 +996,12 @@ impl<N: Provider> Registry<N> {
             .filter(|(i, x)| {
                 x.kind() == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32))
             })
-            .map(|(i, x)| (core::cmp::Reverse(now.wrapping_sub(x.tick)), i as u32))
+            .map(|(i, _)| {
+                (
+                    core::cmp::Reverse(now.wrapping_sub(self.ticks[i])),
+                    i as u32,
+                )
+            })
             .collect();
         // Oldest (largest age) first.
         idle.sort_unstable();

@@ -71,14 +71,16 @@ struct KeyTable {
     regions: Vec<Option<Region<SoftMr>>>,
     gens: Vec<u8>,
     free: Vec<u32>,
+    /// Activations and deactivations, counted under the table's write
+    /// lock (plain integers: no atomic read-modify-write per registration).
+    registrations: u64,
+    deregistrations: u64,
 }
 
 struct Inner {
     primary: Arc<dyn Primary>,
     keys: RwLock<KeyTable>,
     observer: Option<DmaObserver>,
-    registrations: AtomicU64,
-    deregistrations: AtomicU64,
     faults: AtomicU64,
     page_accesses: AtomicU64,
 }
@@ -124,8 +126,6 @@ impl SoftNic {
                 primary,
                 keys: RwLock::new(KeyTable::default()),
                 observer,
-                registrations: AtomicU64::new(0),
-                deregistrations: AtomicU64::new(0),
                 faults: AtomicU64::new(0),
                 page_accesses: AtomicU64::new(0),
             }),
@@ -135,9 +135,13 @@ impl SoftNic {
     /// The counters.
     pub fn stats(&self) -> NicStats {
         let i = &self.inner;
+        let (registrations, deregistrations) = {
+            let t = i.keys.read();
+            (t.registrations, t.deregistrations)
+        };
         NicStats {
-            registrations: i.registrations.load(Ordering::Relaxed),
-            deregistrations: i.deregistrations.load(Ordering::Relaxed),
+            registrations,
+            deregistrations,
             faults: i.faults.load(Ordering::Relaxed),
             page_accesses: i.page_accesses.load(Ordering::Relaxed),
         }
@@ -374,7 +378,7 @@ impl Provider for SoftNic {
         let lkey = ((idx as u32 + 1) << 9) | (u32::from(gen) << 1);
         region.mr().lkey.store(lkey, Ordering::Relaxed);
         region.mr().rkey.store(lkey | 1, Ordering::Relaxed);
-        self.inner.registrations.fetch_add(1, Ordering::Relaxed);
+        t.registrations += 1;
         Ok(())
     }
 
@@ -395,10 +399,10 @@ impl Provider for SoftNic {
             if next != 0 {
                 t.free.push(idx as u32);
             }
+            t.deregistrations += 1;
             old
         };
         drop(old);
-        self.inner.deregistrations.fetch_add(1, Ordering::Relaxed);
     }
 
     fn advise_mr(
