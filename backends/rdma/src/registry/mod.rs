@@ -36,8 +36,8 @@
 pub(crate) mod chunk;
 mod index;
 mod ordered;
+mod windows;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -51,6 +51,10 @@ use crate::provider::{Provider, ProviderMr};
 use crate::region::{Region, RegionInner, DEREGISTERED, VALID};
 use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
 use index::StartHash;
+use windows::{ChunkSlot, Windows};
+
+/// Most region allocations a registry keeps for reuse.
+const MAX_SPARE: usize = 16;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
 /// order (down to 15/16 of the limit, so the scan is amortised).
@@ -214,12 +218,6 @@ impl Hot {
     }
 }
 
-/// A shared chunk and how many regions use it.
-struct ChunkSlot<M: ProviderMr> {
-    chunk: Arc<Chunk<M>>,
-    members: u32,
-}
-
 /// The registration cache over one primary and one provider.
 pub struct Registry<N: Provider> {
     provider: N,
@@ -232,8 +230,12 @@ pub struct Registry<N: Provider> {
     /// LRU age is `now - tick`).
     ticks: Vec<u32>,
     free: Vec<u32>,
+    /// Allocations of destroyed regions nobody else referenced, reused by
+    /// `create` (at most [`MAX_SPARE`]): a register/deregister cycle costs
+    /// no allocator call.
+    spare: Vec<Region<N::Mr>>,
     /// Shared chunks by window number (`start >> CHUNK_SHIFT`).
-    chunks: BTreeMap<u64, ChunkSlot<N::Mr>>,
+    chunks: Windows<N::Mr>,
     /// Shared chunks with no member.
     empty_chunks: usize,
     /// Chunk sequence taken by the last `create`, for `index`'s `publish`.
@@ -275,7 +277,8 @@ impl<N: Provider> Registry<N> {
             hot: Vec::new(),
             ticks: Vec::new(),
             free: Vec::new(),
-            chunks: BTreeMap::new(),
+            spare: Vec::new(),
+            chunks: Windows::default(),
             empty_chunks: 0,
             seq: 0,
             hash: StartHash::new(),
@@ -321,9 +324,7 @@ impl<N: Provider> Registry<N> {
     pub fn owner_heap_bytes(&self) -> usize {
         let ix = self.shared.index.lock();
         let leaf = |key: usize, val: usize| (11 * (key + val) + 16) / 6;
-        let trees = ix.cached.heap_bytes()
-            + ix.others.len() * leaf(16, 8)
-            + self.chunks.len() * leaf(8, 16);
+        let trees = ix.cached.heap_bytes() + ix.others.len() * leaf(16, 8) + self.chunks.len() * 24;
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
             + self.hot.capacity() * core::mem::size_of::<Hot>()
             + self.ticks.capacity() * 4
@@ -350,7 +351,7 @@ impl<N: Provider> Registry<N> {
 
     fn is_shared_chunk(&self, r: &Region<N::Mr>) -> bool {
         self.chunks
-            .get(&(r.start() >> CHUNK_SHIFT))
+            .get(r.start() >> CHUNK_SHIFT)
             .is_some_and(|c| Arc::ptr_eq(&c.chunk, &r.0.chunk))
     }
 
@@ -734,7 +735,7 @@ impl<N: Provider> Registry<N> {
                 .interval_subscribe(range.start(), range.len(), ops)?;
             return Ok(Arc::new(c));
         }
-        if let Some(c) = self.chunks.get_mut(&w) {
+        if let Some(c) = self.chunks.get_mut(w) {
             // Released chunks stay in the map until their members go.
             if c.chunk.is_live() {
                 if c.members == 0 {
@@ -773,7 +774,7 @@ impl<N: Provider> Registry<N> {
     /// Must not hold the index lock (unsubscribing waits for callbacks).
     fn leave_chunk(&mut self, region: &Region<N::Mr>) {
         let w = region.start() >> CHUNK_SHIFT;
-        match self.chunks.get_mut(&w) {
+        match self.chunks.get_mut(w) {
             Some(c) if Arc::ptr_eq(&c.chunk, &region.0.chunk) => {
                 c.members -= 1;
                 if c.members == 0 {
@@ -792,7 +793,7 @@ impl<N: Provider> Registry<N> {
 
     fn sweep_chunks(&mut self) {
         let mut gone = Vec::new();
-        self.chunks.retain(|_, c| {
+        self.chunks.retain(|c| {
             if c.members == 0 {
                 gone.push(c.chunk.clone());
                 false
@@ -835,7 +836,7 @@ impl<N: Provider> Registry<N> {
         // An invalidation that runs before the region is in the
         // invalidation index cannot find it; `seq` tells (see `publish`).
         let seq = chunk.read_begin();
-        let region = Region(Arc::new(RegionInner {
+        let inner = RegionInner {
             start: range.start(),
             end: range.end(),
             chunk,
@@ -845,7 +846,17 @@ impl<N: Provider> Registry<N> {
             access,
             implicit,
             mr,
-        }));
+        };
+        let region = match self.spare.pop() {
+            Some(mut r) => match Arc::get_mut(&mut r.0) {
+                Some(x) => {
+                    *x = inner;
+                    r
+                }
+                None => Region(Arc::new(inner)),
+            },
+            None => Region(Arc::new(inner)),
+        };
         // Visible to the callbacks before it becomes reachable by DMA.
         if kind == Kind::Direct {
             let mut ix = self.shared.index.lock();
@@ -892,12 +903,12 @@ impl<N: Provider> Registry<N> {
     /// before this point changed the primary before any translation of the
     /// region was built.
     fn index(&mut self, idx: u32) {
-        let r = self.slots[idx as usize].clone().expect("live slot");
+        let r = self.slots[idx as usize].as_ref().expect("live slot");
         let (start, end) = (r.start(), r.end());
         {
             let mut ix = self.shared.index.lock();
             ix.cached.insert(start, r.clone());
-            self.publish(&mut ix, &r, self.seq);
+            self.publish(&mut ix, r, self.seq);
         }
         if idx < index::MAX_SLOT && self.hot[idx as usize].pages != u32::MAX {
             let hot = &self.hot;
@@ -928,7 +939,7 @@ impl<N: Provider> Registry<N> {
     /// `link`, a live orphan that is still referenced moves to the
     /// invalidation index's `others` (a merge superseded it).
     fn unindex(&mut self, idx: u32, link: bool) {
-        let r = self.slots[idx as usize].clone().expect("live slot");
+        let r = self.slots[idx as usize].as_ref().expect("live slot");
         {
             let mut ix = self.shared.index.lock();
             ix.cached.remove(r.start());
@@ -977,6 +988,10 @@ impl<N: Provider> Registry<N> {
             self.provider.dereg_mr(&region);
             self.leave_chunk(&region);
             self.deregistrations += 1;
+            // Unique now unless a DMA in flight still holds it.
+            if self.spare.len() < MAX_SPARE && Arc::strong_count(&region.0) == 1 {
+                self.spare.push(region);
+            }
         }
     }
 
