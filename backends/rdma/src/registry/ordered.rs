@@ -25,6 +25,10 @@ pub(crate) struct SortedBlocks<V> {
     /// The block of the last lookup (a finger: registrations tend to be
     /// near each other, so the next lookup usually lands in it).
     finger: Cell<usize>,
+    /// The allocation of the last block that emptied (capacity 0 when
+    /// none), reused by the next new block: a registry that goes between
+    /// zero and one region does not allocate a block each time.
+    spare: Vec<(u64, V)>,
 }
 
 impl<V> Default for SortedBlocks<V> {
@@ -34,6 +38,7 @@ impl<V> Default for SortedBlocks<V> {
             blocks: Vec::new(),
             len: 0,
             finger: Cell::new(0),
+            spare: Vec::new(),
         }
     }
 }
@@ -48,6 +53,7 @@ impl<V> SortedBlocks<V> {
     /// Heap bytes held.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.mins.capacity() * 8
+            + self.spare.capacity() * core::mem::size_of::<(u64, V)>()
             + self.blocks.capacity() * core::mem::size_of::<Vec<(u64, V)>>()
             + self
                 .blocks
@@ -69,10 +75,20 @@ impl<V> SortedBlocks<V> {
         b
     }
 
+    /// An empty block: the spare allocation if any.
+    #[inline]
+    fn new_block(&mut self) -> Vec<(u64, V)> {
+        if self.spare.capacity() != 0 {
+            core::mem::take(&mut self.spare)
+        } else {
+            Vec::with_capacity(B)
+        }
+    }
+
     /// Insert or replace; returns the old value.
     pub(crate) fn insert(&mut self, key: u64, v: V) -> Option<V> {
         if self.blocks.is_empty() {
-            let mut blk = Vec::with_capacity(B);
+            let mut blk = self.new_block();
             blk.push((key, v));
             self.blocks.push(blk);
             self.mins.push(key);
@@ -95,14 +111,14 @@ impl<V> SortedBlocks<V> {
             if pos == B {
                 // Past the block's last key: start a new block (sequential
                 // inserts keep full blocks).
-                let mut blk = Vec::with_capacity(B);
+                let mut blk = self.new_block();
                 blk.push((key, v));
                 self.blocks.insert(b + 1, blk);
                 self.mins.insert(b + 1, key);
                 self.len += 1;
                 return None;
             }
-            let mut upper = Vec::with_capacity(B);
+            let mut upper = self.new_block();
             upper.extend(self.blocks[b].drain(B / 2..));
             self.mins.insert(b + 1, upper[0].0);
             self.blocks.insert(b + 1, upper);
@@ -131,8 +147,11 @@ impl<V> SortedBlocks<V> {
         let (_, v) = blk.remove(pos);
         self.len -= 1;
         if blk.is_empty() {
-            self.blocks.remove(b);
+            let old = self.blocks.remove(b);
             self.mins.remove(b);
+            if self.spare.capacity() == 0 {
+                self.spare = old;
+            }
         } else {
             self.mins[b] = blk[0].0;
             // Fold a small block into its successor's room to bound waste.
