@@ -24,6 +24,8 @@
 //!   happens only after every subscriber's callback returned), then
 //!   re-registers (munmap) or rebuilds the region's mirrors at the new
 //!   address (mremap, after checking the old mirrors kept no translation).
+//!   One anonymous region is the one that moves and is never munmapped:
+//!   the kernel refuses to move a range spanning several VMAs.
 //! - CPU writes of random words (missing faults served by the monitor).
 //!
 //! # Fault injection
@@ -55,6 +57,8 @@ use crate::rng::Rng;
 const ANON_PAGES: u64 = 256;
 /// Pages of the memfd region.
 const MEMFD_PAGES: u64 = 128;
+/// The region that `mremap` moves (and `munmap` leaves alone).
+const MOVING: usize = 1;
 /// How long a mutator waits for the monitor to apply an UNMAP or REMAP.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -322,7 +326,15 @@ impl World for UffdWorld {
             32..=41 => OpKind::MadviseFree,
             _ => OpKind::CpuWrite,
         };
-        let i = rng.below(self.slots.len() as u64) as usize;
+        let mut i = rng.below(self.slots.len() as u64) as usize;
+        // mremap moves a whole region, which the kernel refuses once it
+        // spans several VMAs (as munmap + mmap leaves it): region 1 is the
+        // one that moves and is never munmapped.
+        match kind {
+            OpKind::Mremap => i = MOVING,
+            OpKind::Munmap if i == MOVING => i = 0,
+            _ => {}
+        }
         let pages = 1 + rng.below(8);
         let t0 = Instant::now();
         let ok = match kind {
@@ -364,7 +376,7 @@ impl World for UffdWorld {
     }
 
     fn stats(&self) -> WorldStats {
-        let mut m = self.retired.lock().clone();
+        let mut m = *self.retired.lock();
         for s in &self.slots {
             for mi in &s.read().mirrors {
                 add(&mut m, &mi.stats());
