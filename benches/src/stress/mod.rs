@@ -11,6 +11,7 @@ mod kvm;
 mod report;
 mod soft;
 mod timing;
+mod uffd;
 mod world;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,7 @@ pub use kvm::KvmWorld;
 pub use report::{ReplayKey, Report, StageReport};
 pub use soft::SoftWorld;
 pub use timing::Stages;
+pub use uffd::UffdWorld;
 pub use world::{Composite, World, WorldStats};
 
 use crate::rng::Rng;
@@ -130,6 +132,10 @@ pub enum Backend {
     /// over memfd frames mirrored into KVM; devices are the device-emulation
     /// view (vm-memory) and a real guest vCPU.
     Kvm,
+    /// Real process memory (needs userfaultfd): TLB mirrors over a
+    /// `UffdPrimary` fed by a userfaultfd monitor, mutators making real
+    /// madvise, munmap + mmap, mremap calls and CPU writes.
+    Uffd,
     /// Every backend available in this build, at once.
     All,
 }
@@ -182,12 +188,17 @@ impl StressConfig {
 }
 
 /// Check what makes a configuration unusable before running it (a usage
-/// error, exit status 2): `--backend kvm` without `/dev/kvm`, or with an
-/// injection mode the KVM world does not support.
+/// error, exit status 2): `--backend kvm` without `/dev/kvm`, `--backend
+/// uffd` without userfaultfd, or either with an injection mode its world
+/// does not support.
 pub fn preflight(cfg: &StressConfig) -> Result<(), String> {
     if cfg.backend == Backend::Kvm {
         kvm::available().map_err(|e| format!("--backend kvm: {e}"))?;
         kvm::check_inject(cfg.inject)?;
+    }
+    if cfg.backend == Backend::Uffd {
+        uffd::available().map_err(|e| format!("--backend uffd: {e}"))?;
+        uffd::check_inject(cfg.inject)?;
     }
     Ok(())
 }

@@ -123,6 +123,7 @@ pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, Strin
             Ok(Box::new(SoftWorld::new(cfg, devices, DeviceKinds::NICS)?))
         }
         Backend::Kvm => Ok(Box::new(super::kvm::KvmWorld::new(cfg, devices)?)),
+        Backend::Uffd => Ok(Box::new(super::uffd::UffdWorld::new(cfg, devices)?)),
         Backend::All => {
             // The NICs' accesses carry no fill record, which the liveness
             // oracle of `free-before-end` needs: that mode runs mirrors only.
@@ -138,6 +139,11 @@ pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, Strin
             match super::kvm::available().and_then(|()| super::kvm::check_inject(cfg.inject)) {
                 Ok(()) => worlds.push(Box::new(super::kvm::KvmWorld::new(cfg, devices)?)),
                 Err(e) => eprintln!("notifier stress: --backend all runs without kvm: {e}"),
+            }
+            // The uffd world likewise, when userfaultfd opens.
+            match super::uffd::available().and_then(|()| super::uffd::check_inject(cfg.inject)) {
+                Ok(()) => worlds.push(Box::new(super::uffd::UffdWorld::new(cfg, devices)?)),
+                Err(e) => eprintln!("notifier stress: --backend all runs without uffd: {e}"),
             }
             Ok(Box::new(Composite { worlds }))
         }
