@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use kvm_ioctls::{Kvm, VcpuExit};
+use notifier_core::frame::FrameStore;
+use notifier_core::mm::{Advice, FileOptions, Mm, MmapRequest, Prot};
 use notifier_core::notifier::{Event, InvalidateRange};
 use notifier_core::primary::Primary;
 use notifier_core::PageRange;
@@ -194,33 +196,83 @@ fn invalidate_2mib(c: &mut Criterion) {
     g.finish();
 }
 
+/// Where guest-physical 0 sits in the `Mm`'s address space (guest RAM is
+/// one mapping of the VMM's `Mm`, as in `tests/kvm_guest_mm.rs`).
+const GUEST_BASE: u64 = 0x10_0000_0000;
+
+/// A VM with a mirror of the real software primary (`mm::Mm`) over
+/// `frames` memfd frames.
+fn env_mm(frames: usize) -> Option<(Kvm, Arc<Mm>, KvmMirror<Mm>)> {
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: kvm benches: /dev/kvm unavailable: {e}");
+            return None;
+        }
+    };
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
+    let mm = Mm::new(store.clone() as Arc<dyn FrameStore>);
+    let max = kvm.get_nr_memslots() as u32;
+    let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+    Some((kvm, mm, mirror))
+}
+
+/// Demand faults served end to end on the real primary: the guest reads a
+/// page whose PTE `madvise(DONTNEED)` dropped (untimed), the read exits,
+/// `Mm::fault_page` faults it back (the file page from the page cache: a
+/// snapshot restore; the zero page for anonymous memory: lazy population),
+/// the host view maps it and the guest resumes.
 fn demand_fault(c: &mut Criterion) {
-    let Some((_kvm, primary, mirror)) = env(256) else {
+    let Some((_kvm, mm, mirror)) = env_mm(256) else {
         return;
     };
-    primary.mmap_anon(0, MIB);
-    mirror.add_region(0, MIB).unwrap();
+    mm.mmap(&MmapRequest::anon(MIB, Prot::RW).at(GUEST_BASE))
+        .unwrap();
+    let (anon, filep) = (0x8000u64, 0x1_0000u64);
+    let file = mm.create_file(FileOptions::new(1));
+    file.write(0, &0xf11eu32.to_le_bytes()).unwrap();
+    mm.mmap(
+        &MmapRequest::file(file, 0, 4096, Prot::RW)
+            .shared()
+            .at(GUEST_BASE + filep),
+    )
+    .unwrap();
+    mirror.add_region_at(0, GUEST_BASE, MIB, 0).unwrap();
     let mut guest = RealModeGuest::new(&mirror, 0).unwrap();
-    let page = 0x8000u64;
-    let range = InvalidateRange::new(PageRange::new(page, 4096).unwrap(), Event::Clear);
-    guest.read_u32(&mirror, page).unwrap();
+    guest.read_u32(&mirror, anon).unwrap();
     let mut g = c.benchmark_group("kvm_guest_fault");
     g.bench_function("guest_read_present_4_exits", |bn| {
-        bn.iter(|| black_box(guest.read_u32(&mirror, page).unwrap()))
+        bn.iter(|| black_box(guest.read_u32(&mirror, anon).unwrap()))
     });
-    g.bench_function("guest_read_demand_fault", |bn| {
+    // The same fault after a bare `Event::Clear` bracket (the PTE stays:
+    // the primary's fault is a lookup), to split the primary's share out.
+    let range = InvalidateRange::new(
+        PageRange::new(GUEST_BASE + anon, 4096).unwrap(),
+        Event::Clear,
+    );
+    g.bench_function("guest_read_demand_fault_after_clear", |bn| {
         bn.iter_batched(
-            || {
-                primary
-                    .notifiers()
-                    .invalidate_range_start(&range)
-                    .unwrap()
-                    .end()
-            },
-            |()| black_box(guest.read_u32(&mirror, page).unwrap()),
+            || mm.notifiers().invalidate_range_start(&range).unwrap().end(),
+            |()| black_box(guest.read_u32(&mirror, anon).unwrap()),
             BatchSize::PerIteration,
         )
     });
+    for (name, gpa) in [
+        ("guest_read_demand_fault_file_page", filep),
+        ("guest_read_demand_fault_anon_zero_page", anon),
+    ] {
+        g.bench_function(name, |bn| {
+            bn.iter_batched(
+                || {
+                    mm.madvise(GUEST_BASE + gpa, 4096, Advice::DontNeed)
+                        .unwrap()
+                },
+                |()| black_box(guest.read_u32(&mirror, gpa).unwrap()),
+                BatchSize::PerIteration,
+            )
+        });
+    }
     // A raw exit round trip: `mov dx, 0x13; l: out dx, al; jmp l` at 0x3000.
     mirror
         .mmio_write(0x3000, &[0xBA, 0x13, 0x00, 0xEE, 0xEB, 0xFD])
