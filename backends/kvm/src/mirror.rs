@@ -347,10 +347,16 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         }
     }
 
-    /// Turn KVM's dirty logging of the region on or off (in place).
+    /// Turn KVM's dirty logging of the region on or off (in place). The
+    /// path is the one `KVM_SET_USER_MEMORY_REGION` plus a map lookup and
+    /// two uncontended locks (no allocation); a call that changes nothing
+    /// issues no ioctl.
     ///
     /// # Errors
     /// [`KvmError::NoRegion`], [`KvmError::InvalidSlot`].
+    ///
+    /// # Locking
+    /// `layout` for reading, then the region's slot mutex, across the ioctl.
     pub fn set_dirty_logging(&self, gpa: u64, on: bool) -> Result<(), KvmError> {
         let l = self.layout.read();
         let r = l.regions.get(&gpa).ok_or(KvmError::NoRegion(gpa))?;
@@ -360,6 +366,9 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         } else {
             s.flags() & !LOG_DIRTY_PAGES
         };
+        if flags == s.flags() {
+            return Ok(());
+        }
         s.modify(r.gpa, flags)
             .map_err(|e| slot_error(e, s.slot(), r.gpa, r.view.len))
     }
