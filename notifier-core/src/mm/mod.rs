@@ -135,6 +135,10 @@ pub struct Inject {
     /// that shadows the page table reads it to tell "not reported yet" from
     /// "really different" (the store is published before it is reported).
     pending: Arc<AtomicU64>,
+    /// Serialises (store, report) pairs while observing, so reports reach
+    /// the observer in the order of the stores (two stores to one PTE from
+    /// a fault and a COW break must not be reported in reverse).
+    order: parking_lot::Mutex<()>,
 }
 
 impl core::fmt::Debug for Inject {
@@ -157,6 +161,7 @@ impl Inject {
             observing: AtomicBool::new(false),
             observer: RwLock::new(None),
             pending: Arc::new(AtomicU64::new(0)),
+            order: parking_lot::Mutex::new(()),
         }
     }
 
@@ -525,6 +530,7 @@ impl Mm {
     #[inline]
     pub(crate) fn set_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) {
         if self.inject.observing.load(Ordering::Relaxed) {
+            let _order = self.inject.order.lock();
             self.inject.pending.fetch_add(1, Ordering::SeqCst);
             e.store(new, Ordering::Release);
             self.observe(vma, addr, old, new);
@@ -538,6 +544,7 @@ impl Mm {
     #[inline]
     pub(crate) fn cas_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) -> bool {
         let observing = self.inject.observing.load(Ordering::Relaxed);
+        let _order = observing.then(|| self.inject.order.lock());
         if observing {
             self.inject.pending.fetch_add(1, Ordering::SeqCst);
         }
