@@ -56,9 +56,7 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 use notifier_core::frame::FrameStore;
 use notifier_core::mm::{Advice, FileObj, FileOptions, Mm, MmapRequest, Prot};
-use notifier_core::notifier::{
-    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
-};
+use notifier_core::notifier::{Event, IntervalSubscription};
 use notifier_core::secondary::AccessCheck;
 use notifier_core::verify::Oracle;
 use notifier_core::PAGE_SIZE;
@@ -68,7 +66,7 @@ use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::timing::{Stages, TimedCheck};
-use super::world::{World, WorldStats};
+use super::world::{Idle, World, WorldStats};
 use super::{Inject, OpKind, StressConfig};
 use crate::rng::Rng;
 
@@ -91,21 +89,6 @@ const FRAMES: usize = 8192;
 const GUEST_EVERY: u64 = 16;
 /// A page whose tag is not known (unmapped after a failed operation).
 const UNKNOWN: u64 = u64::MAX;
-
-/// An idle interval subscriber (the index size `--subscriptions` asks for).
-struct Idle;
-
-impl IntervalNotifierOps for Idle {
-    fn invalidate(
-        &self,
-        sub: &IntervalNotifier,
-        _: &InvalidateRange,
-        seq: u64,
-    ) -> Result<(), Again> {
-        sub.set_seq(seq);
-        Ok(())
-    }
-}
 
 /// A page's tag and the lock of the mutators that change it.
 struct Page {

@@ -12,9 +12,7 @@ use notifier_core::mm::{
     Advice, FileOptions, Mm, MmapRequest, Prot, SpecialFault, SpecialFaultError, SpecialMapping,
     SpecialSource,
 };
-use notifier_core::notifier::{
-    Again, Event, IntervalNotifier, IntervalNotifierOps, IntervalSubscription, InvalidateRange,
-};
+use notifier_core::notifier::{Event, IntervalSubscription, InvalidateRange};
 use notifier_core::secondary::{FlushPolicy, Mirror, MirrorConfig, MirrorError, TlbConfig, Va};
 use notifier_core::verify::{Oracle, TrackedFrames};
 use notifier_core::PAGE_SIZE;
@@ -23,7 +21,7 @@ use notifier_rdma::soft::{DmaAccess, DmaObserver};
 use notifier_rdma::{Access, Registry, RegistryConfig, SoftNic};
 
 use super::timing::{Stages, TimedCheck};
-use super::world::{World, WorldStats};
+use super::world::{Idle, World, WorldStats};
 use super::{Inject, OpKind, StressConfig};
 use crate::rng::Rng;
 
@@ -69,22 +67,6 @@ const SPECIAL_PAGES: u64 = 16;
 /// Where the layout starts.
 const BASE: u64 = 0x10_0000_0000;
 const FRAMES: usize = 16 * 1024;
-
-/// A subscriber that only records the sequence: it makes the interval
-/// index as large as `--subscriptions` asks.
-struct Idle;
-
-impl IntervalNotifierOps for Idle {
-    fn invalidate(
-        &self,
-        sub: &IntervalNotifier,
-        _: &InvalidateRange,
-        seq: u64,
-    ) -> Result<(), Again> {
-        sub.set_seq(seq);
-        Ok(())
-    }
-}
 
 /// A device that keeps working while a bracket ends: at each
 /// `invalidate_range_end` (registered before the mirrors' end flushers, so

@@ -1,8 +1,26 @@
 //! What a stress backend provides, and the composite of several.
 
+use notifier_core::notifier::{Again, IntervalNotifier, IntervalNotifierOps, InvalidateRange};
+
 use super::timing::Stages;
 use super::{Backend, OpKind, StressConfig};
 use crate::rng::Rng;
+
+/// An interval subscriber that only records the sequence: worlds add
+/// `--subscriptions` of them so the index is as large as asked.
+pub struct Idle;
+
+impl IntervalNotifierOps for Idle {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier,
+        _: &InvalidateRange,
+        seq: u64,
+    ) -> Result<(), Again> {
+        sub.set_seq(seq);
+        Ok(())
+    }
+}
 
 /// Totals of a world, for progress lines and the report.
 #[derive(Clone, Debug, Default)]
