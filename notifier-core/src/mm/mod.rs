@@ -102,6 +102,9 @@ pub struct MmConfig {
     pub io_memory: Option<Arc<dyn FrameStore>>,
 }
 
+/// Lock stripes ordering PTE reports (see `Inject::order`).
+const ORDER_STRIPES: usize = 64;
+
 /// One PTE store, reported to the test observer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PteChange {
@@ -135,10 +138,11 @@ pub struct Inject {
     /// that shadows the page table reads it to tell "not reported yet" from
     /// "really different" (the store is published before it is reported).
     pending: Arc<AtomicU64>,
-    /// Serialises (store, report) pairs while observing, so reports reach
-    /// the observer in the order of the stores (two stores to one PTE from
-    /// a fault and a COW break must not be reported in reverse).
-    order: parking_lot::Mutex<()>,
+    /// Serialise (store, report) pairs per PTE while observing, so the
+    /// reports of one PTE reach the observer in the order of its stores (a
+    /// fault's install and a COW break must not be reported in reverse).
+    /// Striped by page address.
+    order: [parking_lot::Mutex<()>; ORDER_STRIPES],
 }
 
 impl core::fmt::Debug for Inject {
@@ -161,7 +165,7 @@ impl Inject {
             observing: AtomicBool::new(false),
             observer: RwLock::new(None),
             pending: Arc::new(AtomicU64::new(0)),
-            order: parking_lot::Mutex::new(()),
+            order: core::array::from_fn(|_| parking_lot::Mutex::new(())),
         }
     }
 
@@ -530,7 +534,7 @@ impl Mm {
     #[inline]
     pub(crate) fn set_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) {
         if self.inject.observing.load(Ordering::Relaxed) {
-            let _order = self.inject.order.lock();
+            let _order = self.inject.order[(addr >> PAGE_SHIFT) as usize % ORDER_STRIPES].lock();
             self.inject.pending.fetch_add(1, Ordering::SeqCst);
             e.store(new, Ordering::Release);
             self.observe(vma, addr, old, new);
@@ -544,7 +548,7 @@ impl Mm {
     #[inline]
     pub(crate) fn cas_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) -> bool {
         let observing = self.inject.observing.load(Ordering::Relaxed);
-        let _order = observing.then(|| self.inject.order.lock());
+        let _order = observing.then(|| self.inject.order[(addr >> PAGE_SHIFT) as usize % ORDER_STRIPES].lock());
         if observing {
             self.inject.pending.fetch_add(1, Ordering::SeqCst);
         }
