@@ -8,6 +8,8 @@
 //!                                               faults before other events)
 //!   1. apply every change of the batch, in order, adjacent same-kind ranges
 //!      merged into one bracket  -> REMOVE/UNMAP/REMAP invalidations done
+//!      (a REMOVE covered by an announced zap in progress is skipped: its
+//!      announcer's bracket already covers it, see `announce`)
 //!   2. serve the faults of the batch, in order:
 //!        fill ioctl == EAGAIN  -> a mapping change is pending: read more,
 //!                                 apply its changes (step 1), ask the
@@ -94,7 +96,7 @@ struct Coalescer {
 
 impl Coalescer {
     fn push(&mut self, inner: &Inner, ev: Event, s: u64, e: u64) {
-        let (s, e) = (s & !PAGE_MASK, (e.saturating_add(PAGE_MASK)) & !PAGE_MASK);
+        let (s, e) = page_bounds(s, e);
         if let Some((pev, ps, pe)) = &mut self.pending {
             if *pev == ev && s <= *pe && *ps <= e {
                 *ps = (*ps).min(s);
@@ -119,6 +121,11 @@ impl Coalescer {
             });
         }
     }
+}
+
+/// `[s, e)` widened to page boundaries.
+fn page_bounds(s: u64, e: u64) -> (u64, u64) {
+    (s & !PAGE_MASK, e.saturating_add(PAGE_MASK) & !PAGE_MASK)
 }
 
 fn panic_msg(p: &(dyn std::any::Any + Send)) -> String {
@@ -204,7 +211,14 @@ impl Inner {
                 }
                 Ok(userfaultfd::Event::Remove { start, end }) => {
                     Counters::inc(&c.removes);
-                    co.push(self, Event::Clear, start as u64, end as u64);
+                    let (s, e) = page_bounds(start as u64, end as u64);
+                    if self.announced.covers(s, e) {
+                        // Its announcer's bracket covers the zap (see
+                        // `announce`): no second invalidation.
+                        Counters::inc(&c.announced_removes);
+                    } else {
+                        co.push(self, Event::Clear, s, e);
+                    }
                 }
                 Ok(userfaultfd::Event::Unmap { start, end }) => {
                     Counters::inc(&c.unmaps);

@@ -42,6 +42,8 @@
 //!   REMOVE with data served after it. With the VA-as-PFN model of
 //!   [`RealMemory`] no frame is freed under a secondary: a stale
 //!   translation reads the new (zero or re-served) contents.
+//!   Secondaries that may touch the range *while* it is zapped must be
+//!   told first: see *Zapping memory that devices use* below.
 //! - **UNMAP / REMAP**: the memory is **already gone** when subscribers hear
 //!   of it. A secondary must never touch a range except between its
 //!   registration and the invalidation that removes it, and the application
@@ -50,6 +52,42 @@
 //!   the new mapping's memory.
 //! - Hole punching a memfd (`fallocate(PUNCH_HOLE)`) raises **no** event; use
 //!   `madvise(MADV_REMOVE)` on the mapping.
+//!
+//! # Zapping memory that devices use: announce the madvise
+//!
+//! A mirror over real memory ([`UffdPrimary`]) accesses a page with a CPU
+//! load or store under the mirror's device lock. If the application zaps
+//! that page with a plain `madvise(DONTNEED / FREE / REMOVE)` while a
+//! device is using it, this can happen:
+//!
+//! ```text
+//!   application          monitor driver              device thread
+//!   madvise(page)
+//!     REMOVE queued  -->  read(REMOVE)
+//!     (released by        invalidate_range_start
+//!      the read) zap        mirror callback:          lock(device)
+//!                           lock(device) ... waits    load(page): zapped ->
+//!                                                     missing fault, which
+//!                                                     only the driver serves
+//! ```
+//!
+//! The driver waits for the device lock, the device waits for the driver:
+//! both hang for good, and since the driver serves every fault of the
+//! monitor, so does every later fault on registered memory (the `madvise`
+//! caller itself returns). Nothing reports it.
+//!
+//! **What an application must do**: zap memory that a device may be
+//! accessing concurrently with [`UffdMonitor::madvise`] (for a [`Region`])
+//! or [`UffdMonitor::announce_remove`] (for other memory). They bracket the
+//! zap with an [`Event::Clear`] invalidation on the calling thread, so
+//! devices drop the translations before any page goes and cannot take them
+//! again until the zap is done; the monitor then dispatches no second
+//! invalidation for the kernel's REMOVE. A plain `madvise` is fine when no
+//! device can access the range at that moment (devices idle, or no mirror
+//! over it): its REMOVE still becomes an invalidation with the ordering
+//! guarantee above. (UNMAP and REMAP cannot be announced usefully, since
+//! the memory is gone either way: keep devices off a range while
+//! unmapping it.)
 //!
 //! # Keep the monitor driven
 //!
@@ -111,6 +149,7 @@
 //! [`Event::Clear`]: notifier_core::notifier::Event::Clear
 //! [`Event::Unmap`]: notifier_core::notifier::Event::Unmap
 
+mod announce;
 mod dispatch;
 mod error;
 mod handler;

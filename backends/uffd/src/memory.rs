@@ -18,6 +18,11 @@
 //! device DMA to an unmapped IOVA. Translations must only be used between a
 //! registration and the invalidation that removes it, and the application
 //! must not unmap memory a secondary is accessing at that very moment.
+//!
+//! A `madvise` zap of pages a secondary is accessing must be announced
+//! ([`UffdMonitor::madvise`]): unannounced, a device access under its lock
+//! can take a missing fault that only the monitor serves while the monitor
+//! waits for that lock (see the crate docs).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -9,6 +9,7 @@ use notifier_core::addr::PageRange;
 use notifier_core::notifier::{Event, InvalidateRange, NotifierSubscriptions};
 use parking_lot::{Mutex, RwLock};
 
+use crate::announce::Announced;
 use crate::dispatch::LoopState;
 use crate::error::UffdError;
 use crate::handler::{FaultHandler, ZeroHandler};
@@ -145,6 +146,8 @@ pub(crate) struct Inner {
     pub(crate) running: AtomicBool,
     /// Signalled to stop the handler thread's poll.
     pub(crate) stop: OwnedFd,
+    /// Announced zaps in progress (see `announce`).
+    pub(crate) announced: Announced,
 }
 
 impl Drop for Inner {
@@ -226,6 +229,7 @@ impl UffdMonitor {
             last_error: Mutex::new(None),
             running: AtomicBool::new(false),
             stop,
+            announced: Announced::default(),
         };
         Self {
             inner: Arc::new(inner),

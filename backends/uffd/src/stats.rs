@@ -24,6 +24,9 @@ macro_rules! counters {
 counters! {
     /// UFFD_EVENT_REMOVE events read.
     removes,
+    /// REMOVE events covered by an announced zap in progress
+    /// (`UffdMonitor::madvise`): no second invalidation dispatched.
+    announced_removes,
     /// UFFD_EVENT_UNMAP events read.
     unmaps,
     /// UFFD_EVENT_REMAP events read.

@@ -3,20 +3,17 @@
 //!
 //! # What the adapter's `zap` does, and why
 //!
-//! The kernel announces `UFFD_EVENT_REMOVE` before the zap, but releases
-//! the `madvise` caller as soon as the event is *read*: the monitor's
-//! invalidation then runs concurrently with the zap. A device holding a
-//! translation of the page may touch it in between, and since a "frame"
-//! of real memory is the virtual page itself, that access takes a missing
-//! fault which only the monitor can serve, while the monitor waits for the
-//! device's lock in the mirror's callback (and the strict oracle sees the
-//! page not present). So a driver that zaps pages a device is using at that
-//! very moment announces the zap itself first, as the kernel's own
-//! `mmu_notifier_invalidate_range_start` would: open an [`Event::Clear`]
-//! bracket, `madvise`, close it. The REMOVE the kernel raises then causes a
-//! second, harmless invalidation. An *unannounced* `madvise` is tested
-//! single-threaded, with the guarantee the crate documents: a fault raised
-//! after the zap is served only once the REMOVE's invalidation has run.
+//! The kernel releases the `madvise` caller as soon as the monitor has
+//! *read* the REMOVE, so an unannounced zap runs concurrently with the
+//! monitor's invalidation, and a device touching the page in between can
+//! deadlock with the monitor (crate docs, *Zapping memory that devices
+//! use*). The suite's devices run concurrently with zaps, so the adapter
+//! zaps through `UffdMonitor::madvise`, which announces the zap with an
+//! `Event::Clear` bracket around the real `madvise` (the kernel's REMOVE
+//! then causes no second invalidation). An *unannounced* `madvise` is
+//! tested single-threaded, with the guarantee the crate documents: a fault
+//! raised after the zap is served only once the REMOVE's invalidation has
+//! run.
 //!
 //! # munmap, then mmap again at the same address
 //!
@@ -40,7 +37,7 @@ use std::sync::Arc;
 use common::{monitor, wait_until, P};
 use notifier_core::addr::PageRange;
 use notifier_core::frame::FrameStore;
-use notifier_core::notifier::{Event, InvalidateRange, NotifierSubscriptions};
+use notifier_core::notifier::NotifierSubscriptions;
 use notifier_core::primary::{Primary, PrimaryFault, Translation};
 use notifier_core::secondary::{MirrorConfig, MirrorError, Va};
 use notifier_core::verify::{check_concurrent, check_secondary, CheckedMirror, ConformancePrimary};
@@ -95,16 +92,11 @@ impl ConformancePrimary for Real {
             .expect("cpu write");
     }
     fn zap(&self, addr: u64) {
-        // Announced first (see the module docs), then the real madvise.
-        let range = PageRange::new(addr, P).expect("page");
-        let inv = self
-            .notifiers()
-            .invalidate_range_start(&InvalidateRange::new(range, Event::Clear))
-            .expect("blockable");
-        self.region
-            .madvise(self.off(addr), P, self.zap_advice)
-            .expect("madvise");
-        inv.end();
+        // Announced (see the module docs).
+        self.prim
+            .monitor()
+            .madvise(&self.region, self.off(addr), P, self.zap_advice)
+            .expect("announced madvise");
     }
     fn migrate(&self, _addr: u64) -> bool {
         // Real memory cannot be migrated from user space (move_pages keeps

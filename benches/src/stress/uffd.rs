@@ -7,12 +7,12 @@
 //!
 //! # Mutators (real system calls on the real memory)
 //!
-//! - `madvise(DONTNEED)`: announced by the driver first (an
-//!   `Event::Clear` bracket around the `madvise`), then the kernel's
-//!   REMOVE is delivered too. Announcing is required: the kernel runs the
-//!   REMOVE's invalidation concurrently with the zap, and a device touching
-//!   a zapped page while holding its lock takes a missing fault the
-//!   monitor cannot serve while it waits for that lock.
+//! - `madvise(DONTNEED)`: announced, through `UffdMonitor::madvise` (an
+//!   `Event::Clear` bracket around the `madvise`; the kernel's REMOVE then
+//!   causes no second invalidation). Announcing is required: the kernel
+//!   runs an unannounced REMOVE's invalidation concurrently with the zap,
+//!   and a device touching a zapped page while holding its lock takes a
+//!   missing fault the monitor cannot serve while it waits for that lock.
 //! - `madvise(FREE)` (anonymous regions): not announced; the pages stay
 //!   present until reclaim, so the REMOVE's invalidation may arrive late.
 //!   On the memfd region (where FREE is refused) an announced DONTNEED.
@@ -37,8 +37,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notifier_core::addr::PageRange;
-use notifier_core::notifier::{Event, InvalidateRange};
 use notifier_core::secondary::{AccessCheck, Mirror, MirrorConfig, MirrorStats, TlbConfig, Va};
 use notifier_core::verify::Oracle;
 use notifier_core::PAGE_SIZE;
@@ -209,26 +207,6 @@ impl UffdWorld {
         true
     }
 
-    /// An announced madvise of `[addr, addr + len)` (see the module docs).
-    fn announced_madvise(&self, slot: &Slot, addr: u64, len: u64, advice: Advice) -> bool {
-        let Ok(range) = PageRange::new(addr, len) else {
-            return false;
-        };
-        let Ok(inv) = self
-            .monitor
-            .notifiers()
-            .invalidate_range_start(&InvalidateRange::new(range, Event::Clear))
-        else {
-            return false;
-        };
-        let ok = slot
-            .region
-            .madvise(addr - slot.region.addr(), len, advice)
-            .is_ok();
-        inv.end();
-        ok
-    }
-
     fn munmap_remap(&self, i: usize, first: u64, pages: u64) -> bool {
         let slot = self.slots[i].write();
         let (off, len) = (first * PAGE_SIZE, pages * PAGE_SIZE);
@@ -356,7 +334,9 @@ impl World for UffdWorld {
                     }
                     OpKind::MadviseDontNeed | OpKind::MadviseFree => {
                         self.oracle.record_op("madvise_dontneed", addr, addr + len);
-                        self.announced_madvise(&s, addr, len, Advice::DontNeed)
+                        self.monitor
+                            .madvise(&s.region, off, len, Advice::DontNeed)
+                            .is_ok()
                     }
                     _ => {
                         let w = off + 8 * rng.below(len / 8);
