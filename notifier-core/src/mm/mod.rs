@@ -548,7 +548,8 @@ impl Mm {
     #[inline]
     pub(crate) fn cas_pte(&self, vma: &Vma, e: &AtomicU64, addr: u64, old: u64, new: u64) -> bool {
         let observing = self.inject.observing.load(Ordering::Relaxed);
-        let _order = observing.then(|| self.inject.order[(addr >> PAGE_SHIFT) as usize % ORDER_STRIPES].lock());
+        let _order = observing
+            .then(|| self.inject.order[(addr >> PAGE_SHIFT) as usize % ORDER_STRIPES].lock());
         if observing {
             self.inject.pending.fetch_add(1, Ordering::SeqCst);
         }
