@@ -36,9 +36,7 @@
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use notifier_core::addr::PageRange;
 use notifier_core::notifier::{Event, InvalidateRange, NotifierSubscriptions};
@@ -74,11 +72,6 @@ pub(crate) struct LoopState {
     /// the end of the batch, see `ForkPolicy`).
     forks: Vec<userfaultfd::Uffd>,
     page: Box<PageBuf>,
-    /// The handler thread's sentinel page (blocking mode, see `thread`): a
-    /// fault there is its stop signal, not a fault to serve.
-    pub(crate) sentinel: Option<u64>,
-    /// The sentinel fault was read.
-    pub(crate) stop_seen: bool,
 }
 
 impl LoopState {
@@ -89,8 +82,6 @@ impl LoopState {
             faults: VecDeque::with_capacity(batch),
             forks: Vec::with_capacity(batch),
             page: Box::new([0; PAGE_SIZE as usize]),
-            sentinel: None,
-            stop_seen: false,
         }
     }
 }
@@ -154,28 +145,12 @@ impl UffdMonitor {
     /// memory (it would wait for itself).
     ///
     /// # Errors
-    /// [`UffdError::Read`] when reading the userfaultfd fails,
-    /// [`UffdError::AlreadyRunning`] while a handler thread drives the
-    /// monitor.
+    /// [`UffdError::Read`] when reading the userfaultfd fails.
     ///
     /// # Locking
     /// Takes the monitor's loop lock: one driver at a time.
     pub fn handle_pending(&self) -> Result<usize, UffdError> {
-        // A handler thread holds the loop lock for as long as it runs (see
-        // `thread`): never wait for it, but do wait for another caller.
-        let running = || self.inner.running.load(Ordering::Acquire);
-        let mut st = loop {
-            if running() {
-                return Err(UffdError::AlreadyRunning);
-            }
-            if let Some(st) = self.inner.looper.try_lock_for(Duration::from_millis(1)) {
-                break st;
-            }
-        };
-        // `spawn` sets `running` before it takes the lock.
-        if running() {
-            return Err(UffdError::AlreadyRunning);
-        }
+        let mut st = self.inner.looper.lock();
         self.inner.pump(&mut st)
     }
 }
@@ -205,17 +180,10 @@ impl Inner {
             faults,
             forks,
             batch,
-            sentinel,
-            stop_seen,
             ..
         } = st;
         let batch = *batch;
-        let events = match self.uffd.read_events(buf) {
-            Ok(ev) => ev,
-            // A signal interrupted a blocking read: nothing was read.
-            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EINTR => return Ok(0),
-            Err(e) => return Err(UffdError::Read(e)),
-        };
+        let events = self.uffd.read_events(buf).map_err(UffdError::Read)?;
         let mut co = Coalescer::default();
         let mut n = 0;
         let c = &self.counters;
@@ -228,11 +196,6 @@ impl Inner {
                     addr,
                     thread_id,
                 }) => {
-                    if *sentinel == Some(addr as u64 & !PAGE_MASK) {
-                        // The handler thread's stop signal (see `thread`).
-                        *stop_seen = true;
-                        continue;
-                    }
                     Counters::inc(match kind {
                         FaultKind::Missing => &c.missing_faults,
                         FaultKind::Minor => &c.minor_faults,
@@ -409,20 +372,18 @@ impl Inner {
     }
 
     /// A fill answered EAGAIN: read the pending change(s) and apply them.
-    ///
-    /// Polls first (1 ms at most) rather than reading at once: the
-    /// descriptor may be in blocking mode (see `thread`), and the change
-    /// may not be queued yet (e.g. a fork in progress) or never (a failed
-    /// fork or mremap only lowers the kernel's `mmap_changing`).
     fn wait_for_changes(&self, st: &mut LoopState) {
-        match sys::poll2(self.uffd.as_fd(), self.stop.as_fd(), 1) {
-            Ok((true, _)) => {
-                if let Err(e) = self.read_batch(st) {
-                    self.report(e.to_string());
-                }
+        match self.read_batch(st) {
+            Ok(0) => {
+                // The change is not queued yet (e.g. fork in progress):
+                // wait a little for it rather than spin.
+                let _ = sys::poll2(self.uffd.as_fd(), self.stop.as_fd(), 1);
             }
             Ok(_) => {}
-            Err(e) => self.report(format!("poll: {e}")),
+            Err(e) => {
+                self.report(e.to_string());
+                let _ = sys::poll2(self.uffd.as_fd(), self.stop.as_fd(), 1);
+            }
         }
     }
 
@@ -461,13 +422,12 @@ impl Inner {
             }
             ForkPolicy::Handoff(cb) => {
                 let fd = sys::owned_from_uffd(child);
-                if let Err(e) = sys::set_nonblocking(fd.as_fd(), true) {
+                if let Err(e) = sys::set_nonblocking(fd.as_fd()) {
                     self.report(format!("fork: child userfaultfd: {e}"));
                 }
                 let registry = self.registry.read().fork_copy();
                 let m = UffdMonitor::from_parts(
                     fd,
-                    false,
                     self.path,
                     self.features,
                     NotifierSubscriptions::new(),

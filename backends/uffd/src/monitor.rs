@@ -113,7 +113,6 @@ impl MonitorBuilder {
         let subs = self.subs.unwrap_or_else(NotifierSubscriptions::new);
         Ok(UffdMonitor::from_parts(
             fd,
-            true,
             path,
             features,
             subs,
@@ -145,14 +144,10 @@ pub(crate) struct Inner {
     pub(crate) last_error: Mutex<Option<String>>,
     /// A handler thread is running.
     pub(crate) running: AtomicBool,
-    /// Signalled to stop the handler thread's poll (poll mode, see
-    /// `thread`).
+    /// Signalled to stop the handler thread's poll.
     pub(crate) stop: OwnedFd,
     /// Announced zaps in progress (see `announce`).
     pub(crate) announced: Announced,
-    /// The userfaultfd watches this process's memory (false for a monitor
-    /// handed off at fork): the handler thread may use a sentinel page.
-    pub(crate) own_mm: bool,
 }
 
 impl Drop for Inner {
@@ -211,7 +206,6 @@ impl UffdMonitor {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
         fd: OwnedFd,
-        own_mm: bool,
         path: OpenPath,
         features: u64,
         subs: Arc<NotifierSubscriptions>,
@@ -236,7 +230,6 @@ impl UffdMonitor {
             running: AtomicBool::new(false),
             stop,
             announced: Announced::default(),
-            own_mm,
         };
         Self {
             inner: Arc::new(inner),
@@ -413,10 +406,7 @@ impl UffdMonitor {
     }
 
     /// The raw userfaultfd, for polling it in the user's own event loop
-    /// before calling [`Self::handle_pending`]. It is non-blocking, except
-    /// while a handler thread runs (see [`HandlerThread`]).
-    ///
-    /// [`HandlerThread`]: crate::HandlerThread
+    /// before calling [`Self::handle_pending`].
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.inner.fd()
     }

@@ -244,38 +244,3 @@ fn failing_handler_poisons_the_page_for_a_kernel_mode_access() {
     assert_eq!(region.read_u8(P).unwrap(), 0x11);
     assert_eq!(m.stats().sigbus, 1);
 }
-
-#[test]
-fn handler_thread_stops_restarts_and_excludes_handle_pending() {
-    let h = Arc::new(|f: &PageFault, page: &mut PageBuf| {
-        page.fill(f.pgoff as u8 + 1);
-        Ok(Fill::Bytes)
-    });
-    let Some(m) = monitor(UffdMonitor::builder(), h) else {
-        return;
-    };
-    let region = Region::anon(8 * P).unwrap();
-    let range = m.register(&region, RegisterMode::MISSING).unwrap();
-    for round in 0..4u64 {
-        let t = m.spawn().unwrap();
-        assert!(matches!(
-            m.spawn(),
-            Err(notifier_uffd::UffdError::AlreadyRunning)
-        ));
-        assert!(matches!(
-            m.handle_pending(),
-            Err(notifier_uffd::UffdError::AlreadyRunning)
-        ));
-        assert_eq!(region.read_u8(round * P).unwrap(), round as u8 + 1);
-        // Wakes the thread out of its blocking read and joins it.
-        t.stop();
-        // The descriptor is non-blocking again: nothing is pending, so this
-        // returns at once instead of waiting in read(2).
-        assert_eq!(m.handle_pending().unwrap(), 0);
-    }
-    let st = m.stats();
-    assert_eq!(st.missing_faults, 4, "the stop signal is not a fault");
-    assert_eq!(m.last_error(), None);
-    // Nobody drives the monitor now: unregister before the munmap.
-    m.unregister(range).unwrap();
-}
