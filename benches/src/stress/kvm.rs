@@ -55,7 +55,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use notifier_core::frame::FrameStore;
-use notifier_core::mm::{Advice, FileObj, FileOptions, Mm, MmapRequest, Prot};
+use notifier_core::mm::{Advice, FileObj, Mm, MmapRequest, Prot};
 use notifier_core::notifier::{Event, IntervalSubscription};
 use notifier_core::secondary::AccessCheck;
 use notifier_core::verify::Oracle;
@@ -172,17 +172,8 @@ impl KvmWorld {
 
         mm.mmap(&MmapRequest::anon(WINDOW, Prot::RW).at(va(0)))
             .map_err(|x| e("guest RAM", &x))?;
-        let file = mm.create_file(FileOptions::new(4 * FILE_PAGES));
-        for p in 0..4 * FILE_PAGES {
-            file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes())
-                .map_err(|x| e("file", &x))?;
-        }
-        mm.mmap(
-            &MmapRequest::file(file.clone(), 0, FILE_PAGES * PAGE_SIZE, Prot::RW)
-                .shared()
-                .at(va(WINDOW)),
-        )
-        .map_err(|x| e("file window", &x))?;
+        let file = super::world::map_tagged_window(&mm, va(WINDOW), FILE_PAGES)
+            .map_err(|x| e("file window", &x))?;
         let max = kvm.get_nr_memslots() as u32;
         let mirror = KvmMirror::new(vm, mm.clone(), store, max);
         mirror

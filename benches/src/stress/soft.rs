@@ -9,8 +9,7 @@ use std::time::Instant;
 
 use notifier_core::frame::{FrameStore, HeapFrames, Pfn};
 use notifier_core::mm::{
-    Advice, FileOptions, Mm, MmapRequest, Prot, SpecialFault, SpecialFaultError, SpecialMapping,
-    SpecialSource,
+    Advice, Mm, MmapRequest, Prot, SpecialFault, SpecialFaultError, SpecialMapping, SpecialSource,
 };
 use notifier_core::notifier::{Event, IntervalSubscription, InvalidateRange};
 use notifier_core::secondary::{FlushPolicy, Mirror, MirrorConfig, MirrorError, TlbConfig, Va};
@@ -162,17 +161,8 @@ impl SoftWorld {
 
         mm.mmap(&MmapRequest::anon(ARENA_PAGES * PAGE_SIZE, Prot::RW).at(ARENA))
             .map_err(|x| e("arena", &x))?;
-        let file = mm.create_file(FileOptions::new(4 * FILE_PAGES));
-        for p in 0..4 * FILE_PAGES {
-            file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes())
-                .map_err(|x| e("file", &x))?;
-        }
-        mm.mmap(
-            &MmapRequest::file(file.clone(), 0, FILE_PAGES * PAGE_SIZE, Prot::RW)
-                .shared()
-                .at(WINDOW),
-        )
-        .map_err(|x| e("file window", &x))?;
+        let file = super::world::map_tagged_window(&mm, WINDOW, FILE_PAGES)
+            .map_err(|x| e("file window", &x))?;
         // The special mapping's frames: the callback hands out one per page
         // offset, filled with a recognisable pattern.
         let frames: Vec<Pfn> = (0..SPECIAL_PAGES)

@@ -22,6 +22,28 @@ impl IntervalNotifierOps for Idle {
     }
 }
 
+/// Map a shared file window of `window` pages at `addr`, backed by a file
+/// four times as large whose page `p` starts with the tag `p + 1`, so
+/// `remap_file_pages` has pages to shuffle and a reader can tell them apart.
+pub fn map_tagged_window(
+    mm: &notifier_core::mm::Mm,
+    addr: u64,
+    window: u64,
+) -> Result<std::sync::Arc<notifier_core::mm::FileObj>, notifier_core::mm::MmError> {
+    use notifier_core::mm::{FileOptions, MmapRequest, Prot};
+    use notifier_core::PAGE_SIZE;
+    let file = mm.create_file(FileOptions::new(4 * window));
+    for p in 0..4 * window {
+        file.write(p * PAGE_SIZE, &(p + 1).to_le_bytes())?;
+    }
+    mm.mmap(
+        &MmapRequest::file(file.clone(), 0, window * PAGE_SIZE, Prot::RW)
+            .shared()
+            .at(addr),
+    )?;
+    Ok(file)
+}
+
 /// Totals of a world, for progress lines and the report.
 #[derive(Clone, Debug, Default)]
 pub struct WorldStats {
