@@ -124,6 +124,15 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), ParityError> {
     }
 }
 
+/// Minor page faults of this process so far (`/proc/self/stat` field 10),
+/// `None` where that file is unavailable.
+fn minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(7)?.parse().ok()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -304,12 +313,21 @@ fn miss_grow_and_destroy(
     let n = cfg.regions;
     let mut b = fresh(8 << 30)?;
     let before = cfg.alloc_probe.map(|p| p());
+    let faults = minor_faults();
     let t = Instant::now();
     for i in 0..n {
         let h = b.reg.get(addr(i), REGION, ACCESS)?;
         b.reg.put(h)?;
     }
     let grow = t.elapsed().as_nanos() as f64 / f64::from(n);
+    if let (Some(a), Some(z)) = (faults, minor_faults()) {
+        writeln!(
+            out,
+            "# miss_getput_grow: {} minor page faults in the pass ({:.3} per region)",
+            z - a,
+            (z - a) as f64 / f64::from(n)
+        )?;
+    }
     let after = cfg.alloc_probe.map(|p| p());
     let s = b.reg.stats();
     let nic = b.nic.stats();
