@@ -55,6 +55,12 @@ pub enum RegError {
     /// `deregister` on a region that is not a direct registration, or was already deregistered.
     #[error("not a live direct registration (double deregistration?)")]
     NotRegistered,
+    /// One registration covers at most [`crate::region::MAX_PAGES`] pages (16 TiB).
+    #[error("a registration of {len:#x} bytes exceeds the 16 TiB limit")]
+    TooLarge {
+        /// Requested (or merged) length.
+        len: u64,
+    },
     /// The limits are reached and no idle region can be evicted.
     #[error("registration limits reached and every region is in use")]
     LimitExceeded,

@@ -36,10 +36,19 @@ pub(crate) const VALID: u8 = 0;
 pub(crate) const INVALIDATED: u8 = 1;
 pub(crate) const DEREGISTERED: u8 = 2;
 
+/// Most pages of one registration (16 TiB): the length is stored in 32
+/// bits, which keeps a region's allocation at 72 bytes instead of 80.
+pub const MAX_PAGES: u64 = u32::MAX as u64;
+
+/// End of an implicit region: the last page of the address space.
+const IMPLICIT_END: u64 = !(notifier_core::PAGE_SIZE - 1);
+
 /// The shared allocation of a region.
 pub(crate) struct RegionInner<M: ProviderMr> {
     pub(crate) start: u64,
-    pub(crate) end: u64,
+    /// Length in pages (a registration is at most [`MAX_PAGES`] pages); an
+    /// implicit region ends at the top of the address space instead.
+    pub(crate) pages: u32,
     pub(crate) chunk: Arc<Chunk<M>>,
     pub(crate) slot: u32,
     pub(crate) gen: u32,
@@ -68,7 +77,11 @@ impl<M: ProviderMr> Region<M> {
     /// One past the last byte.
     #[inline]
     pub fn end(&self) -> u64 {
-        self.0.end
+        if self.0.implicit {
+            IMPLICIT_END
+        } else {
+            self.0.start + (u64::from(self.0.pages) << notifier_core::PAGE_SHIFT)
+        }
     }
     /// The region's rights.
     #[inline]

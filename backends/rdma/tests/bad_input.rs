@@ -105,3 +105,41 @@ fn advice_outside_the_region_is_an_error() {
     ));
     reg.put(h).unwrap();
 }
+
+#[test]
+fn a_registration_over_16_tib_is_too_large_and_evicts_nothing() {
+    // One idle cached region that a merge would fold in, under a limit
+    // that would make the merge evict.
+    let cfg = RegistryConfig {
+        max_regions: 1,
+        ..Default::default()
+    };
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, cfg);
+    let h = reg.get(BASE, 64 * KIB, RW).unwrap();
+    reg.put(h).unwrap();
+    let before = reg.stats();
+    let huge = (notifier_rdma::region::MAX_PAGES + 1) * 4096;
+    // Overlapping the cached region: the merged range is too large.
+    assert!(matches!(
+        reg.get(BASE, huge, RW),
+        Err(RegError::TooLarge { len }) if len == huge
+    ));
+    assert!(matches!(
+        reg.register(BASE, huge, RW),
+        Err(RegError::TooLarge { .. })
+    ));
+    assert_eq!(reg.stats(), before);
+    assert_eq!(nic.stats().registrations, 1);
+    // The cached region still serves hits; 16 TiB exactly is accepted.
+    let again = reg.get(BASE, 64 * KIB, RW).unwrap();
+    assert_eq!(again, h);
+    reg.put(again).unwrap();
+    let big = reg
+        .register(BASE, notifier_rdma::region::MAX_PAGES * 4096, RW)
+        .unwrap();
+    assert_eq!(
+        reg.bounds(big).unwrap(),
+        (BASE, BASE + notifier_rdma::region::MAX_PAGES * 4096)
+    );
+    reg.deregister(big).unwrap();
+}

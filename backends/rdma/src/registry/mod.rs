@@ -48,7 +48,7 @@ use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
 use crate::access::{Access, Advice};
 use crate::error::RegError;
 use crate::provider::{Provider, ProviderMr};
-use crate::region::{Region, RegionInner, DEREGISTERED, VALID};
+use crate::region::{Region, RegionInner, DEREGISTERED, MAX_PAGES, VALID};
 use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
 use index::StartHash;
 use windows::{ChunkSlot, Windows};
@@ -511,6 +511,8 @@ impl<N: Provider> Registry<N> {
         acc: Access,
     ) -> Result<u32, RegError> {
         let merged = PageRange::from_bounds(lo, hi)?;
+        // Before any eviction: a failed get leaves the cache as it was.
+        check_len(merged, false)?;
         let victim_bytes: u64 = victims
             .iter()
             .map(|&i| self.info(i))
@@ -818,6 +820,7 @@ impl<N: Provider> Registry<N> {
         kind: Kind,
         implicit: bool,
     ) -> Result<u32, RegError> {
+        check_len(range, implicit)?;
         let mr = self.provider.create_mr(range, access, implicit)?;
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -842,7 +845,8 @@ impl<N: Provider> Registry<N> {
         let seq = chunk.read_begin();
         let inner = RegionInner {
             start: range.start(),
-            end: range.end(),
+            // `create` checked the length of a non-implicit range.
+            pages: u32::try_from(range.len() >> PAGE_SHIFT).unwrap_or(u32::MAX),
             chunk,
             slot: idx,
             gen,
@@ -1042,6 +1046,16 @@ impl<N: Provider> Registry<N> {
         } else {
             Err(RegError::LimitExceeded)
         }
+    }
+}
+
+/// A registration's length fits [`MAX_PAGES`] (an implicit one needs not).
+#[inline]
+fn check_len(range: PageRange, implicit: bool) -> Result<(), RegError> {
+    if implicit || range.len() >> PAGE_SHIFT <= MAX_PAGES {
+        Ok(())
+    } else {
+        Err(RegError::TooLarge { len: range.len() })
     }
 }
 
