@@ -4,6 +4,8 @@
 # Installs Debian's libucx-dev if its rcache header is missing, builds
 # ucx_rcache_parity.c with gcc -O2 against it, runs it RUNS times (default 3)
 # at nice 10, printing the load average before each run.
+# Profiling: UCX_PARITY_ONLY=hit|miss|misaligned|cycle|unmap runs one group;
+# under valgrind set UCX_PARITY_EXTERNAL_EVENTS=1 (libucm hooks cannot install).
 set -euo pipefail
 
 runs=${1:-3}
@@ -27,6 +29,8 @@ nice -n 10 gcc -O2 -Wall -Wextra -o "$out" "$here/ucx_rcache_parity.c" \
     -DUCX_PKG_VERSION="\"$ver\"" $flags
 
 for i in $(seq 1 "$runs"); do
+    # The load average is sampled every 5 s: wait so each run gets its own.
+    [ "$i" -gt 1 ] && sleep 6
     echo "# run $i/$runs, $(uptime | sed 's/.*load average/load average/')"
     nice -n 10 "$out"
 done
