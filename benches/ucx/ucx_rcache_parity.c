@@ -159,7 +159,9 @@ static void comp_cb(void *arg)
  * region as power-of-two aligned blocks, so a 64 KiB region that is only
  * page aligned takes several entries (see the "+4 KiB" diagnostics).
  */
+#ifndef ARENA_HINT
 #define ARENA_HINT  0x100000000000ul
+#endif
 #define ARENA_ALIGN (1ul << 30)
 
 static void *map_arena(size_t len)
@@ -390,6 +392,9 @@ NOINLINE static void miss_grow_and_destroy(size_t off, double *grow,
           "miss_getput_grow: %llu registrations, %llu deregistrations for "
           "%u regions", (unsigned long long)c.regs,
           (unsigned long long)c.deregs, REGIONS);
+    if (!off) printf("# arena base %p (%s)\n", (void*)c.base,
+                     c.base == ARENA_HINT ? "as on our side"
+                                          : "1 GiB aligned fallback");
     if (!off) printf("# ucx memory per cached region: region struct %zu B "
            "(ucs_rcache_region_t %zu + key 8), malloc in use (mallinfo2 "
            "uordblks) +%.1f B, process RSS +%.1f B (malloc heap and the "
