@@ -128,7 +128,10 @@ fn main() -> Res {
         }
         m.register_range(&region, off(i), BUF, RegisterMode::MISSING)?;
         region.write(off(i) + 1024, format!("fresh {i}").as_bytes())?;
-        println!("buffer {i} at {:#x}: freed and reallocated ({how})", addr(i));
+        println!(
+            "buffer {i} at {:#x}: freed and reallocated ({how})",
+            addr(i)
+        );
     }
     let before = reg.stats();
     for (i, o) in (0..BUFS).zip(&old) {
@@ -146,7 +149,9 @@ fn main() -> Res {
         })?;
         let mut b = [0xffu8; 17];
         nic.remote_read(h.rkey(), addr(i) + 64, &mut b)?;
-        ensure(b == [0u8; 17], || format!("buffer {i} shows old data {b:?}"))?;
+        ensure(b == [0u8; 17], || {
+            format!("buffer {i} shows old data {b:?}")
+        })?;
         let fresh = format!("fresh {i}");
         let mut f = vec![0u8; fresh.len()];
         nic.remote_read(h.rkey(), addr(i) + 1024, &mut f)?;

@@ -424,7 +424,11 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
                         match keys.lock().insert(h.rkey(), (k, *cur)) {
                             Some(was) if was != (k, *cur) => tally.bad(
                                 &tally.reissued,
-                                format!("get on buf {k} gen {} gave rkey {:#x} of {was:?}", *cur, h.rkey()),
+                                format!(
+                                    "get on buf {k} gen {} gave rkey {:#x} of {was:?}",
+                                    *cur,
+                                    h.rkey()
+                                ),
                             ),
                             _ => {}
                         }
@@ -443,7 +447,10 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
                         if let Some(x) = b.iter().find(|&&x| x != gen_byte(g)) {
                             tally.bad(
                                 &tally.stale,
-                                format!("buf {k} key of gen {g} read byte {x:#x} (now gen {})", *cur),
+                                format!(
+                                    "buf {k} key of gen {g} read byte {x:#x} (now gen {})",
+                                    *cur
+                                ),
                             );
                         }
                     })
@@ -519,12 +526,26 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
     reg.invalidate(region.addr(), region.len()).unwrap();
     let s = reg.stats();
     let t = &*tally;
-    let (ok, rejected) = (t.ok.load(Ordering::Relaxed), t.rejected.load(Ordering::Relaxed));
-    eprintln!("{ok} DMAs served, {rejected} stale keys rejected; {s:?}; {:?}", nic.stats());
+    let (ok, rejected) = (
+        t.ok.load(Ordering::Relaxed),
+        t.rejected.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "{ok} DMAs served, {rejected} stale keys rejected; {s:?}; {:?}",
+        nic.stats()
+    );
     assert_eq!(t.stale.load(Ordering::Relaxed), 0, "stale DMA served");
-    assert_eq!(t.reissued.load(Ordering::Relaxed), 0, "stale registration served");
+    assert_eq!(
+        t.reissued.load(Ordering::Relaxed),
+        0,
+        "stale registration served"
+    );
     assert_eq!(t.spurious.load(Ordering::Relaxed), 0, "live key rejected");
-    assert_eq!(out.violations.load(Ordering::Relaxed), 0, "DMA outside the mappings");
+    assert_eq!(
+        out.violations.load(Ordering::Relaxed),
+        0,
+        "DMA outside the mappings"
+    );
     assert!(ok > 0 && rejected > 0, "the race was exercised");
     assert!(s.invalidations > 0 && s.misses > BUFS);
     assert_eq!(s.registrations, s.deregistrations, "{s:?}");
@@ -617,7 +638,10 @@ fn dma_threads_against_announced_zaps_see_only_whole_incarnations() {
     );
     assert_eq!(torn.load(Ordering::Relaxed), 0, "a stale or torn read");
     assert!(checked.load(Ordering::Relaxed) > 0);
-    assert!(nic.stats().faults > faults, "zapped pages were faulted in again");
+    assert!(
+        nic.stats().faults > faults,
+        "zapped pages were faulted in again"
+    );
     // The registrations survived every zap (on demand), with their keys.
     assert_eq!((s.invalidations, s.misses), (0, BUFS));
     for &h in handles.iter() {
