@@ -1,16 +1,15 @@
-//! A `get` that misses while the primary unmaps an *unrelated* range of
-//! the same 1 GiB chunk window: the new registration must come back alive.
+//! A `get` that misses while the primary invalidates memory of the same
+//! 1 GiB chunk window, between the new region's `read_begin` and its entry
+//! into the invalidation index (`publish`).
 //!
-//! The registry takes the chunk's `read_begin` sequence before it builds a
-//! region and, when the region enters the invalidation index (`publish`),
-//! kills it if the chunk's sequence moved meanwhile. The sequence is the
-//! whole window's, so an unmap anywhere in the window kills the new region
-//! although nothing it covers changed: `get` returns a handle whose keys
-//! are already dead. Safe (nothing stale is reachable), but a spurious
-//! failure for the application; `tests/uffd.rs` hits it with real memory
-//! when DMA threads get buffers while another thread frees its neighbours.
+//! The chunk's sequence is the whole window's, so it moves on any
+//! invalidation in the window; `publish` kills the new region only when an
+//! invalidation that ran meanwhile overlapped it (the callbacks log their
+//! ranges), or when more ran than the log holds. Found with real memory by
+//! `tests/uffd.rs`: DMA threads getting buffers while another thread freed
+//! their neighbours got registrations whose keys were already dead.
 //!
-//! The provider below wraps the software NIC and runs the unrelated unmap
+//! The provider below wraps the software NIC and runs the racing unmaps
 //! inside `activate_mr`, i.e. between `read_begin` and `publish`, to make
 //! the interleaving deterministic.
 
@@ -70,19 +69,71 @@ impl Provider for Hooked {
     }
 }
 
-#[test]
-#[ignore = "registry bug: publish kills a new region on any invalidation of its chunk window"]
-fn a_miss_racing_an_unrelated_unmap_in_the_window_returns_a_live_region() {
+/// A registry over `Hooked` with one region making the window's chunk exist.
+fn hooked() -> (
+    Arc<notifier_rdma::testing::ModelPrimary>,
+    SoftNic,
+    Registry<Hooked>,
+) {
     let (mm, nic, _) = setup(64, 256 * KIB, RegistryConfig::default());
     let provider = Hooked {
         nic: nic.clone(),
         hook: Mutex::new(None),
     };
     let mut reg = Registry::new(&*mm, provider, RegistryConfig::default());
-    // A first region makes the window's chunk exist.
     let first = reg.get(BASE, 16 * KIB, Access::ALL).unwrap();
     reg.put(first).unwrap();
+    (mm, nic, reg)
+}
 
+#[test]
+fn a_miss_racing_an_unmap_of_its_own_range_comes_back_dead() {
+    // The publish check must still catch what the callback could not see:
+    // the unmap of the new region's own memory while it was being built.
+    let (mm, nic, mut reg) = hooked();
+    let mm2 = Arc::clone(&mm);
+    *reg.provider().hook.lock() = Some(Box::new(move || {
+        mm2.munmap(BASE + 128 * KIB, 4 * KIB).unwrap();
+    }));
+    let h = reg.get(BASE + 128 * KIB, 16 * KIB, Access::ALL).unwrap();
+    assert!(reg.provider().hook.lock().is_none(), "the hook ran");
+    assert!(!reg.region(h).unwrap().is_valid());
+    assert!(nic
+        .local_write(h.lkey(), BASE + 132 * KIB, b"stale")
+        .is_err());
+    assert_eq!(reg.stats().invalidations, 1);
+    reg.put(h).unwrap();
+    // Its range is served anew.
+    mm.mmap(BASE + 128 * KIB, 4 * KIB, true).unwrap();
+    let again = reg.get(BASE + 128 * KIB, 16 * KIB, Access::ALL).unwrap();
+    assert!(reg.region(again).unwrap().is_valid());
+    reg.put(again).unwrap();
+}
+
+#[test]
+fn a_miss_racing_more_unrelated_unmaps_than_the_log_holds_is_killed_safely() {
+    // Past the callbacks' range log the registry cannot tell what changed
+    // and kills the new region: spurious, never stale.
+    let (mm, nic, mut reg) = hooked();
+    let mm2 = Arc::clone(&mm);
+    *reg.provider().hook.lock() = Some(Box::new(move || {
+        for i in 0..100 {
+            mm2.munmap(BASE + 64 * KIB + (i % 16) * 4 * KIB, 4 * KIB)
+                .ok();
+        }
+    }));
+    let h = reg.get(BASE + 128 * KIB, 16 * KIB, Access::ALL).unwrap();
+    assert!(!reg.region(h).unwrap().is_valid());
+    assert!(nic.local_write(h.lkey(), BASE + 128 * KIB, b"x").is_err());
+    reg.put(h).unwrap();
+    let again = reg.get(BASE + 128 * KIB, 16 * KIB, Access::ALL).unwrap();
+    assert!(reg.region(again).unwrap().is_valid());
+    reg.put(again).unwrap();
+}
+
+#[test]
+fn a_miss_racing_an_unrelated_unmap_in_the_window_returns_a_live_region() {
+    let (mm, nic, mut reg) = hooked();
     // While the next miss (at BASE + 128 KiB) is being built, the primary
     // unmaps [BASE + 64 KiB, + 16 KiB): disjoint from it, same window.
     let mm2 = Arc::clone(&mm);

@@ -477,6 +477,8 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
                             let what = format!("buf {k} gen {g}: live key rejected: {e:?}");
                             tally.bad(&tally.spurious, what);
                         } else if g == *cur {
+                            // Its buffer was not freed since the get: only an
+                            // invalidation of other memory can have killed it.
                             tally.dead_on_arrival.fetch_add(1, Ordering::Relaxed);
                         }
                         tally.rejected.fetch_add(1, Ordering::Relaxed);
@@ -556,6 +558,7 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
         "stale registration served"
     );
     assert_eq!(t.spurious.load(Ordering::Relaxed), 0, "live key rejected");
+    assert_eq!(doa, 0, "a fresh registration came back dead");
     assert_eq!(
         out.violations.load(Ordering::Relaxed),
         0,

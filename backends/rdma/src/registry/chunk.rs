@@ -56,6 +56,9 @@ pub(crate) const CHUNK_SHIFT: u32 = 30;
 /// Most empty shared chunks kept subscribed; beyond, empty ones are unsubscribed.
 pub(crate) const MAX_EMPTY_CHUNKS: usize = 16;
 
+/// Callback invocations whose ranges [`Index::log`] keeps.
+const LOG: usize = 64;
+
 /// A chunk: an interval subscription whose callback serves its regions.
 pub(crate) type Chunk<M> = IntervalSubscription<ChunkOps<M>>;
 
@@ -76,6 +79,12 @@ pub(crate) struct Index<M: ProviderMr> {
     pub(crate) queue: Vec<(u32, u32)>,
     /// Regions the callbacks killed, ever.
     pub(crate) invalidations: u64,
+    /// Callback invocations so far (every chunk of the registry).
+    pub(crate) calls: u64,
+    /// The range each of the last [`LOG`] invocations invalidated, at
+    /// `calls % LOG`: what a region built meanwhile may have missed (see
+    /// [`Index::missed`]).
+    log: [(u64, u64); LOG],
 }
 
 impl<M: ProviderMr> Default for Index<M> {
@@ -87,11 +96,38 @@ impl<M: ProviderMr> Default for Index<M> {
             implicit: Vec::new(),
             queue: Vec::new(),
             invalidations: 0,
+            calls: 0,
+            log: [(0, 0); LOG],
         }
     }
 }
 
 impl<M: ProviderMr> Index<M> {
+    /// A callback invalidated `[start, end)`.
+    fn record(&mut self, start: u64, end: u64) {
+        self.log[(self.calls % LOG as u64) as usize] = (start, end);
+        self.calls += 1;
+    }
+
+    /// Whether a callback invoked after [`Self::calls`] read `mark`
+    /// invalidated part of `[start, end)` (or too many ran to tell).
+    ///
+    /// A region is built outside the index lock and enters the index only
+    /// afterwards: a callback that ran in between cannot have found it. The
+    /// owner reads `mark` under the lock before the region's `read_begin`,
+    /// so every callback whose `set_seq` that `read_begin` did not see is
+    /// counted after `mark`; only those that overlap the region can have
+    /// changed its memory.
+    pub(crate) fn missed(&self, mark: u64, start: u64, end: u64) -> bool {
+        if self.calls - mark > LOG as u64 {
+            return true;
+        }
+        (mark..self.calls).any(|c| {
+            let (a, b) = self.log[(c % LOG as u64) as usize];
+            a < end && start < b
+        })
+    }
+
     /// Add a live region outside the cache.
     pub(crate) fn link_other(&mut self, r: Region<M>) {
         if r.is_implicit() {
@@ -192,6 +228,7 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
         };
         sub.set_seq(cur_seq);
         let (a, b) = (range.start.max(sub.start()), range.end.min(sub.end()));
+        ix.record(a, b);
         let mine = |r: &Region<M>| core::ptr::eq(r.notifier(), sub);
         let Index {
             cached,
@@ -200,6 +237,7 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
             implicit,
             queue,
             invalidations,
+            ..
         } = &mut *ix;
         let before = queue.len();
         let mut res = Ok(());
@@ -260,6 +298,7 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
     /// The address space goes away: kill every region of this chunk.
     fn release(&self, sub: &IntervalNotifier) {
         let mut ix = self.shared.index.lock();
+        ix.record(sub.start(), sub.end());
         let Index {
             cached,
             others,

@@ -244,6 +244,9 @@ pub struct Registry<N: Provider> {
     empty_chunks: usize,
     /// Chunk sequence taken by the last `create`, for `index`'s `publish`.
     seq: u64,
+    /// The invalidation index's callback count read before that sequence
+    /// (see `chunk::Index::missed`).
+    mark: u64,
     hash: StartHash,
     /// Reused buffer of slot indices for merges and invalidations.
     scratch: Vec<u32>,
@@ -285,6 +288,7 @@ impl<N: Provider> Registry<N> {
             chunks: Windows::default(),
             empty_chunks: 0,
             seq: 0,
+            mark: 0,
             hash: StartHash::new(),
             scratch: Vec::new(),
             cfg,
@@ -468,8 +472,11 @@ impl<N: Provider> Registry<N> {
         let mut victims = core::mem::take(&mut self.scratch);
         victims.clear();
         let mut covering = None;
+        let mark;
         {
             let ix = self.shared.index.lock();
+            // Before the new region's `read_begin` (in `create`).
+            mark = ix.calls;
             for r in ix.cached.rev_upto(range.end()).map(|(_, r)| r) {
                 if r.end() < range.start() {
                     break;
@@ -494,7 +501,7 @@ impl<N: Provider> Registry<N> {
             self.scratch = victims;
             return Ok(self.handle(idx));
         }
-        let r = self.merge_in(&victims, lo, hi, acc);
+        let r = self.merge_in(&victims, lo, hi, acc, mark);
         self.scratch = victims;
         let idx = r?;
         self.index(idx);
@@ -509,6 +516,7 @@ impl<N: Provider> Registry<N> {
         lo: u64,
         hi: u64,
         acc: Access,
+        mark: u64,
     ) -> Result<u32, RegError> {
         let merged = PageRange::from_bounds(lo, hi)?;
         // Before any eviction: a failed get leaves the cache as it was.
@@ -523,7 +531,7 @@ impl<N: Provider> Registry<N> {
             self.cached_bytes - victim_bytes + merged.len(),
             victims,
         )?;
-        let idx = self.create(merged, acc, Kind::Cached, false)?;
+        let idx = self.create(merged, acc, Kind::Cached, false, mark)?;
         self.misses += 1;
         self.merges += victims.len() as u64;
         for &v in victims {
@@ -655,7 +663,8 @@ impl<N: Provider> Registry<N> {
         if !access.validate() {
             return Err(RegError::InvalidAccess(access));
         }
-        let idx = self.create(range, access.normalize(), Kind::Direct, false)?;
+        let mark = self.shared.index.lock().calls;
+        let idx = self.create(range, access.normalize(), Kind::Direct, false, mark)?;
         self.take_ref(idx);
         Ok(self.handle(idx))
     }
@@ -672,7 +681,8 @@ impl<N: Provider> Registry<N> {
             return Err(RegError::InvalidAccess(access));
         }
         let range = PageRange::new(0, !(PAGE_SIZE - 1))?;
-        let idx = self.create(range, access.normalize(), Kind::Direct, true)?;
+        let mark = self.shared.index.lock().calls;
+        let idx = self.create(range, access.normalize(), Kind::Direct, true, mark)?;
         self.take_ref(idx);
         Ok(self.handle(idx))
     }
@@ -819,6 +829,7 @@ impl<N: Provider> Registry<N> {
         access: Access,
         kind: Kind,
         implicit: bool,
+        mark: u64,
     ) -> Result<u32, RegError> {
         check_len(range, implicit)?;
         let mr = self.provider.create_mr(range, access, implicit)?;
@@ -869,7 +880,7 @@ impl<N: Provider> Registry<N> {
         if kind == Kind::Direct {
             let mut ix = self.shared.index.lock();
             ix.link_other(region.clone());
-            self.publish(&mut ix, &region, seq);
+            self.publish(&mut ix, &region, seq, mark);
         }
         if let Err(e) = self.provider.activate_mr(&region) {
             region.0.state.store(DEREGISTERED, Ordering::Release);
@@ -882,6 +893,7 @@ impl<N: Provider> Registry<N> {
         }
         self.registrations += 1;
         self.seq = seq;
+        self.mark = mark;
         let (lkey, rkey) = (region.mr().lkey(), region.mr().rkey());
         self.slots[idx as usize] = Some(region);
         let mut x = Hot {
@@ -916,7 +928,7 @@ impl<N: Provider> Registry<N> {
         {
             let mut ix = self.shared.index.lock();
             ix.cached.insert(start, r.clone());
-            self.publish(&mut ix, r, self.seq);
+            self.publish(&mut ix, r, self.seq, self.mark);
         }
         if idx < index::MAX_SLOT && self.hot[idx as usize].pages != u32::MAX {
             let hot = &self.hot;
@@ -930,12 +942,14 @@ impl<N: Provider> Registry<N> {
 
     /// The region just entered the invalidation index (whose lock `ix` is):
     /// if an invalidation of its chunk ran since `seq` (taken before the
-    /// region was built), it may have missed the region; kill it, as that
-    /// invalidation would have, and queue it. A `get` racing with an unmap
-    /// of its range may thus return a handle whose keys are already dead.
-    fn publish(&self, ix: &mut chunk::Index<N::Mr>, r: &Region<N::Mr>, seq: u64) {
+    /// region was built) over part of its range, it may have missed the
+    /// region; kill it, as that invalidation would have, and queue it. A
+    /// `get` racing with an unmap of its own range may thus return a handle
+    /// whose keys are already dead; an invalidation of other memory in the
+    /// chunk's window (`mark` tells which ran) leaves it alive.
+    fn publish(&self, ix: &mut chunk::Index<N::Mr>, r: &Region<N::Mr>, seq: u64, mark: u64) {
         // The index lock is the lock the callback holds around `set_seq`.
-        if r.notifier().read_retry(seq) && r.kill() {
+        if r.notifier().read_retry(seq) && ix.missed(mark, r.start(), r.end()) && r.kill() {
             r.mr().zap();
             ix.queue.push((r.0.slot, r.0.gen));
             ix.invalidations += 1;
