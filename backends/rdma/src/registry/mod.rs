@@ -582,6 +582,7 @@ impl<N: Provider> Registry<N> {
         hit.clear();
         {
             let mut ix = self.shared.index.lock();
+            let mut first = None;
             for r in ix.cached.rev_below(range.end()).map(|(_, r)| r) {
                 if r.end() <= range.start() {
                     break;
@@ -590,14 +591,13 @@ impl<N: Provider> Registry<N> {
                     self.invalidations += 1;
                 }
                 hit.push(r.0.slot);
+                first = Some(r.start());
             }
-            // Dead regions leave the invalidation index at once.
-            for &idx in &hit {
-                let start = self.slots[idx as usize]
-                    .as_ref()
-                    .expect("live slot")
-                    .start();
-                ix.cached.remove(start);
+            // Dead regions leave the invalidation index at once: cached
+            // regions are disjoint, so the hit ones are the keys from the
+            // first hit's start up to the range's end.
+            if let Some(lo) = first {
+                ix.cached.remove_range(lo, range.end());
             }
         }
         for &idx in &hit {

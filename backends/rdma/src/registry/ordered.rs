@@ -144,14 +144,15 @@ impl<V> SortedBlocks<V> {
         if pos >= blk.len() || blk[pos].0 != key {
             return None;
         }
-        let (_, v) = blk.remove(pos);
+        // The newest region is the common one to go: no move for the last.
+        let (_, v) = if pos + 1 == blk.len() {
+            blk.pop().expect("non-empty")
+        } else {
+            blk.remove(pos)
+        };
         self.len -= 1;
         if blk.is_empty() {
-            let old = self.blocks.remove(b);
-            self.mins.remove(b);
-            if self.spare.capacity() == 0 {
-                self.spare = old;
-            }
+            self.drop_block(b);
         } else {
             self.mins[b] = blk[0].0;
             // Fold a small block into its successor's room to bound waste.
@@ -165,6 +166,53 @@ impl<V> SortedBlocks<V> {
             }
         }
         Some(v)
+    }
+
+    /// Remove every entry with `lo <= key < hi`; returns how many.
+    pub(crate) fn remove_range(&mut self, lo: u64, hi: u64) -> usize {
+        if self.blocks.is_empty() || lo >= hi {
+            return 0;
+        }
+        let mut b = self.block_of(lo);
+        let mut removed = 0;
+        while b < self.blocks.len() {
+            let blk = &mut self.blocks[b];
+            let len = blk.len();
+            let from = blk.partition_point(|e| e.0 < lo);
+            let to = from + blk[from..].partition_point(|e| e.0 < hi);
+            if to == len {
+                blk.truncate(from);
+            } else {
+                blk.drain(from..to);
+            }
+            removed += to - from;
+            if blk.is_empty() {
+                self.drop_block(b);
+                continue;
+            }
+            self.mins[b] = blk[0].0;
+            if to < len {
+                // Keys at or past `hi` remain: nothing further is in range.
+                break;
+            }
+            b += 1;
+        }
+        self.len -= removed;
+        removed
+    }
+
+    /// Remove the (empty) block `b`, keeping its allocation as the spare.
+    fn drop_block(&mut self, b: usize) {
+        let old = if b + 1 == self.blocks.len() {
+            self.mins.pop();
+            self.blocks.pop().expect("block b")
+        } else {
+            self.mins.remove(b);
+            self.blocks.remove(b)
+        };
+        if self.spare.capacity() == 0 {
+            self.spare = old;
+        }
     }
 
     /// Entries with key `<= key`, descending.
@@ -257,7 +305,14 @@ mod tests {
             } else {
                 x % 3000
             };
-            if x % 3 == 0 {
+            if x % 61 == 0 {
+                let hi = key + x % 200;
+                let want: Vec<u64> = m.range(key..hi).map(|(k, _)| *k).collect();
+                for k in &want {
+                    m.remove(k);
+                }
+                assert_eq!(s.remove_range(key, hi), want.len());
+            } else if x % 3 == 0 {
                 assert_eq!(s.remove(key), m.remove(&key));
             } else {
                 assert_eq!(s.insert(key, step), m.insert(key, step));
