@@ -20,7 +20,7 @@
 //! - **One owner, plain counters.** A [`Registry`] is used through
 //!   `&mut self` (like a UCX worker's rcache; wrap it in a mutex to share
 //!   it). Its hit path is a page-keyed hash probe that yields everything
-//!   for the handle, plus a 16-byte hot record with a plain reference
+//!   for the handle, plus a 32-byte hot record with a plain reference
 //!   count and LRU tick: no atomic read-modify-write on get or put.
 //! - **Chunks, not one subscription per region.** Regions join a *chunk*:
 //!   one interval subscription per 1 GiB aligned window (kept while
