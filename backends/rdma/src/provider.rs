@@ -93,6 +93,12 @@ pub trait ProviderMr: Send + Sync + 'static {
     /// keys now. A provider that checks the region's state on every access
     /// (the software NIC) has nothing to do.
     fn zap(&self);
+
+    /// The region was destroyed and its allocation is kept for reuse by a
+    /// later registration: free what it still holds (translations, device
+    /// buffers) so a kept allocation stays small. Called with exclusive
+    /// access, after [`Provider::dereg_mr`]. The default keeps everything.
+    fn recycle(&mut self) {}
 }
 
 impl<T: Provider + ?Sized> Provider for Arc<T> {

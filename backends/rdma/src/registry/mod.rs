@@ -53,8 +53,11 @@ use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
 use index::StartHash;
 use windows::{ChunkSlot, Windows};
 
-/// Most region allocations a registry keeps for reuse.
-const MAX_SPARE: usize = 16;
+/// Most region allocations a registry keeps for reuse (72 bytes each plus
+/// the chunk they last belonged to; their provider state is recycled): an
+/// unmap storm's deregistrations refill the next registrations without an
+/// allocator call either way.
+const MAX_SPARE: usize = 1024;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
 /// order (down to 15/16 of the limit, so the scan is amortised).
@@ -1011,8 +1014,12 @@ impl<N: Provider> Registry<N> {
             self.leave_chunk(&region);
             self.deregistrations += 1;
             // Unique now unless a DMA in flight still holds it.
-            if self.spare.len() < MAX_SPARE && Arc::strong_count(&region.0) == 1 {
-                self.spare.push(region);
+            if self.spare.len() < MAX_SPARE {
+                let mut region = region;
+                if let Some(x) = Arc::get_mut(&mut region.0) {
+                    x.mr.recycle();
+                    self.spare.push(region);
+                }
             }
         }
     }

@@ -122,6 +122,11 @@ impl ProviderMr for SoftMr {
     /// lock, so a dead region's translations are never used again; they
     /// are freed with the region.
     fn zap(&self) {}
+
+    /// Drop the translations (a dead region may still hold some).
+    fn recycle(&mut self) {
+        *self.mtt.get_mut() = Mtt::default();
+    }
 }
 
 /// Why a NIC fault did not produce a translation.
