@@ -54,9 +54,9 @@ use index::StartHash;
 use windows::{ChunkSlot, Windows};
 
 /// Most region allocations a registry keeps for reuse (72 bytes each plus
-/// the chunk they last belonged to; their provider state is recycled): an
-/// unmap storm's deregistrations refill the next registrations without an
-/// allocator call either way.
+/// the chunk they last belonged to; their provider state is recycled): the
+/// registrations that follow an unmap storm reuse them instead of calling
+/// the allocator.
 const MAX_SPARE: usize = 1024;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
