@@ -185,9 +185,21 @@ impl StartHash {
     }
 
     /// Number of entries.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Replace the contents with `entries` (distinct pages, slots below
+    /// [`MAX_SLOT`]), as a run of inserts into a new hash would.
+    pub(crate) fn rebuild(
+        &mut self,
+        entries: impl Iterator<Item = (u64, u32)>,
+        key_of: impl Fn(u32) -> u64,
+    ) {
+        *self = Self::new();
+        for (page, slot) in entries {
+            self.insert(page, slot, &key_of);
+        }
     }
 }
 
@@ -226,5 +238,17 @@ mod tests {
             }
         }
         assert_eq!(h.len(), m.len());
+        // Rebuilt from the surviving half, it answers as the map does.
+        let keep: Vec<(u64, u32)> = m
+            .iter()
+            .map(|(&p, &s)| (p, s))
+            .filter(|e| e.1 % 2 == 0)
+            .collect();
+        h.rebuild(keep.iter().copied(), |s| keys[s as usize]);
+        assert_eq!(h.len(), keep.len());
+        for (&p, &s) in &m {
+            let want = (s % 2 == 0).then_some(s);
+            assert_eq!(h.get(p, |s| keys[s as usize]), want);
+        }
     }
 }

@@ -253,6 +253,8 @@ pub struct Registry<N: Provider> {
     hash: StartHash,
     /// Reused buffer of slot indices for merges and invalidations.
     scratch: Vec<u32>,
+    /// Reused buffer of region starts for the drain.
+    scratch_keys: Vec<u64>,
     cfg: RegistryConfig,
     cached: u64,
     cached_bytes: u64,
@@ -294,6 +296,7 @@ impl<N: Provider> Registry<N> {
             mark: 0,
             hash: StartHash::new(),
             scratch: Vec::new(),
+            scratch_keys: Vec::new(),
             cfg,
             cached: 0,
             cached_bytes: 0,
@@ -634,12 +637,13 @@ impl<N: Provider> Registry<N> {
             }
             q.push(idx);
         }
+        // Dead cached regions leave the cache together: one index lock,
+        // one pass over the ordered index, then the hash.
+        let mut starts = core::mem::take(&mut self.scratch_keys);
+        starts.clear();
         for &idx in &q {
             match self.hot[idx as usize].kind() {
-                Kind::Cached => {
-                    self.unindex(idx, false);
-                    self.retire_if_idle(idx);
-                }
+                Kind::Cached => starts.push(self.info(idx).start),
                 Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked() => {
                     let r = self.slots[idx as usize].clone().expect("live slot");
                     self.shared.index.lock().unlink_other(&r);
@@ -648,6 +652,16 @@ impl<N: Provider> Registry<N> {
                 _ => {}
             }
         }
+        if !starts.is_empty() {
+            starts.sort_unstable();
+            self.shared.index.lock().cached.remove_sorted(&starts);
+            q.retain(|&idx| self.hot[idx as usize].kind() == Kind::Cached);
+            self.unhash_many(&q);
+            for &idx in &q {
+                self.retire_if_idle(idx);
+            }
+        }
+        self.scratch_keys = starts;
         self.scratch = q;
     }
 
@@ -987,6 +1001,31 @@ impl<N: Provider> Registry<N> {
         });
         self.cached -= 1;
         self.cached_bytes -= s.end - s.start;
+    }
+
+    /// [`Self::unhash`] of many cached slots: when they are most of the
+    /// hash, rebuild it from the cached slots that stay instead of removing
+    /// entries one by one.
+    fn unhash_many(&mut self, idxs: &[u32]) {
+        if idxs.len() * 2 <= self.hash.len() {
+            for &idx in idxs {
+                self.unhash(idx);
+            }
+            return;
+        }
+        for &idx in idxs {
+            self.hot[idx as usize].set_kind(Kind::Orphan);
+            let s = self.info(idx);
+            self.cached -= 1;
+            self.cached_bytes -= s.end - s.start;
+        }
+        let hot = &self.hot;
+        let stay = hot.iter().enumerate().filter_map(|(i, x)| {
+            (x.kind() == Kind::Cached && (i as u32) < index::MAX_SLOT && x.pages != u32::MAX)
+                .then_some((x.start_bits >> PAGE_SHIFT, i as u32))
+        });
+        self.hash
+            .rebuild(stay, |s| hot[s as usize].start_bits >> PAGE_SHIFT);
     }
 
     fn retire_if_idle(&mut self, idx: u32) {

@@ -201,6 +201,40 @@ impl<V> SortedBlocks<V> {
         removed
     }
 
+    /// Remove the entries of `keys` (ascending, each present at most once;
+    /// absent keys are skipped) in one pass over the blocks they fall in;
+    /// returns how many were removed.
+    pub(crate) fn remove_sorted(&mut self, keys: &[u64]) -> usize {
+        debug_assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        let mut removed = 0;
+        let mut i = 0;
+        while i < keys.len() && !self.blocks.is_empty() {
+            let b = self.block_of(keys[i]);
+            let hi = self.mins.get(b + 1).copied().unwrap_or(u64::MAX);
+            // `block_of` put keys[i] below the next block's minimum.
+            let j = i + keys[i..].partition_point(|&k| k < hi).max(1);
+            let ks = &keys[i..j];
+            let blk = &mut self.blocks[b];
+            let before = blk.len();
+            let mut p = 0;
+            blk.retain(|e| {
+                while p < ks.len() && ks[p] < e.0 {
+                    p += 1;
+                }
+                !(p < ks.len() && ks[p] == e.0)
+            });
+            removed += before - blk.len();
+            if blk.is_empty() {
+                self.drop_block(b);
+            } else {
+                self.mins[b] = blk[0].0;
+            }
+            i = j;
+        }
+        self.len -= removed;
+        removed
+    }
+
     /// Remove the (empty) block `b`, keeping its allocation as the spare.
     fn drop_block(&mut self, b: usize) {
         let old = if b + 1 == self.blocks.len() {
@@ -305,7 +339,14 @@ mod tests {
             } else {
                 x % 3000
             };
-            if x % 61 == 0 {
+            if x % 67 == 0 {
+                // A sorted batch of keys, present or not.
+                let mut batch: Vec<u64> = (0..(x % 40)).map(|d| (key + d * 7) % 3100).collect();
+                batch.sort_unstable();
+                batch.dedup();
+                let present = batch.iter().filter(|&&k| m.remove(&k).is_some()).count();
+                assert_eq!(s.remove_sorted(&batch), present);
+            } else if x % 61 == 0 {
                 let hi = key + x % 200;
                 let want: Vec<u64> = m.range(key..hi).map(|(k, _)| *k).collect();
                 for k in &want {
