@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use notifier_rdma::soft::{DmaAccess, DmaObserver};
 use notifier_rdma::{Access, DmaError, MrHandle, RegError, Registry, RegistryConfig, SoftNic};
-use notifier_uffd::{Advice, Region, RegisterMode, UffdMonitor, UffdPrimary, ZeroHandler};
+use notifier_uffd::{
+    Advice, HandlerThread, Region, RegisterMode, UffdMonitor, UffdPrimary, ZeroHandler,
+};
 use parking_lot::{Mutex, RwLock};
 
 const P: u64 = 4096;
@@ -92,6 +94,41 @@ fn nic(m: &UffdMonitor, prim: &Arc<UffdPrimary>) -> (SoftNic, Arc<Outside>) {
     (SoftNic::with_observer(prim.clone(), observer), out)
 }
 
+/// What every test runs on: a monitor and its handler thread, an anonymous
+/// region it watches for missing pages, the primary over it and a checked
+/// software NIC.
+///
+/// Fields drop in order: the region must go (its unmap raises an event the
+/// handler thread reads) before the thread and the monitor.
+struct World {
+    out: Arc<Outside>,
+    nic: SoftNic,
+    prim: Arc<UffdPrimary>,
+    region: Arc<Region>,
+    _thread: HandlerThread,
+    m: UffdMonitor,
+}
+
+impl World {
+    /// `None` (after a visible SKIP) without userfaultfd.
+    fn new(bytes: u64) -> Option<Self> {
+        let m = monitor()?;
+        let _thread = m.spawn().unwrap();
+        let region = Arc::new(Region::anon(bytes).unwrap());
+        m.register(&region, RegisterMode::MISSING).unwrap();
+        let prim = Arc::new(UffdPrimary::new(&m).unwrap());
+        let (nic, out) = nic(&m, &prim);
+        Some(Self {
+            out,
+            nic,
+            prim,
+            region,
+            _thread,
+            m,
+        })
+    }
+}
+
 fn registry(prim: &Arc<UffdPrimary>, nic: &SoftNic) -> Registry<SoftNic> {
     Registry::new(&**prim, nic.clone(), RegistryConfig::default())
 }
@@ -120,13 +157,9 @@ fn is_rejected(r: Result<(), DmaError>, key: u32) -> bool {
 
 #[test]
 fn dma_through_the_keys_reaches_real_memory() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Region::anon(16 * P).unwrap();
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let mut reg = registry(&prim, &nic);
+    let Some(w) = World::new(16 * P) else { return };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let mut reg = registry(&w.prim, nic);
     let base = region.addr();
 
     let h = reg.get(base + 4 * P, 4 * P, RW).unwrap();
@@ -163,13 +196,9 @@ fn dma_through_the_keys_reaches_real_memory() {
 
 #[test]
 fn free_then_recreate_at_the_same_address_gives_a_new_registration() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Region::anon(16 * P).unwrap();
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let mut reg = registry(&prim, &nic);
+    let Some(w) = World::new(16 * P) else { return };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let mut reg = registry(&w.prim, nic);
     let (off, len) = (4 * P, 4 * P);
     let a = region.addr() + off;
 
@@ -187,7 +216,7 @@ fn free_then_recreate_at_the_same_address_gives_a_new_registration() {
         reg.put(again).unwrap();
         let before = reg.stats();
 
-        free_and_recreate(&m, &region, off, len, fixed);
+        free_and_recreate(m, region, off, len, fixed);
         // The old keys died with the UNMAP, before the new memory came.
         let mut b = [0u8; 64];
         assert!(is_rejected(
@@ -229,13 +258,9 @@ fn free_then_recreate_at_the_same_address_gives_a_new_registration() {
 
 #[test]
 fn a_zap_by_madvise_keeps_the_odp_registration_and_shows_the_new_pages() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Region::anon(16 * P).unwrap();
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let mut reg = registry(&prim, &nic);
+    let Some(w) = World::new(16 * P) else { return };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let mut reg = registry(&w.prim, nic);
     let (off, len) = (4 * P, 4 * P);
     let a = region.addr() + off;
     let h = reg.get(a, len, RW).unwrap();
@@ -249,7 +274,7 @@ fn a_zap_by_madvise_keeps_the_odp_registration_and_shows_the_new_pages() {
         let (before, faults) = (reg.stats(), nic.stats().faults);
         let removes = m.stats().removes;
         if announced {
-            m.madvise(&region, off, len, Advice::DontNeed).unwrap();
+            m.madvise(region, off, len, Advice::DontNeed).unwrap();
         } else {
             // Unannounced is fine while no DMA runs on the range; its
             // REMOVE is applied before any later fault is served.
@@ -274,13 +299,9 @@ fn a_zap_by_madvise_keeps_the_odp_registration_and_shows_the_new_pages() {
 
 #[test]
 fn a_region_held_across_the_unmap_dies_at_once_and_goes_at_its_last_put() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Region::anon(16 * P).unwrap();
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let mut reg = registry(&prim, &nic);
+    let Some(w) = World::new(16 * P) else { return };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let mut reg = registry(&w.prim, nic);
     let (off, len) = (8 * P, 2 * P);
     let a = region.addr() + off;
 
@@ -307,7 +328,7 @@ fn a_region_held_across_the_unmap_dies_at_once_and_goes_at_its_last_put() {
     // New memory at the same address: a new registration, while the old
     // region still waits for its put.
     region.map_fixed_over(off, len).unwrap();
-    m.register_range(&region, off, len, RegisterMode::MISSING)
+    m.register_range(region, off, len, RegisterMode::MISSING)
         .unwrap();
     let new = reg.get(a, len, RW).unwrap();
     assert_ne!(new.rkey(), held.rkey());
@@ -386,13 +407,11 @@ impl Tally {
 
 #[test]
 fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Arc::new(Region::anon(BUFS * STRIDE).unwrap());
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let reg = Arc::new(Mutex::new(registry(&prim, &nic)));
+    let Some(w) = World::new(BUFS * STRIDE) else {
+        return;
+    };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let reg = Arc::new(Mutex::new(registry(&w.prim, nic)));
     // Per buffer: the current generation, under the application's lock
     // that keeps DMA off a buffer while it is unmapped (the documented
     // hazard). DMA threads keep their keys across the lock.
@@ -572,13 +591,11 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
 
 #[test]
 fn dma_threads_against_announced_zaps_see_only_whole_incarnations() {
-    let Some(m) = monitor() else { return };
-    let _thread = m.spawn().unwrap();
-    let region = Arc::new(Region::anon(BUFS * STRIDE).unwrap());
-    m.register(&region, RegisterMode::MISSING).unwrap();
-    let prim = Arc::new(UffdPrimary::new(&m).unwrap());
-    let (nic, out) = nic(&m, &prim);
-    let mut reg = registry(&prim, &nic);
+    let Some(w) = World::new(BUFS * STRIDE) else {
+        return;
+    };
+    let (m, region, nic, out) = (&w.m, &w.region, &w.nic, &w.out);
+    let mut reg = registry(&w.prim, nic);
     // Per buffer a sequence word: odd while the buffer is zapped and
     // refilled, `2 * g` when generation g is whole. No lock: an announced
     // zap may run while devices access the range.
@@ -635,7 +652,7 @@ fn dma_threads_against_announced_zaps_see_only_whole_incarnations() {
         let k = rng(&mut seed) % BUFS;
         let seq = &seqs[k as usize];
         let g = seq.fetch_add(1, Ordering::AcqRel) / 2 + 1;
-        m.madvise(&region, k * STRIDE, BUF, Advice::DontNeed)
+        m.madvise(region, k * STRIDE, BUF, Advice::DontNeed)
             .unwrap();
         region
             .write(k * STRIDE, &[gen_byte(g); BUF as usize])
