@@ -20,16 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use notifier_rdma::parity::minor_faults as faults;
+
 const REGIONS: usize = 65_536;
 const SEG: usize = 1024;
 const EMPTY: u32 = u32::MAX;
-
-/// Minor page faults of this process so far, if `/proc` tells.
-fn faults() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(7)?.parse().ok()
-}
 
 fn report(what: &str, t: Instant, f0: Option<u64>) {
     let ns = t.elapsed().as_nanos() as f64 / REGIONS as f64;

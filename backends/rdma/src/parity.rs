@@ -126,7 +126,7 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), ParityError> {
 
 /// Minor page faults of this process so far (`/proc/self/stat` field 10),
 /// `None` where that file is unavailable.
-fn minor_faults() -> Option<u64> {
+pub fn minor_faults() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -992,15 +992,22 @@ impl<N: Provider> Registry<N> {
 
     /// Take a cached slot out of the hash and the counts; it becomes an orphan.
     fn unhash(&mut self, idx: u32) {
+        let start = self.uncache(idx);
+        let hot = &self.hot;
+        self.hash.remove(start >> PAGE_SHIFT, |s| {
+            hot[s as usize].start_bits >> PAGE_SHIFT
+        });
+    }
+
+    /// Make a cached slot an orphan and take it out of the counts (not out
+    /// of the hash); returns its start.
+    fn uncache(&mut self, idx: u32) -> u64 {
         debug_assert_eq!(self.hot[idx as usize].kind(), Kind::Cached);
         self.hot[idx as usize].set_kind(Kind::Orphan);
         let s = self.info(idx);
-        let hot = &self.hot;
-        self.hash.remove(s.start >> PAGE_SHIFT, |s| {
-            hot[s as usize].start_bits >> PAGE_SHIFT
-        });
         self.cached -= 1;
         self.cached_bytes -= s.end - s.start;
+        s.start
     }
 
     /// [`Self::unhash`] of many cached slots: when they are most of the
@@ -1014,10 +1021,7 @@ impl<N: Provider> Registry<N> {
             return;
         }
         for &idx in idxs {
-            self.hot[idx as usize].set_kind(Kind::Orphan);
-            let s = self.info(idx);
-            self.cached -= 1;
-            self.cached_bytes -= s.end - s.start;
+            self.uncache(idx);
         }
         let hot = &self.hot;
         let stay = hot.iter().enumerate().filter_map(|(i, x)| {
