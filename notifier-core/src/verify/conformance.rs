@@ -124,9 +124,34 @@ pub fn check_secondary<P: ConformancePrimary + ?Sized, S: SecondaryUnderTest + ?
     Ok(r)
 }
 
+/// How long [`check_concurrent`]'s device thread retries a refused write
+/// before it reports the refusal. Long enough for a mutator preempted
+/// inside its read-only window on a loaded machine.
+pub const WRITE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn write_retrying<S>(secondary: &S, addr: u64, val: u64) -> Result<(), String>
+where
+    S: SecondaryUnderTest + ?Sized,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match secondary.write(addr, val) {
+            Err(_) if start.elapsed() < WRITE_RETRY_FOR => std::thread::yield_now(),
+            r => return r,
+        }
+    }
+}
+
 /// Run device accesses on `pages` from one thread while another mutates
 /// the primary (`rounds` zaps, migrations and write-protections), then
 /// require zero oracle violations. Returns the number of device accesses.
+///
+/// A write-protection may take the write right away for a moment (over
+/// [`Mm`](crate::mm::Mm) it is `mprotect(READ)` then `mprotect(RW)`), and a
+/// device write that faults in that window is refused by the primary, as a
+/// DMA write to a read-only page would be. The device thread retries a
+/// refused write, as a device retries a faulted DMA, for up to
+/// [`WRITE_RETRY_FOR`]; a write still refused after that is an error.
 pub fn check_concurrent<P, S>(
     primary: &P,
     secondary: &S,
@@ -146,7 +171,7 @@ where
             while !stop.load(Ordering::Relaxed) {
                 let a = pages[i % pages.len()];
                 let r = if i % 3 == 0 {
-                    secondary.write(a, i as u64).map(|_| 0)
+                    write_retrying(secondary, a, i as u64).map(|_| 0)
                 } else {
                     secondary.read(a)
                 };

@@ -14,6 +14,7 @@ mod tracked_frames;
 
 pub use conformance::{
     check_concurrent, check_secondary, ConformancePrimary, ConformanceReport, SecondaryUnderTest,
+    WRITE_RETRY_FOR,
 };
 pub use histogram::{LatencyHistogram, Percentiles};
 pub use oracle::{HistoryEvent, Oracle, OracleMode, Violation};
