@@ -69,6 +69,7 @@ pub mod access;
 pub mod error;
 #[cfg(feature = "ibverbs")]
 pub mod ibverbs;
+mod page_vec;
 pub mod parity;
 pub mod provider;
 pub mod region;

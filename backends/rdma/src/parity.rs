@@ -359,8 +359,8 @@ fn miss_grow_and_destroy(
     if let (Some(a), Some(z)) = (before, after) {
         writeln!(
             out,
-            "# registry memory per cached region: {} bytes (counting allocator, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
-            (z.saturating_sub(a)) / n as usize
+            "# registry memory per cached region: {} bytes (counting allocator plus the hot records' own mapping, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
+            (z.saturating_sub(a) + b.reg.owner_mapped_bytes()) / n as usize
         )?;
     }
     let subs = b.mm.notifiers();

@@ -47,6 +47,7 @@ use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::access::{Access, Advice};
 use crate::error::RegError;
+use crate::page_vec::PageVec;
 use crate::provider::{Provider, ProviderMr};
 use crate::region::{Region, RegionInner, DEREGISTERED, MAX_PAGES, VALID};
 use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
@@ -154,7 +155,8 @@ struct Info {
 /// exact: a live region's range, rights, keys and generation never change.
 ///
 /// Aligned to its size: the allocator only promises 16 bytes, and a record
-/// straddling two cache lines costs a hit two misses instead of one.
+/// straddling two cache lines costs a hit two misses instead of one. (That
+/// alignment is why the records live in a [`PageVec`].)
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Hot {
@@ -232,7 +234,8 @@ pub struct Registry<N: Provider> {
     shared: Arc<Shared<N::Mr>>,
     /// The region of each slot (`None` when free): the cold part.
     slots: Vec<Option<Region<N::Mr>>>,
-    hot: Vec<Hot>,
+    /// In its own mapping: see `page_vec.rs` for why not a `Vec`.
+    hot: PageVec<Hot>,
     /// Value of the owner's use clock at each slot's last `get` (wrapping;
     /// LRU age is `now - tick`).
     ticks: Vec<u32>,
@@ -286,7 +289,7 @@ impl<N: Provider> Registry<N> {
             subs: primary.notifiers().clone(),
             shared: Shared::new(),
             slots: Vec::new(),
-            hot: Vec::new(),
+            hot: PageVec::new(),
             ticks: Vec::new(),
             free: Vec::new(),
             spare: Vec::new(),
@@ -331,8 +334,9 @@ impl<N: Provider> Registry<N> {
         }
     }
 
-    /// Heap bytes of the registry's own structures (slots, hash, the
-    /// invalidation index, chunks), excluding the per-region allocations.
+    /// Bytes of the registry's own structures (slots, hot records, hash,
+    /// the invalidation index, chunks), excluding the per-region
+    /// allocations. Includes [`Self::owner_mapped_bytes`].
     /// The B-trees are estimated (a leaf holds up to 11 entries; counted at
     /// 6, the fill sequential inserts leave).
     pub fn owner_heap_bytes(&self) -> usize {
@@ -340,11 +344,17 @@ impl<N: Provider> Registry<N> {
         let leaf = |key: usize, val: usize| (11 * (key + val) + 16) / 6;
         let trees = ix.cached.heap_bytes() + ix.others.len() * leaf(16, 8) + self.chunks.len() * 24;
         self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
-            + self.hot.capacity() * core::mem::size_of::<Hot>()
+            + self.hot.mapped_bytes()
             + self.ticks.capacity() * 4
             + self.free.capacity() * 4
             + trees
             + self.hash.heap_bytes()
+    }
+
+    /// Bytes of the registry's own anonymous mapping (the hot records,
+    /// mapped whether touched or not), which an allocator does not see.
+    pub fn owner_mapped_bytes(&self) -> usize {
+        self.hot.mapped_bytes()
     }
 
     /// Bytes of one region's shared allocation (with its Arc counters).
