@@ -80,7 +80,10 @@ impl<T: Copy> PageVec<T> {
 
     #[cold]
     fn grow(&mut self) {
-        let new = (self.bytes * 2).max(PAGE_SIZE as usize);
+        let Some(new) = self.bytes.checked_mul(2) else {
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<T>());
+        };
+        let new = new.max(PAGE_SIZE as usize);
         let layout = || {
             std::alloc::Layout::from_size_align(new, PAGE_SIZE as usize)
                 .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
@@ -114,8 +117,13 @@ impl<T: Copy> PageVec<T> {
         if p == libc::MAP_FAILED {
             std::alloc::handle_alloc_error(layout());
         }
-        self.ptr =
-            NonNull::new(p.cast()).unwrap_or_else(|| std::alloc::handle_alloc_error(layout()));
+        // A mapping at address 0 (only possible with vm.mmap_min_addr = 0)
+        // cannot be held; after an mremap the old one is gone already, so
+        // there is no consistent state left to unwind into.
+        let Some(ptr) = NonNull::new(p.cast()) else {
+            std::process::abort();
+        };
+        self.ptr = ptr;
         self.bytes = new;
     }
 }
