@@ -18,8 +18,8 @@
 //!   only gain (install, upgrade) in that wait, which is exactly the lag.
 //! - The suite write-protects with `mprotect(READ)` then `mprotect(RW)`: a
 //!   device write in between is refused by the primary (as a DMA write to a
-//!   read-only page would be); the adapter retries it, as a device retries
-//!   a faulted DMA.
+//!   read-only page would be); `check_concurrent` retries it, as a device
+//!   retries a faulted DMA.
 
 mod common;
 
@@ -117,19 +117,8 @@ impl SecondaryUnderTest for DeviceUnderTest {
     }
 
     fn write(&self, addr: u64, val: u64) -> Result<(), String> {
-        let mut tries = 0;
-        loop {
-            match self.write_once(addr, val) {
-                Err(vm_memory::GuestMemoryError::InvalidGuestAddress(_)) if tries < 1_000 => {
-                    // Refused by the primary (read-only for now): retry.
-                    tries += 1;
-                    std::thread::yield_now();
-                }
-                r => {
-                    return r.map_err(|e| format!("device write at {addr:#x}: {e}"));
-                }
-            }
-        }
+        self.write_once(addr, val)
+            .map_err(|e| format!("device write at {addr:#x}: {e}"))
     }
 
     fn violations(&self) -> u64 {
