@@ -62,7 +62,8 @@
 //! assert!(nic.remote_read(h.rkey(), 0x10008, &mut buf).is_err()); // its rkey is dead
 //! ```
 
-// Unsafe code lives only in `ibverbs/sys.rs`, the thin verbs layer.
+// Unsafe code lives only in thin layers: `ibverbs/sys.rs` (verbs),
+// `page_vec.rs` (mmap/mremap) and `slab.rs` (counted records in slabs).
 #![deny(unsafe_code)]
 
 pub mod access;
@@ -74,6 +75,7 @@ pub mod parity;
 pub mod provider;
 pub mod region;
 pub mod registry;
+mod slab;
 pub mod soft;
 pub mod testing;
 

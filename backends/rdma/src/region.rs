@@ -31,6 +31,7 @@ use notifier_core::notifier::IntervalNotifier;
 use crate::access::Access;
 use crate::provider::ProviderMr;
 use crate::registry::chunk::Chunk;
+use crate::slab::SlabArc;
 
 pub(crate) const VALID: u8 = 0;
 pub(crate) const INVALIDATED: u8 = 1;
@@ -59,8 +60,9 @@ pub(crate) struct RegionInner<M: ProviderMr> {
 }
 
 /// A registered region as providers see it. Cloning shares it (the
-/// registry, its invalidation index and the NIC's key table each hold one).
-pub struct Region<M: ProviderMr>(pub(crate) Arc<RegionInner<M>>);
+/// registry, its invalidation index and the NIC's key table each hold one):
+/// a counted record in the registry's slab (`slab.rs`), not a heap `Arc`.
+pub struct Region<M: ProviderMr>(pub(crate) SlabArc<RegionInner<M>>);
 
 impl<M: ProviderMr> Clone for Region<M> {
     fn clone(&self) -> Self {

@@ -49,6 +49,7 @@ use parking_lot::Mutex;
 use super::ordered::SortedBlocks;
 use crate::provider::ProviderMr;
 use crate::region::Region;
+use crate::slab::SlabArc;
 
 /// log2 of the window of a shared chunk (1 GiB, as mlx5's implicit ODP).
 pub(crate) const CHUNK_SHIFT: u32 = 30;
@@ -141,7 +142,7 @@ impl<M: ProviderMr> Index<M> {
     /// Remove a region added by [`Self::link_other`].
     pub(crate) fn unlink_other(&mut self, r: &Region<M>) {
         if r.is_implicit() {
-            self.implicit.retain(|x| !Arc::ptr_eq(&x.0, &r.0));
+            self.implicit.retain(|x| !SlabArc::ptr_eq(&x.0, &r.0));
         } else {
             self.others.remove(&(r.start(), r.0.slot));
             if self.others.is_empty() {

@@ -50,14 +50,14 @@ use crate::error::RegError;
 use crate::page_vec::PageVec;
 use crate::provider::{Provider, ProviderMr};
 use crate::region::{Region, RegionInner, DEREGISTERED, MAX_PAGES, VALID};
+use crate::slab::{Slab, SlabArc};
 use chunk::{Chunk, ChunkOps, Shared, CHUNK_SHIFT, MAX_EMPTY_CHUNKS};
 use index::StartHash;
 use windows::{ChunkSlot, Windows};
 
-/// Most region allocations a registry keeps for reuse (72 bytes each plus
-/// the chunk they last belonged to; their provider state is recycled): the
-/// registrations that follow an unmap storm reuse them instead of calling
-/// the allocator.
+/// Most region records a registry keeps for reuse (with the chunk they
+/// last belonged to; their provider state is recycled): the registrations
+/// that follow an unmap storm reuse them whole.
 const MAX_SPARE: usize = 1024;
 
 /// Limits of a registry. Exceeding one evicts idle cached regions in LRU
@@ -240,10 +240,14 @@ pub struct Registry<N: Provider> {
     /// LRU age is `now - tick`).
     ticks: Vec<u32>,
     free: Vec<u32>,
-    /// Allocations of destroyed regions nobody else referenced, reused by
-    /// `create` (at most [`MAX_SPARE`]): a register/deregister cycle costs
-    /// no allocator call.
+    /// Records of destroyed regions nobody else referenced, reused by
+    /// `create` (at most [`MAX_SPARE`]): a register/deregister cycle
+    /// rebuilds a record in place.
     spare: Vec<Region<N::Mr>>,
+    /// Where the region records live (see `slab.rs`). Declared after every
+    /// field that holds records; drop order does not matter for safety
+    /// (the slab outlives its last record), only for prompt reuse.
+    slab: Slab<RegionInner<N::Mr>>,
     /// Shared chunks by window number (`start >> CHUNK_SHIFT`).
     chunks: Windows<N::Mr>,
     /// Shared chunks with no member.
@@ -293,6 +297,7 @@ impl<N: Provider> Registry<N> {
             ticks: Vec::new(),
             free: Vec::new(),
             spare: Vec::new(),
+            slab: Slab::new(),
             chunks: Windows::default(),
             empty_chunks: 0,
             seq: 0,
@@ -357,9 +362,9 @@ impl<N: Provider> Registry<N> {
         self.hot.mapped_bytes()
     }
 
-    /// Bytes of one region's shared allocation (with its Arc counters).
+    /// Bytes of one region's record (its slab cell, with the reference count).
     pub const fn region_bytes() -> usize {
-        2 * core::mem::size_of::<usize>() + core::mem::size_of::<RegionInner<N::Mr>>()
+        Slab::<RegionInner<N::Mr>>::CELL_BYTES
     }
 
     /// Interval subscriptions (chunks) this registry holds on the primary.
@@ -894,14 +899,14 @@ impl<N: Provider> Registry<N> {
             mr,
         };
         let region = match self.spare.pop() {
-            Some(mut r) => match Arc::get_mut(&mut r.0) {
+            Some(mut r) => match r.0.get_mut() {
                 Some(x) => {
                     *x = inner;
                     r
                 }
-                None => Region(Arc::new(inner)),
+                None => Region(self.slab.alloc(inner)),
             },
-            None => Region(Arc::new(inner)),
+            None => Region(self.slab.alloc(inner)),
         };
         // Visible to the callbacks before it becomes reachable by DMA.
         if kind == Kind::Direct {
@@ -1069,7 +1074,7 @@ impl<N: Provider> Registry<N> {
             // Unique now unless a DMA in flight still holds it.
             if self.spare.len() < MAX_SPARE {
                 let mut region = region;
-                if let Some(x) = Arc::get_mut(&mut region.0) {
+                if let Some(x) = SlabArc::get_mut(&mut region.0) {
                     x.mr.recycle();
                     self.spare.push(region);
                 }
