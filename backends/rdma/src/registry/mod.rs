@@ -634,11 +634,16 @@ impl<N: Provider> Registry<N> {
     }
 
     /// Apply the invalidations the notifier callbacks queued.
+    #[inline(always)]
     fn drain_pending(&mut self) {
         // Acquire pairs with the Release in the chunk callback.
-        if !self.shared.pending.load(Ordering::Acquire) {
-            return;
+        if self.shared.pending.load(Ordering::Acquire) {
+            self.drain_queued();
         }
+    }
+
+    #[inline(never)]
+    fn drain_queued(&mut self) {
         let mut q = core::mem::take(&mut self.scratch);
         q.clear();
         let mut dead = Vec::new();

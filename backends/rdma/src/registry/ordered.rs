@@ -127,8 +127,14 @@ impl<V> SortedBlocks<V> {
                 pos -= B / 2;
             }
         }
-        self.blocks[b].insert(pos, (key, v));
-        self.mins[b] = self.blocks[b][0].0;
+        let blk = &mut self.blocks[b];
+        if pos == blk.len() {
+            // An append (the first key is unchanged): no move, no min update.
+            blk.push((key, v));
+        } else {
+            blk.insert(pos, (key, v));
+            self.mins[b] = blk[0].0;
+        }
         self.len += 1;
         None
     }
