@@ -36,23 +36,14 @@ fn mix(page: u64) -> u64 {
     page.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Bits 32 and up of the product, with its top bits folded in. Keys in an
-/// arithmetic progression (regions at a fixed stride, the common case)
-/// cluster in the product's middle bits alone: a 65,536-region grow pass
-/// at a 128 KiB stride probed 3 extra buckets per insert and per missing
-/// lookup, against 2.3 for random keys and 1.5 with the fold (a Python
-/// model of this table over strides of 1, 3, 16, 32 and 512 pages and
-/// random keys: the fold is at or below the random figure for each).
-/// The top bits alone are worse still at that stride (5.6).
 #[inline(always)]
 fn home(h: u64, mask: usize) -> usize {
-    ((h ^ (h >> 29)) >> 32) as usize & mask
+    (h >> 32) as usize & mask
 }
 
-/// Bits 24-31 of the product: apart from the bits `home` reads.
 #[inline(always)]
 fn tag(h: u64) -> u32 {
-    (((h >> 24) as u32) & 0xff) << SLOT_BITS
+    ((h >> 56) as u32) << SLOT_BITS
 }
 
 impl StartHash {
