@@ -8,8 +8,13 @@
 //! half of the fresh memory a registration touched; on a host where a first
 //! touch costs microseconds, fresh memory is most of a miss. A [`SlabArc`]
 //! is the same shared, counted record in a 64-byte cell carved from a
-//! 1 MiB segment: allocation is a pointer bump or a free-list pop by the
-//! owner, with no lock.
+//! 64 KiB segment: allocation is a pointer bump or a free-list pop by the
+//! owner, with no lock. (Tried first: 1 MiB segments aligned to their size,
+//! a record finding its segment by masking its address. A registry of
+//! 65,536 regions then held a fifth, nearly empty segment, 16 bytes per
+//! region of allocated memory; and 64 KiB aligned segments cost glibc's
+//! `memalign` slack, ~390 more page faults over 65,536 regions. Now a cell
+//! keeps its index in its segment, in the padding after its count.)
 //!
 //! # Ownership and lifetime
 //!
@@ -21,8 +26,9 @@
 //! ABA). The segments are freed when the owner is gone *and* the last
 //! record is released: the shared part counts the live records plus one
 //! for the owner, and whoever brings that count to zero frees everything.
-//! A record finds its slab through its segment: segments are aligned to
-//! their size and start with a header that points to the shared part.
+//! A record finds its slab through its segment: a cell holds its index in
+//! its segment, and a segment starts with a header that points to the
+//! shared part.
 
 #![allow(unsafe_code)]
 
@@ -36,9 +42,8 @@ use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-/// Bytes of a segment, and its alignment (a record's segment is its
-/// address rounded down to this).
-const SEG_BYTES: usize = 1 << 20;
+/// Bytes of a segment.
+const SEG_BYTES: usize = 64 << 10;
 /// Bytes at the head of a segment reserved for its header (a cache line,
 /// so the first cell keeps any alignment up to 64).
 const HEADER_BYTES: usize = 64;
@@ -48,6 +53,8 @@ const HEADER_BYTES: usize = 64;
 #[repr(C)]
 struct Cell<T> {
     refs: AtomicU32,
+    /// Index of the cell in its segment, written once when it is carved.
+    index: u32,
     val: UnsafeCell<MaybeUninit<T>>,
 }
 
@@ -69,8 +76,8 @@ struct Header {
 }
 
 fn seg_layout() -> Layout {
-    // Cannot fail: a power of two size and alignment.
-    Layout::from_size_align(SEG_BYTES, SEG_BYTES).expect("segment layout")
+    // Cannot fail: a power of two alignment, a size far below isize::MAX.
+    Layout::from_size_align(SEG_BYTES, HEADER_BYTES).expect("segment layout")
 }
 
 /// The owner's side of a slab of `T` records.
@@ -96,6 +103,7 @@ impl<T> Slab<T> {
         assert!(core::mem::size_of::<T>() >= core::mem::size_of::<usize>());
         assert!(core::mem::align_of::<Cell<T>>() <= HEADER_BYTES);
         assert!(core::mem::size_of::<Cell<T>>() <= SEG_BYTES - HEADER_BYTES);
+        assert!(core::mem::size_of::<Header>() <= HEADER_BYTES);
     };
 
     /// An empty slab (no segment until the first record).
@@ -159,8 +167,12 @@ impl<T> Slab<T> {
             self.grow();
         }
         let cell = self.bump;
-        // SAFETY: `bump < end`, both inside the newest segment.
-        self.bump = unsafe { cell.add(1) };
+        // SAFETY: `bump < end`, both inside the newest segment; the cell
+        // was never used, so nobody else can see its index yet.
+        unsafe {
+            self.bump = cell.add(1);
+            (*cell).index = (Self::PER_SEG - self.end.offset_from(cell) as usize) as u32;
+        }
         cell
     }
 
@@ -183,13 +195,15 @@ impl<T> Slab<T> {
             .segments
             .lock()
             .push(base as usize);
-        let n = (SEG_BYTES - HEADER_BYTES) / core::mem::size_of::<Cell<T>>();
-        // SAFETY: `HEADER_BYTES + n` cells lie inside the segment.
+        // SAFETY: the header and `PER_SEG` cells lie inside the segment.
         unsafe {
             self.bump = base.add(HEADER_BYTES).cast();
-            self.end = self.bump.add(n);
+            self.end = self.bump.add(Self::PER_SEG);
         }
     }
+
+    /// Cells in a segment.
+    const PER_SEG: usize = (SEG_BYTES - HEADER_BYTES) / core::mem::size_of::<Cell<T>>();
 
     /// Bytes of one record's cell.
     pub(crate) const CELL_BYTES: usize = core::mem::size_of::<Cell<T>>();
@@ -205,8 +219,7 @@ impl<T> Slab<T> {
             // SAFETY: both inside the newest segment.
             unsafe { self.end.offset_from(self.bump) as usize }
         };
-        let per = (SEG_BYTES - HEADER_BYTES) / core::mem::size_of::<Cell<T>>();
-        (segs * per - unused) * core::mem::size_of::<Cell<T>>()
+        (segs * Self::PER_SEG - unused) * core::mem::size_of::<Cell<T>>()
     }
 }
 
@@ -345,11 +358,12 @@ impl<T> Drop for SlabArc<T> {
         // SAFETY: the last reference: the value is initialised and nobody
         // else can reach it.
         unsafe { (*(*cell).val.get()).assume_init_drop() };
-        // SAFETY: segments are aligned to their size and start with their
-        // header, which names the shared part; the cell's record was live
-        // until now, so the shared part still is.
+        // SAFETY: the cell lies `index` cells after its segment's header,
+        // which names the shared part; the cell's record was live until
+        // now, so the shared part still is.
         let shared = unsafe {
-            let seg = (cell as usize & !(SEG_BYTES - 1)) as *const Header;
+            let first = cell.sub((*cell).index as usize);
+            let seg = first.cast::<u8>().sub(HEADER_BYTES).cast::<Header>();
             &*(*seg).shared
         };
         let mut head = shared.released.load(Ordering::Relaxed);
