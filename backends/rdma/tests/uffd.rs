@@ -532,13 +532,21 @@ fn dma_threads_against_unmapping_threads_never_use_a_stale_registration() {
     // Two freeing threads, each over its own half of the buffers.
     let frees: Vec<_> = (0..2u64)
         .map(|t| {
-            let (m, region, gens) = (m.clone(), region.clone(), gens.clone());
+            let (m, region, gens, reg) = (m.clone(), region.clone(), gens.clone(), reg.clone());
             std::thread::spawn(move || {
                 let mut seed = 0x1234_5678 + t;
                 for i in 0..60 {
                     let k = t * (BUFS / 2) + rng(&mut seed) % (BUFS / 2);
                     let mut g = gens[k as usize].write();
-                    free_and_recreate(&m, &region, k * STRIDE, BUF, i % 2 == 1);
+                    // Between a munmap and the mmap back, the hole is free
+                    // address space: the registry, which maps its arrays
+                    // under its lock, could take it (and the mmap back
+                    // would then fail with EEXIST). The application keeps
+                    // its own threads out of the hole.
+                    let fixed = i % 2 == 1;
+                    let hole = (!fixed).then(|| reg.lock());
+                    free_and_recreate(&m, &region, k * STRIDE, BUF, fixed);
+                    drop(hole);
                     *g += 1;
                     region
                         .write(k * STRIDE, &[gen_byte(*g); BUF as usize])

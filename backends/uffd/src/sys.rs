@@ -426,8 +426,9 @@ unsafe impl Sync for Region {}
 
 fn mmap_raw(addr: u64, len: u64, prot: i32, flags: i32, fd: RawFd) -> io::Result<u64> {
     // SAFETY: without MAP_FIXED the kernel picks a fresh address range and
-    // no existing object is affected. Callers passing MAP_FIXED target only
-    // pages of a region they own (checked by the caller).
+    // no existing object is affected; MAP_FIXED_NOREPLACE never replaces a
+    // mapping. Callers passing MAP_FIXED target only pages of a region that
+    // are mapped and owned by it (checked by the caller).
     let p = unsafe { libc::mmap(addr as *mut libc::c_void, len as usize, prot, flags, fd, 0) };
     if p == libc::MAP_FAILED {
         Err(io::Error::last_os_error())
@@ -640,20 +641,55 @@ impl Region {
         Ok(())
     }
 
-    /// Map fresh anonymous memory `MAP_FIXED` over `[off, off + len)` (the
-    /// old pages are unmapped by the kernel first).
+    /// Map fresh anonymous memory over `[off, off + len)`: `MAP_FIXED` over
+    /// the pages still mapped (the kernel unmaps the old ones first), and
+    /// `MAP_FIXED_NOREPLACE` into the holes this region's [`Self::munmap`]
+    /// left, which another thread may have mapped since: then this fails
+    /// with `EEXIST` instead of destroying that thread's memory (a process
+    /// that unmaps and maps back must keep its other threads from mapping
+    /// into the hole meanwhile).
     pub fn map_fixed_over(&self, off: u64, len: u64) -> io::Result<()> {
         let mut bits = self.mapped.write();
         self.check(off, len)?;
-        mmap_raw(
-            self.addr + off,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-        )?;
-        for p in off / PAGE..(off + len).div_ceil(PAGE) {
-            bits[(p / 64) as usize] |= 1 << (p % 64);
+        let is_mapped = |bits: &[u64], p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let (first, end) = (off / PAGE, (off + len).div_ceil(PAGE));
+        // Runs of pages that are all mapped or all holes; the holes first,
+        // so a taken hole fails the call before any old page is replaced.
+        let mut runs = Vec::new();
+        let mut p = first;
+        while p < end {
+            let here = is_mapped(&bits, p);
+            let mut q = p + 1;
+            while q < end && is_mapped(&bits, q) == here {
+                q += 1;
+            }
+            runs.push((here, p, q));
+            p = q;
+        }
+        runs.sort_by_key(|r| r.0);
+        for (here, p, q) in runs {
+            let (at, n) = (self.addr + p * PAGE, (q - p) * PAGE);
+            let fixed = if here {
+                libc::MAP_FIXED
+            } else {
+                libc::MAP_FIXED_NOREPLACE
+            };
+            let got = mmap_raw(
+                at,
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+                -1,
+            )?;
+            if got != at {
+                // A kernel before 4.17 takes NOREPLACE as a hint.
+                // SAFETY: the mapping just made elsewhere, referenced by nobody.
+                unsafe { libc::munmap(got as *mut libc::c_void, n as usize) };
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            for x in p..q {
+                bits[(x / 64) as usize] |= 1 << (x % 64);
+            }
         }
         Ok(())
     }
@@ -812,4 +848,45 @@ pub fn peak_rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_back_never_replaces_what_another_thread_put_in_a_hole() {
+        let r = Region::anon(4 * PAGE).unwrap();
+        r.write(0, b"kept").unwrap();
+        r.munmap(PAGE, PAGE).unwrap();
+        // Someone else's mapping lands in the hole.
+        let theirs = mmap_raw(
+            r.addr() + PAGE,
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+        )
+        .unwrap();
+        assert_eq!(theirs, r.addr() + PAGE);
+        // SAFETY: the page just mapped above, owned by this test.
+        unsafe { (theirs as *mut u8).write(0x5a) };
+        let e = r.map_fixed_over(0, 4 * PAGE).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        // SAFETY: as above.
+        let got = unsafe { (theirs as *const u8).read() };
+        assert_eq!(got, 0x5a, "their memory is intact");
+        let mut b = [0u8; 4];
+        r.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"kept", "a failed call replaced nothing");
+        // Once they are gone, the hole is mapped back and the rest renewed.
+        // SAFETY: their mapping, unused afterwards.
+        unsafe { libc::munmap(theirs as *mut libc::c_void, PAGE as usize) };
+        r.map_fixed_over(0, 4 * PAGE).unwrap();
+        let mut b = [1u8; 4];
+        r.read(0, &mut b).unwrap();
+        assert_eq!(b, [0; 4], "fresh memory over the whole range");
+        r.read(PAGE, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+    }
 }
