@@ -68,6 +68,7 @@
 
 pub mod access;
 pub mod error;
+mod huge;
 #[cfg(feature = "ibverbs")]
 pub mod ibverbs;
 mod page_vec;

@@ -1,16 +1,20 @@
-//! A growable array of plain records in its own anonymous mapping, grown
-//! with `mremap`: the thin sys layer under the registry's hot records.
+//! A growable array in its own anonymous mapping, grown with `mremap`:
+//! the thin sys layer under the registry's per-slot arrays (hot records,
+//! regions, LRU ticks), its hash buckets and the software NIC's key table.
 //!
-//! Why: the hot records are aligned to 32 bytes so that no hit straddles
-//! two cache lines, and Rust's system allocator has no aligned `realloc`,
-//! so a `Vec` of them allocates anew and copies the whole array at every
-//! doubling (a `Vec` of 16-byte aligned elements is grown by glibc's
-//! `realloc`, which moves a large block with `mremap`). On a host where a
-//! first touch of a page costs microseconds those copies were an eighth of
-//! the faults of a registry growing to 65,536 regions. Here a growth moves
-//! page-table entries, not bytes, the base is page aligned (so every record
-//! keeps its alignment), and indexing is a slice's: no extra load on the
-//! hit path, which a segmented array costs (measured: +1.5-3 ns per hit).
+//! Why: on a host where a first touch of a page costs microseconds, how an
+//! array grows decides much of what a registration costs.
+//! - Rust's system allocator has no aligned `realloc`, so a `Vec` of the
+//!   32-byte aligned hot records allocates anew and copies the whole array
+//!   at every doubling: an eighth of the faults of a registry growing to
+//!   65,536 regions. Here a small array grows by moving page-table entries,
+//!   not bytes, and the base is page aligned (every record keeps its
+//!   alignment).
+//! - From [`huge::HUGE_FROM`] bytes on, the array lives on transparent huge
+//!   pages (see `huge.rs`): a fifth of the fresh-memory cost of 4 KiB pages.
+//!
+//! Indexing is a slice's: no extra load on the hit path, which a segmented
+//! array costs (measured: +1.5-3 ns per hit).
 //!
 //! The mapping is private memory of the owner: nothing else holds a
 //! pointer into it, so it may move at every growth.
@@ -22,8 +26,11 @@ use core::ptr::NonNull;
 
 use notifier_core::PAGE_SIZE;
 
-/// A `Vec`-like array of `T: Copy` in an anonymous mapping.
-pub(crate) struct PageVec<T: Copy> {
+use crate::huge;
+
+/// A `Vec`-like array in an anonymous mapping (push only; elements are
+/// dropped with the array).
+pub(crate) struct PageVec<T> {
     /// Base of the mapping (dangling, suitably aligned, while `bytes == 0`).
     ptr: NonNull<T>,
     len: usize,
@@ -33,11 +40,11 @@ pub(crate) struct PageVec<T: Copy> {
 }
 
 // SAFETY: a PageVec owns its elements as a Vec does; sending it sends them.
-unsafe impl<T: Copy + Send> Send for PageVec<T> {}
+unsafe impl<T: Send> Send for PageVec<T> {}
 // SAFETY: shared access only hands out `&T` (through `Deref`).
-unsafe impl<T: Copy + Sync> Sync for PageVec<T> {}
+unsafe impl<T: Sync> Sync for PageVec<T> {}
 
-impl<T: Copy> PageVec<T> {
+impl<T> PageVec<T> {
     const OK: () = assert!(
         core::mem::size_of::<T>() != 0 && PAGE_SIZE as usize % core::mem::align_of::<T>() == 0
     );
@@ -49,6 +56,32 @@ impl<T: Copy> PageVec<T> {
             len: 0,
             bytes: 0,
             _own: PhantomData,
+        }
+    }
+
+    /// An array of `n` copies of `v`.
+    pub(crate) fn filled(n: usize, v: T) -> Self
+    where
+        T: Clone,
+    {
+        let mut a = Self::new();
+        a.reserve_exact(n);
+        for _ in 0..n {
+            a.push(v.clone());
+        }
+        a
+    }
+
+    /// Make room for `n` more elements with at most one growth.
+    fn reserve_exact(&mut self, n: usize) {
+        let want = self
+            .len
+            .checked_add(n)
+            .and_then(|l| l.checked_mul(core::mem::size_of::<T>()));
+        match want {
+            Some(w) if w <= self.bytes => {}
+            Some(w) => self.grow_to(w),
+            None => std::alloc::handle_alloc_error(std::alloc::Layout::new::<T>()),
         }
     }
 
@@ -80,55 +113,44 @@ impl<T: Copy> PageVec<T> {
 
     #[cold]
     fn grow(&mut self) {
-        let Some(new) = self.bytes.checked_mul(2) else {
+        match self.bytes.checked_mul(2) {
+            Some(b) => self.grow_to(b),
+            None => std::alloc::handle_alloc_error(std::alloc::Layout::new::<T>()),
+        }
+    }
+
+    /// Map at least `want > bytes` bytes, keeping the elements.
+    fn grow_to(&mut self, want: usize) {
+        let new = huge::round(want.max(PAGE_SIZE as usize));
+        let Some(new) = new else {
             std::alloc::handle_alloc_error(std::alloc::Layout::new::<T>());
         };
-        let new = new.max(PAGE_SIZE as usize);
-        let layout = || {
-            std::alloc::Layout::from_size_align(new, PAGE_SIZE as usize)
-                .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
-        };
-        let p = if self.bytes == 0 {
-            // SAFETY: a fresh private anonymous mapping; no existing memory
-            // is affected.
-            unsafe {
-                libc::mmap(
-                    core::ptr::null_mut(),
-                    new,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
+        let p = match NonNull::new(self.ptr.as_ptr().cast::<u8>()) {
+            Some(old) if self.bytes != 0 => {
+                // SAFETY: `ptr`/`bytes` describe the mapping this array
+                // made and owns; `ptr` is replaced below before any
+                // further access.
+                unsafe { huge::grow(old, self.bytes, new) }
             }
-        } else {
-            // SAFETY: `ptr`/`bytes` describe the mapping this array made
-            // and owns; MREMAP_MAYMOVE moves its pages (contents kept), and
-            // `ptr` is replaced below before any further access.
-            unsafe {
-                libc::mremap(
-                    self.ptr.as_ptr().cast(),
-                    self.bytes,
-                    new,
-                    libc::MREMAP_MAYMOVE,
-                )
-            }
+            _ => huge::map(new),
         };
-        if p == libc::MAP_FAILED {
-            std::alloc::handle_alloc_error(layout());
-        }
-        // A mapping at address 0 (only possible with vm.mmap_min_addr = 0)
-        // cannot be held; after an mremap the old one is gone already, so
-        // there is no consistent state left to unwind into.
-        let Some(ptr) = NonNull::new(p.cast()) else {
-            std::process::abort();
+        let Some(p) = p else {
+            let layout = std::alloc::Layout::from_size_align(new, PAGE_SIZE as usize)
+                .unwrap_or_else(|_| std::alloc::Layout::new::<u8>());
+            std::alloc::handle_alloc_error(layout);
         };
-        self.ptr = ptr;
+        self.ptr = p.cast();
         self.bytes = new;
     }
 }
 
-impl<T: Copy> core::ops::Deref for PageVec<T> {
+impl<T> Default for PageVec<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> core::ops::Deref for PageVec<T> {
     type Target = [T];
     #[inline(always)]
     fn deref(&self) -> &[T] {
@@ -139,7 +161,7 @@ impl<T: Copy> core::ops::Deref for PageVec<T> {
     }
 }
 
-impl<T: Copy> core::ops::DerefMut for PageVec<T> {
+impl<T> core::ops::DerefMut for PageVec<T> {
     #[inline(always)]
     fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
@@ -147,12 +169,20 @@ impl<T: Copy> core::ops::DerefMut for PageVec<T> {
     }
 }
 
-impl<T: Copy> Drop for PageVec<T> {
+impl<T> Drop for PageVec<T> {
     fn drop(&mut self) {
         if self.bytes != 0 {
+            // SAFETY: the first `len` elements are initialised and owned
+            // by the array; they are dropped once, here.
+            unsafe {
+                core::ptr::drop_in_place(core::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                ))
+            };
             // SAFETY: the mapping is this array's own, and no reference
-            // into it outlives `&mut self`. `T: Copy` needs no drop.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+            // into it outlives `&mut self`.
+            unsafe { huge::unmap(self.ptr.cast(), self.bytes) };
         }
     }
 }
@@ -170,13 +200,14 @@ mod tests {
         let mut v = PageVec::new();
         assert!(v.is_empty());
         assert_eq!(v.mapped_bytes(), 0);
-        let n = 3 * PAGE_SIZE as usize; // elements: several growths
+        let n = PAGE_SIZE as usize; // elements: several growths
         for i in 0..n as u64 {
             v.push(Rec([i, !i, i * 3, 7]));
             assert_eq!(v.as_ptr() as usize % 32, 0);
         }
         assert_eq!(v.len(), n);
         assert!(v.mapped_bytes() >= n * 32 && v.mapped_bytes() < 2 * n * 32);
+        assert!(!huge::is_huge(v.mapped_bytes()));
         for (i, r) in v.iter().enumerate() {
             let i = i as u64;
             assert_eq!(*r, Rec([i, !i, i * 3, 7]));
@@ -184,5 +215,17 @@ mod tests {
         v[5].0[3] = 9;
         assert_eq!(v.get(5).map(|r| r.0[3]), Some(9));
         assert_eq!(v.get(n), None);
+        // Past the threshold the array moves to huge pages, contents kept.
+        let m = 2 * huge::HUGE_PAGE / 32;
+        for i in n as u64..m as u64 {
+            v.push(Rec([i, !i, i * 3, 7]));
+        }
+        assert_eq!(v.mapped_bytes(), 2 * huge::HUGE_PAGE);
+        assert_eq!(v.as_ptr() as usize % huge::HUGE_PAGE, 0);
+        assert!(v
+            .iter()
+            .enumerate()
+            .all(|(i, r)| i == 5 || *r == Rec([i as u64, !(i as u64), i as u64 * 3, 7])));
+        assert_eq!(v[5].0[3], 9);
     }
 }

@@ -359,8 +359,9 @@ fn miss_grow_and_destroy(
     if let (Some(a), Some(z)) = (before, after) {
         writeln!(
             out,
-            "# registry memory per cached region: {} bytes (counting allocator plus the hot records' own mapping, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
-            (z.saturating_sub(a) + b.reg.owner_mapped_bytes()) / n as usize
+            "# registry memory per cached region: {} bytes (counting allocator plus the registry's and the SoftNic key table's own mappings, {n} regions; includes the region, its share of the chunk subscriptions, the invalidation index, the hash and the SoftNic key table)",
+            (z.saturating_sub(a) + b.reg.owner_mapped_bytes() + b.nic.key_table_mapped_bytes())
+                / n as usize
         )?;
     }
     let subs = b.mm.notifiers();
@@ -371,7 +372,7 @@ fn miss_grow_and_destroy(
          (core index {} B)",
         Registry::<SoftNic>::region_bytes(),
         b.reg.owner_heap_bytes() / n as usize,
-        b.nic.key_table_heap_bytes() / n as usize,
+        (b.nic.key_table_heap_bytes() + b.nic.key_table_mapped_bytes()) / n as usize,
         b.reg.chunk_count(),
         subs.index_heap_bytes(),
     )?;

@@ -25,7 +25,9 @@
 //! with a swap, so a pop never races with another pop and there is no
 //! ABA). The segments are freed when the owner is gone *and* the last
 //! record is released: the shared part counts the live records plus one
-//! for the owner, and whoever brings that count to zero frees everything.
+//! for the owner (which adds ahead for the records it is about to allocate,
+//! [`CREDIT`] at a time, so an allocation is no atomic operation), and
+//! whoever brings that count to zero frees everything.
 //! A record finds its slab through its segment: a cell holds its index in
 //! its segment, and a segment starts with a header that points to the
 //! shared part.
@@ -42,8 +44,12 @@ use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::huge;
+
 /// Bytes of a segment.
 const SEG_BYTES: usize = 64 << 10;
+/// Records the owner accounts for with one atomic add.
+const CREDIT: usize = 256;
 /// Bytes at the head of a segment reserved for its header (a cache line,
 /// so the first cell keeps any alignment up to 64).
 const HEADER_BYTES: usize = 64;
@@ -63,10 +69,11 @@ struct Shared {
     /// Cells released since the owner last took them (a Treiber stack
     /// linked through the cells; pushed by anyone, taken whole by the owner).
     released: AtomicPtr<u8>,
-    /// Live records, plus one while the owner lives.
+    /// Live records, plus one while the owner lives, plus the owner's
+    /// unused credit.
     live: AtomicUsize,
-    /// Segment bases, freed with the slab.
-    segments: Mutex<Vec<usize>>,
+    /// Segments (base, bytes), freed with the slab.
+    segments: Mutex<Vec<(usize, usize)>>,
 }
 
 /// The head of every segment.
@@ -85,9 +92,17 @@ pub(crate) struct Slab<T> {
     shared: NonNull<Shared>,
     /// Free cells owned by the owner alone (a list through the cells).
     free: *mut Cell<T>,
-    /// Next never-used cell of the newest segment, and its end.
+    /// First cell of the newest segment, its next never-used cell, and its end.
+    first: *mut Cell<T>,
     bump: *mut Cell<T>,
     end: *mut Cell<T>,
+    /// Bytes of all segments so far (which decides the next one's size).
+    seg_bytes: usize,
+    /// Bytes of the segments mapped directly (not from the allocator).
+    mapped: usize,
+    /// Units of `Shared::live` the owner added ahead for records it has
+    /// not allocated yet (one atomic add per [`CREDIT`] records).
+    credit: usize,
     _own: PhantomData<T>,
 }
 
@@ -103,6 +118,7 @@ impl<T> Slab<T> {
         assert!(core::mem::size_of::<T>() >= core::mem::size_of::<usize>());
         assert!(core::mem::align_of::<Cell<T>>() <= HEADER_BYTES);
         assert!(core::mem::size_of::<Cell<T>>() <= SEG_BYTES - HEADER_BYTES);
+        assert!(SEG_BYTES < huge::HUGE_PAGE);
         assert!(core::mem::size_of::<Header>() <= HEADER_BYTES);
     };
 
@@ -118,8 +134,12 @@ impl<T> Slab<T> {
         Self {
             shared: NonNull::from(Box::leak(shared)),
             free: ptr::null_mut(),
+            first: ptr::null_mut(),
             bump: ptr::null_mut(),
             end: ptr::null_mut(),
+            seg_bytes: 0,
+            mapped: 0,
+            credit: 0,
             _own: PhantomData,
         }
     }
@@ -134,10 +154,14 @@ impl<T> Slab<T> {
             (*cell).refs.store(1, Ordering::Relaxed);
             (*(*cell).val.get()).write(val);
         }
-        // SAFETY: the shared part lives while the owner does.
-        unsafe { self.shared.as_ref() }
-            .live
-            .fetch_add(1, Ordering::Relaxed);
+        if self.credit == 0 {
+            // SAFETY: the shared part lives while the owner does.
+            unsafe { self.shared.as_ref() }
+                .live
+                .fetch_add(CREDIT, Ordering::Relaxed);
+            self.credit = CREDIT;
+        }
+        self.credit -= 1;
         SlabArc {
             // SAFETY: `cell` is never null (see `Self::cell`).
             ptr: unsafe { NonNull::new_unchecked(cell) },
@@ -150,12 +174,15 @@ impl<T> Slab<T> {
     #[inline]
     fn cell(&mut self) -> *mut Cell<T> {
         if self.free.is_null() {
-            // SAFETY: the shared part lives while the owner does. Acquire
-            // pairs with the Release of the pushes: the links are visible.
-            self.free = unsafe { self.shared.as_ref() }
-                .released
-                .swap(ptr::null_mut(), Ordering::Acquire)
-                .cast();
+            // SAFETY: the shared part lives while the owner does.
+            let released = &unsafe { self.shared.as_ref() }.released;
+            // A plain load first: a growing slab has nothing released, and
+            // an atomic swap would wait for every pending store.
+            if !released.load(Ordering::Relaxed).is_null() {
+                // Acquire pairs with the Release of the pushes: the links
+                // are visible.
+                self.free = released.swap(ptr::null_mut(), Ordering::Acquire).cast();
+            }
         }
         if !self.free.is_null() {
             let cell = self.free;
@@ -171,19 +198,34 @@ impl<T> Slab<T> {
         // was never used, so nobody else can see its index yet.
         unsafe {
             self.bump = cell.add(1);
-            (*cell).index = (Self::PER_SEG - self.end.offset_from(cell) as usize) as u32;
+            (*cell).index = cell.offset_from(self.first) as u32;
         }
         cell
     }
 
+    /// A new segment: [`SEG_BYTES`] from the allocator while the slab is
+    /// small, then whole huge pages (see `huge.rs`): a registry of 65,536
+    /// regions has 4 MiB of cells, which on 4 KiB pages was a thousand page
+    /// faults.
     #[cold]
     fn grow(&mut self) {
-        let layout = seg_layout();
-        // SAFETY: the layout has a nonzero size.
-        let base = unsafe { alloc(layout) };
-        if base.is_null() {
-            handle_alloc_error(layout);
-        }
+        let (base, bytes) = if self.seg_bytes < huge::HUGE_FROM {
+            let layout = seg_layout();
+            // SAFETY: the layout has a nonzero size.
+            let base = unsafe { alloc(layout) };
+            if base.is_null() {
+                handle_alloc_error(layout);
+            }
+            (base, SEG_BYTES)
+        } else {
+            match huge::map(huge::HUGE_PAGE) {
+                Some(p) => {
+                    self.mapped += huge::HUGE_PAGE;
+                    (p.as_ptr(), huge::HUGE_PAGE)
+                }
+                None => handle_alloc_error(seg_layout()),
+            }
+        };
         // SAFETY: the header fits at the head of the fresh segment.
         unsafe {
             base.cast::<Header>().write(Header {
@@ -194,16 +236,26 @@ impl<T> Slab<T> {
         unsafe { self.shared.as_ref() }
             .segments
             .lock()
-            .push(base as usize);
-        // SAFETY: the header and `PER_SEG` cells lie inside the segment.
+            .push((base as usize, bytes));
+        self.seg_bytes += bytes;
+        // SAFETY: the header and the cells lie inside the segment.
         unsafe {
-            self.bump = base.add(HEADER_BYTES).cast();
-            self.end = self.bump.add(Self::PER_SEG);
+            self.first = base.add(HEADER_BYTES).cast();
+            self.bump = self.first;
+            self.end = self.first.add(Self::cells_in(bytes));
         }
     }
 
-    /// Cells in a segment.
-    const PER_SEG: usize = (SEG_BYTES - HEADER_BYTES) / core::mem::size_of::<Cell<T>>();
+    /// Cells in a segment of `bytes`.
+    const fn cells_in(bytes: usize) -> usize {
+        (bytes - HEADER_BYTES) / core::mem::size_of::<Cell<T>>()
+    }
+
+    /// Bytes of the segments mapped directly rather than taken from the
+    /// allocator (the huge-page ones), which an allocator does not see.
+    pub(crate) fn mapped_bytes(&self) -> usize {
+        self.mapped
+    }
 
     /// Bytes of one record's cell.
     pub(crate) const CELL_BYTES: usize = core::mem::size_of::<Cell<T>>();
@@ -212,25 +264,31 @@ impl<T> Slab<T> {
     #[cfg(test)]
     pub(crate) fn carved_bytes(&self) -> usize {
         // SAFETY: the shared part lives while the owner does.
-        let segs = unsafe { self.shared.as_ref() }.segments.lock().len();
+        let cells: usize = unsafe { self.shared.as_ref() }
+            .segments
+            .lock()
+            .iter()
+            .map(|&(_, bytes)| Self::cells_in(bytes))
+            .sum();
         let unused = if self.end.is_null() {
             0
         } else {
             // SAFETY: both inside the newest segment.
             unsafe { self.end.offset_from(self.bump) as usize }
         };
-        (segs * Self::PER_SEG - unused) * core::mem::size_of::<Cell<T>>()
+        (cells - unused) * core::mem::size_of::<Cell<T>>()
     }
 }
 
 impl<T> Drop for Slab<T> {
     fn drop(&mut self) {
-        // The owner's free cells hold no value; hand back the owner's count.
+        // The owner's free cells hold no value; hand back the owner's
+        // count and its unused credit.
         // SAFETY: the shared part lives until the count reaches zero.
         let last = unsafe { self.shared.as_ref() }
             .live
-            .fetch_sub(1, Ordering::AcqRel)
-            == 1;
+            .fetch_sub(1 + self.credit, Ordering::AcqRel)
+            == 1 + self.credit;
         if last {
             // SAFETY: no record is live and the owner is gone.
             unsafe { free_all(self.shared.as_ptr()) };
@@ -272,9 +330,14 @@ unsafe fn set_next<T>(cell: *mut Cell<T>, next: *mut Cell<T>) {
 unsafe fn free_all(shared: *const Shared) {
     // SAFETY: per the contract, nobody else can reach the shared part.
     let shared = unsafe { Box::from_raw(shared.cast_mut()) };
-    for &base in shared.segments.lock().iter() {
-        // SAFETY: allocated in `grow` with this layout.
-        unsafe { dealloc(base as *mut u8, seg_layout()) };
+    for &(base, bytes) in shared.segments.lock().iter() {
+        if bytes == SEG_BYTES {
+            // SAFETY: allocated in `grow` with this layout.
+            unsafe { dealloc(base as *mut u8, seg_layout()) };
+        } else if let Some(p) = NonNull::new(base as *mut u8) {
+            // SAFETY: mapped in `grow`, unreachable now.
+            unsafe { huge::unmap(p, bytes) };
+        }
     }
 }
 
@@ -443,6 +506,35 @@ mod tests {
             3 * per * core::mem::size_of::<Cell<Counted>>()
         );
         assert!(again.iter().any(|r| r.ptr == first));
+    }
+
+    #[test]
+    fn a_large_slab_moves_on_to_huge_page_segments() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut slab = Slab::new();
+        let size = core::mem::size_of::<Cell<Counted>>();
+        let n = huge::HUGE_FROM / size + 2 * Slab::<Counted>::cells_in(huge::HUGE_PAGE);
+        let recs: Vec<_> = (0..n as u64)
+            .map(|i| slab.alloc(Counted(i, drops.clone())))
+            .collect();
+        assert!(recs.iter().enumerate().all(|(i, r)| r.0 == i as u64));
+        assert_eq!(slab.carved_bytes(), n * size);
+        // SAFETY: the shared part lives while the owner does.
+        let segs = unsafe { slab.shared.as_ref() }.segments.lock().clone();
+        let big: Vec<_> = segs.iter().filter(|s| s.1 == huge::HUGE_PAGE).collect();
+        assert!(big.len() >= 2, "{segs:?}");
+        assert!(big.iter().all(|s| s.0 % huge::HUGE_PAGE == 0));
+        // A record of a huge segment finds its slab when released.
+        let last = recs.last().map(|r| r.ptr);
+        drop(recs);
+        assert_eq!(drops.load(Ordering::Relaxed), n);
+        let again = slab.alloc(Counted(1, drops.clone()));
+        assert_eq!(
+            Some(again.ptr),
+            last,
+            "the last released cell comes back first"
+        );
+        assert_eq!(slab.carved_bytes(), n * size);
     }
 
     #[test]

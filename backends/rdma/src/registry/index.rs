@@ -13,6 +13,8 @@
 //! The hash is an accelerator: a region whose slot does not fit the 24 bits
 //! of a bucket is simply not hashed, and its `get`s take the slow path.
 
+use crate::page_vec::PageVec;
+
 /// A bucket: `tag << 24 | slot`; `EMPTY` is never a valid bucket.
 const EMPTY: u32 = u32::MAX;
 const SLOT_BITS: u32 = 24;
@@ -25,7 +27,8 @@ pub(crate) const MAX_SLOT: u32 = SLOT_MASK;
 /// Page-keyed hash of indexed regions. Every method that needs the key of
 /// a stored slot takes `key_of(slot)`, the region start page of that slot.
 pub(crate) struct StartHash {
-    buckets: Box<[u32]>,
+    /// In its own mapping (huge pages once large: see `page_vec.rs`).
+    buckets: PageVec<u32>,
     mask: usize,
     len: usize,
 }
@@ -53,15 +56,15 @@ impl StartHash {
 
     fn with_buckets(n: usize) -> Self {
         Self {
-            buckets: vec![EMPTY; n].into_boxed_slice(),
+            buckets: PageVec::filled(n, EMPTY),
             mask: n - 1,
             len: 0,
         }
     }
 
-    /// Heap bytes held.
-    pub(crate) fn heap_bytes(&self) -> usize {
-        self.buckets.len() * core::mem::size_of::<u32>()
+    /// Bytes of the buckets' mapping.
+    pub(crate) fn mapped_bytes(&self) -> usize {
+        self.buckets.mapped_bytes()
     }
 
     /// The slot of the region starting at `page`.
@@ -128,9 +131,35 @@ impl StartHash {
         }
     }
 
+    /// Whether the next insert of a new key would grow the table.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        (self.len + 1) * 4 > self.buckets.len() * 3
+    }
+
+    /// Double the table, filling it from `entries` (every stored key with
+    /// its slot, in any order) instead of the old buckets. The caller reads
+    /// them from its records in slot order, which streams through memory
+    /// where a rehash of the buckets reads a record at random per entry.
+    pub(crate) fn grow_from(&mut self, entries: impl Iterator<Item = (u64, u32)>) {
+        let n = self.buckets.len() * 2;
+        self.buckets = PageVec::filled(n, EMPTY);
+        self.mask = n - 1;
+        self.len = 0;
+        for (page, slot) in entries {
+            let h = mix(page);
+            let mut i = home(h, self.mask);
+            while self.buckets[i] != EMPTY {
+                i = (i + 1) & self.mask;
+            }
+            self.buckets[i] = tag(h) | slot;
+            self.len += 1;
+        }
+    }
+
     /// Rebuild with `n` buckets (keys are distinct: plain placement).
     fn resize(&mut self, n: usize, key_of: &impl Fn(u32) -> u64) {
-        let old = core::mem::replace(&mut self.buckets, vec![EMPTY; n].into_boxed_slice());
+        let old = core::mem::replace(&mut self.buckets, PageVec::filled(n, EMPTY));
         self.mask = n - 1;
         for b in old.iter().copied().filter(|&b| b != EMPTY) {
             let mut i = home(mix(key_of(b & SLOT_MASK)), self.mask);

@@ -233,12 +233,12 @@ pub struct Registry<N: Provider> {
     subs: Arc<NotifierSubscriptions>,
     shared: Arc<Shared<N::Mr>>,
     /// The region of each slot (`None` when free): the cold part.
-    slots: Vec<Option<Region<N::Mr>>>,
+    slots: PageVec<Option<Region<N::Mr>>>,
     /// In its own mapping: see `page_vec.rs` for why not a `Vec`.
     hot: PageVec<Hot>,
     /// Value of the owner's use clock at each slot's last `get` (wrapping;
     /// LRU age is `now - tick`).
-    ticks: Vec<u32>,
+    ticks: PageVec<u32>,
     free: Vec<u32>,
     /// Records of destroyed regions nobody else referenced, reused by
     /// `create` (at most [`MAX_SPARE`]): a register/deregister cycle
@@ -292,9 +292,9 @@ impl<N: Provider> Registry<N> {
             provider,
             subs: primary.notifiers().clone(),
             shared: Shared::new(),
-            slots: Vec::new(),
+            slots: PageVec::new(),
             hot: PageVec::new(),
-            ticks: Vec::new(),
+            ticks: PageVec::new(),
             free: Vec::new(),
             spare: Vec::new(),
             slab: Slab::new(),
@@ -348,18 +348,18 @@ impl<N: Provider> Registry<N> {
         let ix = self.shared.index.lock();
         let leaf = |key: usize, val: usize| (11 * (key + val) + 16) / 6;
         let trees = ix.cached.heap_bytes() + ix.others.len() * leaf(16, 8) + self.chunks.len() * 24;
-        self.slots.capacity() * core::mem::size_of::<Option<Region<N::Mr>>>()
-            + self.hot.mapped_bytes()
-            + self.ticks.capacity() * 4
-            + self.free.capacity() * 4
-            + trees
-            + self.hash.heap_bytes()
+        self.owner_mapped_bytes() - self.slab.mapped_bytes() + self.free.capacity() * 4 + trees
     }
 
-    /// Bytes of the registry's own anonymous mapping (the hot records,
-    /// mapped whether touched or not), which an allocator does not see.
+    /// Bytes of the registry's own anonymous mappings (slots, hot records,
+    /// LRU ticks, hash, and the region records' huge-page segments), mapped
+    /// whether touched or not, which an allocator does not see.
     pub fn owner_mapped_bytes(&self) -> usize {
-        self.hot.mapped_bytes()
+        self.slots.mapped_bytes()
+            + self.hot.mapped_bytes()
+            + self.ticks.mapped_bytes()
+            + self.hash.mapped_bytes()
+            + self.slab.mapped_bytes()
     }
 
     /// Bytes of one region's record (its slab cell, with the reference count).
@@ -969,6 +969,10 @@ impl<N: Provider> Registry<N> {
         }
         if idx < index::MAX_SLOT && self.hot[idx as usize].pages != u32::MAX {
             let hot = &self.hot;
+            if self.hash.is_full() {
+                // Every hashed slot (this one included, already cached).
+                self.hash.grow_from(hashed(hot));
+            }
             self.hash.insert(start >> PAGE_SHIFT, idx, |s| {
                 hot[s as usize].start_bits >> PAGE_SHIFT
             });
@@ -1044,12 +1048,8 @@ impl<N: Provider> Registry<N> {
             self.uncache(idx);
         }
         let hot = &self.hot;
-        let stay = hot.iter().enumerate().filter_map(|(i, x)| {
-            (x.kind() == Kind::Cached && (i as u32) < index::MAX_SLOT && x.pages != u32::MAX)
-                .then_some((x.start_bits >> PAGE_SHIFT, i as u32))
-        });
         self.hash
-            .rebuild(stay, |s| hot[s as usize].start_bits >> PAGE_SHIFT);
+            .rebuild(hashed(hot), |s| hot[s as usize].start_bits >> PAGE_SHIFT);
     }
 
     fn retire_if_idle(&mut self, idx: u32) {
@@ -1131,6 +1131,15 @@ impl<N: Provider> Registry<N> {
             Err(RegError::LimitExceeded)
         }
     }
+}
+
+/// The (start page, slot) of every slot the hash holds: the cached ones
+/// it can (see `index.rs`), in slot order.
+fn hashed(hot: &[Hot]) -> impl Iterator<Item = (u64, u32)> + '_ {
+    hot.iter().enumerate().filter_map(|(i, x)| {
+        (x.kind() == Kind::Cached && (i as u32) < index::MAX_SLOT && x.pages != u32::MAX)
+            .then_some((x.start_bits >> PAGE_SHIFT, i as u32))
+    })
 }
 
 /// A registration's length fits [`MAX_PAGES`] (an implicit one needs not).

@@ -29,6 +29,7 @@ use mtt::{fault_in, FaultError, FaultMode};
 
 use crate::access::{Access, Advice};
 use crate::error::{DmaError, ProviderError, RegError};
+use crate::page_vec::PageVec;
 use crate::provider::Provider;
 use crate::region::Region;
 
@@ -68,8 +69,8 @@ pub struct NicStats {
 /// byte array (9 bytes per key instead of a padded 16-byte entry).
 #[derive(Default)]
 struct KeyTable {
-    regions: Vec<Option<Region<SoftMr>>>,
-    gens: Vec<u8>,
+    regions: PageVec<Option<Region<SoftMr>>>,
+    gens: PageVec<u8>,
     free: Vec<u32>,
     /// Activations and deactivations, counted under the table's write
     /// lock (plain integers: no atomic read-modify-write per registration).
@@ -147,12 +148,16 @@ impl SoftNic {
         }
     }
 
-    /// Heap bytes of the key table.
+    /// Heap bytes of the key table (its free list).
     pub fn key_table_heap_bytes(&self) -> usize {
+        self.inner.keys.read().free.capacity() * 4
+    }
+
+    /// Bytes of the key table's own mappings (its region pointers and
+    /// generations; see `page_vec.rs`), which an allocator does not see.
+    pub fn key_table_mapped_bytes(&self) -> usize {
         let t = self.inner.keys.read();
-        t.regions.capacity() * core::mem::size_of::<Option<Region<SoftMr>>>()
-            + t.gens.capacity()
-            + t.free.capacity() * 4
+        t.regions.mapped_bytes() + t.gens.mapped_bytes()
     }
 
     // ------------------------------------------------------------------
