@@ -59,19 +59,6 @@ impl<T> PageVec<T> {
         }
     }
 
-    /// An array of `n` copies of `v`.
-    pub(crate) fn filled(n: usize, v: T) -> Self
-    where
-        T: Clone,
-    {
-        let mut a = Self::new();
-        a.reserve_exact(n);
-        for _ in 0..n {
-            a.push(v.clone());
-        }
-        a
-    }
-
     /// Make room for `n` more elements with at most one growth.
     fn reserve_exact(&mut self, n: usize) {
         let want = self
@@ -141,6 +128,20 @@ impl<T> PageVec<T> {
         };
         self.ptr = p.cast();
         self.bytes = new;
+    }
+}
+
+impl PageVec<u32> {
+    /// An array of `n` zeros: a fresh mapping, which the kernel zeroes as
+    /// it is first touched, so nothing is written here.
+    pub(crate) fn zeroed(n: usize) -> Self {
+        let mut a = Self::new();
+        a.reserve_exact(n);
+        // `reserve_exact` mapped room for `n` elements in a fresh anonymous
+        // mapping (this array had none), whose bytes read as zero, a valid
+        // `u32`: the elements are initialised.
+        a.len = n;
+        a
     }
 }
 

@@ -56,10 +56,23 @@ impl StartHash {
 
     fn with_buckets(n: usize) -> Self {
         Self {
-            buckets: PageVec::filled(n, EMPTY),
+            buckets: PageVec::zeroed(n),
             mask: n - 1,
             len: 0,
         }
+    }
+
+    /// Bucket `i`. The table stores buckets inverted, so that `EMPTY` is
+    /// zero in memory and a new table is a fresh mapping, already zero:
+    /// no fill pass over it.
+    #[inline(always)]
+    fn at(&self, i: usize) -> u32 {
+        !self.buckets[i]
+    }
+
+    #[inline(always)]
+    fn put(&mut self, i: usize, b: u32) {
+        self.buckets[i] = !b;
     }
 
     /// Bytes of the buckets' mapping.
@@ -74,7 +87,7 @@ impl StartHash {
         let t = tag(h);
         let mut i = home(h, self.mask);
         loop {
-            let b = self.buckets[i];
+            let b = self.at(i);
             if b == EMPTY {
                 return None;
             }
@@ -95,7 +108,7 @@ impl StartHash {
         let t = tag(h);
         let mut i = home(h, self.mask);
         loop {
-            let b = self.buckets[i];
+            let b = self.at(i);
             if b == EMPTY {
                 return None;
             }
@@ -117,14 +130,14 @@ impl StartHash {
         let t = tag(h);
         let mut i = home(h, self.mask);
         loop {
-            let b = self.buckets[i];
+            let b = self.at(i);
             if b == EMPTY {
-                self.buckets[i] = t | slot;
+                self.put(i, t | slot);
                 self.len += 1;
                 return;
             }
             if b & !SLOT_MASK == t && key_of(b & SLOT_MASK) == page {
-                self.buckets[i] = t | slot;
+                self.put(i, t | slot);
                 return;
             }
             i = (i + 1) & self.mask;
@@ -143,30 +156,30 @@ impl StartHash {
     /// where a rehash of the buckets reads a record at random per entry.
     pub(crate) fn grow_from(&mut self, entries: impl Iterator<Item = (u64, u32)>) {
         let n = self.buckets.len() * 2;
-        self.buckets = PageVec::filled(n, EMPTY);
+        self.buckets = PageVec::zeroed(n);
         self.mask = n - 1;
         self.len = 0;
         for (page, slot) in entries {
             let h = mix(page);
             let mut i = home(h, self.mask);
-            while self.buckets[i] != EMPTY {
+            while self.at(i) != EMPTY {
                 i = (i + 1) & self.mask;
             }
-            self.buckets[i] = tag(h) | slot;
+            self.put(i, tag(h) | slot);
             self.len += 1;
         }
     }
 
     /// Rebuild with `n` buckets (keys are distinct: plain placement).
     fn resize(&mut self, n: usize, key_of: &impl Fn(u32) -> u64) {
-        let old = core::mem::replace(&mut self.buckets, PageVec::filled(n, EMPTY));
+        let old = core::mem::replace(&mut self.buckets, PageVec::zeroed(n));
         self.mask = n - 1;
-        for b in old.iter().copied().filter(|&b| b != EMPTY) {
+        for b in old.iter().map(|&m| !m).filter(|&b| b != EMPTY) {
             let mut i = home(mix(key_of(b & SLOT_MASK)), self.mask);
-            while self.buckets[i] != EMPTY {
+            while self.at(i) != EMPTY {
                 i = (i + 1) & self.mask;
             }
-            self.buckets[i] = b;
+            self.put(i, b);
         }
     }
 
@@ -176,7 +189,7 @@ impl StartHash {
         let t = tag(h);
         let mut i = home(h, self.mask);
         loop {
-            let b = self.buckets[i];
+            let b = self.at(i);
             if b == EMPTY {
                 return;
             }
@@ -190,7 +203,7 @@ impl StartHash {
         let mut j = i;
         loop {
             j = (j + 1) & self.mask;
-            let b = self.buckets[j];
+            let b = self.at(j);
             if b == EMPTY {
                 break;
             }
@@ -203,10 +216,10 @@ impl StartHash {
             if stays {
                 continue;
             }
-            self.buckets[i] = b;
+            self.put(i, b);
             i = j;
         }
-        self.buckets[i] = EMPTY;
+        self.put(i, EMPTY);
         self.len -= 1;
         if self.len * 16 < self.buckets.len() && self.buckets.len() > 16 {
             self.resize(self.buckets.len() / 4, &key_of);
