@@ -28,7 +28,7 @@ use notifier_core::PAGE_SIZE;
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// Capacity (bytes) from which an array is placed on huge pages.
-pub(crate) const HUGE_FROM: usize = 512 << 10;
+pub(crate) const HUGE_FROM: usize = 1 << 20;
 
 /// Bytes to map for an array that needs `bytes`: whole 4 KiB pages below
 /// [`HUGE_FROM`], whole huge pages from it on. `None` on overflow.

@@ -48,6 +48,9 @@ use crate::huge;
 
 /// Bytes of a segment.
 const SEG_BYTES: usize = 64 << 10;
+/// Bytes of small segments (from the allocator) a slab takes before it
+/// moves on to huge-page segments: one segment, about a thousand records.
+const SMALL_SEGMENTS: usize = SEG_BYTES;
 /// Records the owner accounts for with one atomic add.
 const CREDIT: usize = 256;
 /// Bytes at the head of a segment reserved for its header (a cache line,
@@ -209,7 +212,7 @@ impl<T> Slab<T> {
     /// faults.
     #[cold]
     fn grow(&mut self) {
-        let (base, bytes) = if self.seg_bytes < huge::HUGE_FROM {
+        let (base, bytes) = if self.seg_bytes < SMALL_SEGMENTS {
             let layout = seg_layout();
             // SAFETY: the layout has a nonzero size.
             let base = unsafe { alloc(layout) };
@@ -513,7 +516,7 @@ mod tests {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut slab = Slab::new();
         let size = core::mem::size_of::<Cell<Counted>>();
-        let n = huge::HUGE_FROM / size + 2 * Slab::<Counted>::cells_in(huge::HUGE_PAGE);
+        let n = SMALL_SEGMENTS / size + 2 * Slab::<Counted>::cells_in(huge::HUGE_PAGE);
         let recs: Vec<_> = (0..n as u64)
             .map(|i| slab.alloc(Counted(i, drops.clone())))
             .collect();
