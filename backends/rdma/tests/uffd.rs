@@ -107,11 +107,21 @@ struct World {
     region: Arc<Region>,
     _thread: HandlerThread,
     m: UffdMonitor,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// The tests of this file run one at a time. They unmap buffers and map
+/// them back at the same address; in between, the hole is free address
+/// space, and another test's thread (a registry growing its arrays) could
+/// map into it, which makes the mapping back fail with `EEXIST` (see
+/// `Region::map_fixed_over`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl World {
     /// `None` (after a visible SKIP) without userfaultfd.
     fn new(bytes: u64) -> Option<Self> {
+        // A test that failed leaves the lock poisoned; the next still runs.
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let m = monitor()?;
         let _thread = m.spawn().unwrap();
         let region = Arc::new(Region::anon(bytes).unwrap());
@@ -125,6 +135,7 @@ impl World {
             region,
             _thread,
             m,
+            _serial: serial,
         })
     }
 }

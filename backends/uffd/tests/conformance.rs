@@ -179,18 +179,31 @@ fn conformance(region: impl FnOnce() -> Region, advice: Advice) {
     thread.stop();
 }
 
+/// The tests of this file run one at a time: one unmaps a page and maps it
+/// back at the same address, and in between another test's thread could
+/// map into the hole (the mapping back would then fail with `EEXIST`, see
+/// `Region::map_fixed_over`).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed leaves the lock poisoned; the next still runs.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn conformance_anonymous_private() {
+    let _serial = serial();
     conformance(|| Region::anon(PAGES * P).unwrap(), Advice::DontNeed);
 }
 
 #[test]
 fn conformance_memfd_shared() {
+    let _serial = serial();
     conformance(|| Region::memfd(PAGES * P).unwrap(), Advice::Remove);
 }
 
 #[test]
 fn unannounced_madvise_is_seen_before_a_later_fault_is_served() {
+    let _serial = serial();
     let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else {
         return;
     };
@@ -231,6 +244,7 @@ fn unannounced_madvise_is_seen_before_a_later_fault_is_served() {
 
 #[test]
 fn munmap_then_mmap_at_the_same_address_never_serves_the_old_translation() {
+    let _serial = serial();
     let Some(m) = monitor(UffdMonitor::builder(), Arc::new(ZeroHandler)) else {
         return;
     };
