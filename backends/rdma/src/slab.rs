@@ -8,13 +8,17 @@
 //! half of the fresh memory a registration touched; on a host where a first
 //! touch costs microseconds, fresh memory is most of a miss. A [`SlabArc`]
 //! is the same shared, counted record in a 64-byte cell carved from a
-//! 64 KiB segment: allocation is a pointer bump or a free-list pop by the
-//! owner, with no lock. (Tried first: 1 MiB segments aligned to their size,
-//! a record finding its segment by masking its address. A registry of
-//! 65,536 regions then held a fifth, nearly empty segment, 16 bytes per
-//! region of allocated memory; and 64 KiB aligned segments cost glibc's
-//! `memalign` slack, ~390 more page faults over 65,536 regions. Now a cell
-//! keeps its index in its segment, in the padding after its count.)
+//! segment: allocation is a pointer bump or a free-list pop by the owner,
+//! with no lock. The first segment is 64 KiB from the allocator; the next
+//! ones are 2 MiB huge pages (`huge.rs`: a fifth of the fresh-memory cost
+//! of 4 KiB pages on the measured host), so a registry of more than ~1,000
+//! regions holds its records in huge pages. (Tried first: 1 MiB segments
+//! aligned to their size, a record finding its segment by masking its
+//! address. A registry of 65,536 regions then held a fifth, nearly empty
+//! segment, 16 bytes per region of allocated memory; and 64 KiB aligned
+//! segments cost glibc's `memalign` slack, ~390 more page faults over
+//! 65,536 regions. Now a cell keeps its index in its segment, in the
+//! padding after its count.)
 //!
 //! # Ownership and lifetime
 //!
