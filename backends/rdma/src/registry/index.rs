@@ -123,7 +123,7 @@ impl StartHash {
     /// stored under it.
     pub(crate) fn insert(&mut self, page: u64, slot: u32, key_of: impl Fn(u32) -> u64) {
         debug_assert!(slot < MAX_SLOT);
-        if (self.len + 1) * 4 > self.buckets.len() * 3 {
+        if self.is_full() {
             self.resize(self.buckets.len() * 2, &key_of);
         }
         let h = mix(page);
