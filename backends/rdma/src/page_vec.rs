@@ -1,6 +1,7 @@
 //! A growable array in its own anonymous mapping, grown with `mremap`:
-//! the thin sys layer under the registry's per-slot arrays (hot records,
-//! regions, LRU ticks), its hash buckets and the software NIC's key table.
+//! the thin sys layer under the registry's per-slot arrays (hot records
+//! with their LRU ticks, regions), its hash buckets and the software NIC's
+//! key table.
 //!
 //! Why: on a host where a first touch of a page costs microseconds, how an
 //! array grows decides much of what a registration costs.
@@ -143,6 +144,25 @@ impl PageVec<u32> {
         a.len = n;
         a
     }
+
+    /// Make this an array of `n >= len` zeros in the mapping it has (grown
+    /// when needed), every element written.
+    ///
+    /// Reusing the mapping saves the faults of fresh pages for the part it
+    /// had. Writing the zeros, instead of relying on the kernel's zero fill,
+    /// costs a store per element and saves a fault per page: a page whose
+    /// first touch is a read maps the shared zero page, and the write that
+    /// follows faults again to replace it (a hash table probes before it
+    /// stores).
+    pub(crate) fn regrow_zeroed(&mut self, n: usize) {
+        debug_assert!(n >= self.len);
+        self.reserve_exact(n - self.len);
+        // The mapping holds `n` elements. Nothing ever wrote past `len`
+        // (`push` and indexing write below it), and growth keeps the
+        // contents and maps zero pages: the tail is initialised (zero).
+        self.len = n;
+        self.fill(0);
+    }
 }
 
 impl<T> Default for PageVec<T> {
@@ -228,5 +248,22 @@ mod tests {
             .enumerate()
             .all(|(i, r)| i == 5 || *r == Rec([i as u64, !(i as u64), i as u64 * 3, 7])));
         assert_eq!(v[5].0[3], 9);
+    }
+
+    #[test]
+    fn regrow_zeroed_clears_and_grows_across_the_huge_threshold() {
+        let mut v = PageVec::zeroed(16);
+        assert!(v.iter().all(|&x| x == 0));
+        for n in [16usize, 1024, 4096, huge::HUGE_PAGE / 4] {
+            v.regrow_zeroed(n);
+            assert_eq!(v.len(), n);
+            assert!(v.mapped_bytes() >= n * 4);
+            assert!(v.iter().all(|&x| x == 0), "not zero at {n}");
+            // Dirty every element, so the next regrow must clear them.
+            v.fill(u32::MAX);
+        }
+        assert!(huge::is_huge(v.mapped_bytes()));
+        v.regrow_zeroed(huge::HUGE_PAGE / 4 + 1);
+        assert!(v.iter().all(|&x| x == 0));
     }
 }

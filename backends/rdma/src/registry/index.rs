@@ -156,7 +156,8 @@ impl StartHash {
     /// where a rehash of the buckets reads a record at random per entry.
     pub(crate) fn grow_from(&mut self, entries: impl Iterator<Item = (u64, u32)>) {
         let n = self.buckets.len() * 2;
-        self.buckets = PageVec::zeroed(n);
+        // In place: the old table's pages are mapped already.
+        self.buckets.regrow_zeroed(n);
         self.mask = n - 1;
         self.len = 0;
         for (page, slot) in entries {
