@@ -1,7 +1,6 @@
 //! A growable array in its own anonymous mapping, grown with `mremap`:
-//! the thin sys layer under the registry's per-slot arrays (hot records
-//! with their LRU ticks, regions), its hash buckets and the software NIC's
-//! key table.
+//! the thin sys layer under the registry's per-slot arrays (hot records,
+//! regions, LRU ticks), its hash buckets and the software NIC's key table.
 //!
 //! Why: on a host where a first touch of a page costs microseconds, how an
 //! array grows decides much of what a registration costs.

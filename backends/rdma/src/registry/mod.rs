@@ -147,15 +147,12 @@ struct Info {
 }
 
 /// The part of a slot every `get` and `put` touches, kept dense (32
-/// bytes, half a cache line): the LRU tick (the value of the owner's use
-/// clock at the slot's last `get`), the handle's generation and keys, the
-/// region's start (the hash key, which the hash does not store) with rights
-/// and slot state in its page-offset bits, its length in pages and the
-/// reference count. A hit reads and writes this one line only. The first
-/// 16 bytes are laid out as [`MrHandle`] with the tick where the handle has
-/// its slot, so a hit builds the handle from one 16-byte load. The copies
-/// are exact: a live region's range, rights, keys and generation never
-/// change.
+/// bytes, half a cache line): the handle a hit returns (copied whole, so
+/// the caller's 16-byte load of it forwards from one store), the region's
+/// start (the hash key, which the hash does not store) with rights and
+/// slot state in its page-offset bits, its length in pages and the
+/// reference count. The LRU tick lives in a parallel array. The copies are
+/// exact: a live region's range, rights, keys and generation never change.
 ///
 /// Aligned to its size: the allocator only promises 16 bytes, and a record
 /// straddling two cache lines costs a hit two misses instead of one. (That
@@ -163,11 +160,7 @@ struct Info {
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Hot {
-    /// Wrapping; LRU age is `now - tick`.
-    tick: u32,
-    gen: u32,
-    lkey: u32,
-    rkey: u32,
+    handle: MrHandle,
     /// `start | access (bits 0-4) | kind (bits 5-6) | linked (bit 7)`.
     start_bits: u64,
     /// Length in pages, `u32::MAX` when longer (such a region is not hashed).
@@ -183,10 +176,12 @@ const LINKED: u64 = 1 << 7;
 
 impl Hot {
     const FREE: Hot = Hot {
-        tick: 0,
-        gen: 0,
-        lkey: 0,
-        rkey: 0,
+        handle: MrHandle {
+            slot: 0,
+            gen: 0,
+            lkey: 0,
+            rkey: 0,
+        },
         start_bits: 0,
         pages: 0,
         refs: 0,
@@ -197,17 +192,7 @@ impl Hot {
     }
     #[inline(always)]
     fn gen(&self) -> u32 {
-        self.gen
-    }
-    /// The handle of this record, which is slot `slot`.
-    #[inline(always)]
-    fn handle(&self, slot: u32) -> MrHandle {
-        MrHandle {
-            slot,
-            gen: self.gen,
-            lkey: self.lkey,
-            rkey: self.rkey,
-        }
+        self.handle.gen
     }
     #[inline(always)]
     fn kind(&self) -> Kind {
@@ -251,6 +236,9 @@ pub struct Registry<N: Provider> {
     slots: PageVec<Option<Region<N::Mr>>>,
     /// In its own mapping: see `page_vec.rs` for why not a `Vec`.
     hot: PageVec<Hot>,
+    /// Value of the owner's use clock at each slot's last `get` (wrapping;
+    /// LRU age is `now - tick`).
+    ticks: PageVec<u32>,
     free: Vec<u32>,
     /// Records of destroyed regions nobody else referenced, reused by
     /// `create` (at most [`MAX_SPARE`]): a register/deregister cycle
@@ -306,6 +294,7 @@ impl<N: Provider> Registry<N> {
             shared: Shared::new(),
             slots: PageVec::new(),
             hot: PageVec::new(),
+            ticks: PageVec::new(),
             free: Vec::new(),
             spare: Vec::new(),
             slab: Slab::new(),
@@ -363,11 +352,12 @@ impl<N: Provider> Registry<N> {
     }
 
     /// Bytes of the registry's own anonymous mappings (slots, hot records,
-    /// hash, and the region records' huge-page segments), mapped
+    /// LRU ticks, hash, and the region records' huge-page segments), mapped
     /// whether touched or not, which an allocator does not see.
     pub fn owner_mapped_bytes(&self) -> usize {
         self.slots.mapped_bytes()
             + self.hot.mapped_bytes()
+            + self.ticks.mapped_bytes()
             + self.hash.mapped_bytes()
             + self.slab.mapped_bytes()
     }
@@ -427,7 +417,7 @@ impl<N: Provider> Registry<N> {
 
     #[inline]
     fn handle(&self, idx: u32) -> MrHandle {
-        self.hot[idx as usize].handle(idx)
+        self.hot[idx as usize].handle
     }
 
     /// Range and rights of a live slot.
@@ -444,9 +434,8 @@ impl<N: Provider> Registry<N> {
     #[inline(always)]
     fn take_ref(&mut self, idx: u32) {
         self.tick = self.tick.wrapping_add(1);
-        let x = &mut self.hot[idx as usize];
-        x.refs += 1;
-        x.tick = self.tick;
+        self.hot[idx as usize].refs += 1;
+        self.ticks[idx as usize] = self.tick;
     }
 
     // ------------------------------------------------------------------
@@ -479,9 +468,9 @@ impl<N: Provider> Registry<N> {
                 {
                     self.tick = self.tick.wrapping_add(1);
                     x.refs += 1;
-                    x.tick = self.tick;
+                    self.ticks[slot as usize] = self.tick;
                     self.hits += 1;
-                    return Ok(x.handle(slot));
+                    return Ok(x.handle);
                 }
             }
         }
@@ -887,6 +876,7 @@ impl<N: Provider> Registry<N> {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
                 self.slots.push(None);
                 self.hot.push(Hot::FREE);
+                self.ticks.push(0);
                 i
             }
         };
@@ -944,14 +934,17 @@ impl<N: Provider> Registry<N> {
         let (lkey, rkey) = (region.mr().lkey(), region.mr().rkey());
         self.slots[idx as usize] = Some(region);
         let mut x = Hot {
-            tick: self.tick,
-            gen,
-            lkey,
-            rkey,
+            handle: MrHandle {
+                slot: idx,
+                gen,
+                lkey,
+                rkey,
+            },
             start_bits: range.start() | u64::from(access.bits()),
             pages: u32::try_from(range.len() >> PAGE_SHIFT).unwrap_or(u32::MAX),
             refs: 0,
         };
+        self.ticks[idx as usize] = self.tick;
         x.set_kind(kind);
         x.set_linked(kind == Kind::Direct);
         self.hot[idx as usize] = x;
@@ -1072,7 +1065,7 @@ impl<N: Provider> Registry<N> {
         let linked = x.linked();
         x.set_kind(Kind::Free);
         x.set_linked(false);
-        x.gen = x.gen.wrapping_add(1);
+        x.handle.gen = x.handle.gen.wrapping_add(1);
         let region = self.slots[idx as usize].take();
         self.free.push(idx);
         if let Some(region) = region {
@@ -1110,7 +1103,12 @@ impl<N: Provider> Registry<N> {
             .filter(|(i, x)| {
                 x.kind() == Kind::Cached && x.refs == 0 && !keep.contains(&(*i as u32))
             })
-            .map(|(i, x)| (core::cmp::Reverse(now.wrapping_sub(x.tick)), i as u32))
+            .map(|(i, _)| {
+                (
+                    core::cmp::Reverse(now.wrapping_sub(self.ticks[i])),
+                    i as u32,
+                )
+            })
             .collect();
         // Oldest (largest age) first.
         idle.sort_unstable();
