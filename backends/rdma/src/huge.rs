@@ -16,6 +16,13 @@
 //! double fault). Their pages are then resident whether used or not, which
 //! costs nothing in the memory figures: those count mapped bytes.
 //!
+//! Small mappings that arrays give up (the 4 KiB part of an array that
+//! moved to huge pages, an array dropped) are kept, already faulted in, in
+//! a process-wide pool of spares of at most [`SPARE_MAX`] bytes. A small
+//! array that grows takes a spare when one is large enough and copies its
+//! contents into it: on that host copying a byte costs about a twentieth
+//! of faulting a fresh one in.
+//!
 //! The policy bounds what huge pages cost in resident memory: an array
 //! asks for them only when its capacity reaches [`HUGE_FROM`], and its
 //! capacity is then rounded up to whole huge pages. A small registry never
@@ -27,6 +34,7 @@
 #![allow(unsafe_code)]
 
 use core::ptr::NonNull;
+use std::sync::Mutex;
 
 use notifier_core::PAGE_SIZE;
 
@@ -40,6 +48,61 @@ pub(crate) const HUGE_PAGE: usize = 2 << 20;
 /// rounded half-used arrays up to 2 MiB, 221 bytes per cached region
 /// counted instead of 142, for no gain in time.)
 pub(crate) const HUGE_FROM: usize = 1 << 20;
+
+/// Most bytes of spare mappings the process keeps.
+pub(crate) const SPARE_MAX: usize = 4 << 20;
+
+/// Small private anonymous mappings nobody uses, faulted in (their
+/// contents are left over), as (address, bytes), page aligned.
+struct Spares {
+    maps: Vec<(usize, usize)>,
+    bytes: usize,
+}
+
+impl Spares {
+    const fn new() -> Self {
+        Self {
+            maps: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Keep `[addr, addr + bytes)` unless that would exceed [`SPARE_MAX`].
+    fn keep(&mut self, addr: usize, bytes: usize) -> bool {
+        if self.bytes + bytes > SPARE_MAX {
+            return false;
+        }
+        self.maps.push((addr, bytes));
+        self.bytes += bytes;
+        true
+    }
+
+    /// `bytes` (whole pages) cut from the head of the smallest spare that
+    /// holds them; its tail stays spare.
+    fn take(&mut self, bytes: usize) -> Option<usize> {
+        let (i, &(addr, len)) = self
+            .maps
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.1 >= bytes)
+            .min_by_key(|(_, m)| m.1)?;
+        if len == bytes {
+            self.maps.swap_remove(i);
+        } else {
+            self.maps[i] = (addr + bytes, len - bytes);
+        }
+        self.bytes -= bytes;
+        Some(addr)
+    }
+}
+
+static SPARES: Mutex<Spares> = Mutex::new(Spares::new());
+
+/// A spare of `bytes` (whole pages), if the pool has one.
+fn take_spare(bytes: usize) -> Option<NonNull<u8>> {
+    let addr = SPARES.lock().ok()?.take(bytes)?;
+    NonNull::new(addr as *mut u8)
+}
 
 /// Bytes to map for an array that needs `bytes`: whole 4 KiB pages below
 /// [`HUGE_FROM`], whole huge pages from it on. `None` on overflow.
@@ -121,12 +184,15 @@ fn raw_map(bytes: usize) -> Option<NonNull<u8>> {
 }
 
 /// Grow the mapping `[ptr, ptr + old)` (made by [`map`] or [`grow`]) to
-/// `new > old` bytes (a result of [`round`]), keeping its contents; the
-/// result may lie elsewhere. `None` when the kernel refuses, the old
-/// mapping then intact.
+/// `new > old` bytes (a result of [`round`]), keeping its first `old`
+/// bytes; the bytes after them are unspecified (zero, or left over in a
+/// spare). The result may lie elsewhere. `None` when the kernel refuses,
+/// the old mapping then intact.
 ///
-/// A small mapping that stays small grows by `mremap` (its page-table
-/// entries move, not its bytes). A mapping that becomes huge is copied
+/// A small mapping that stays small moves into a spare large enough if
+/// there is one (a copy into pages already faulted in), else grows by
+/// `mremap` (its page-table entries move, not its bytes) and has its new
+/// tail populated. A mapping that becomes huge is copied
 /// into a fresh huge mapping, so its first huge page is one too (moved
 /// 4 KiB entries would keep that range on small pages). A huge mapping
 /// moves into a fresh aligned one by `mremap`, huge page by huge page.
@@ -138,6 +204,16 @@ fn raw_map(bytes: usize) -> Option<NonNull<u8>> {
 pub(crate) unsafe fn grow(ptr: NonNull<u8>, old: usize, new: usize) -> Option<NonNull<u8>> {
     debug_assert!(new > old);
     if !is_huge(new) {
+        if let Some(to) = take_spare(new) {
+            // SAFETY: the spare is a live mapping of `new > old` bytes that
+            // nobody else uses (taken out of the pool); the old one is the
+            // caller's, given up here.
+            unsafe {
+                core::ptr::copy_nonoverlapping(ptr.as_ptr(), to.as_ptr(), old);
+                unmap(ptr, old);
+            }
+            return Some(to);
+        }
         // SAFETY: per the contract; MREMAP_MAYMOVE keeps the contents.
         let p = unsafe { libc::mremap(ptr.as_ptr().cast(), old, new, libc::MREMAP_MAYMOVE) };
         if p == libc::MAP_FAILED {
@@ -158,7 +234,7 @@ pub(crate) unsafe fn grow(ptr: NonNull<u8>, old: usize, new: usize) -> Option<No
         // the old one is the caller's, given up here.
         unsafe {
             core::ptr::copy_nonoverlapping(ptr.as_ptr(), to.as_ptr(), old);
-            libc::munmap(ptr.as_ptr().cast(), old);
+            unmap(ptr, old);
         }
         return Some(to);
     }
@@ -182,12 +258,20 @@ pub(crate) unsafe fn grow(ptr: NonNull<u8>, old: usize, new: usize) -> Option<No
     Some(to)
 }
 
-/// Unmap `[ptr, ptr + bytes)`.
+/// Give up `[ptr, ptr + bytes)`: a small mapping becomes a spare while
+/// the pool has room, anything else is unmapped.
 ///
 /// # Safety
 /// A live mapping made by [`map`] or [`grow`], owned by the caller, with
 /// no reference into it used afterwards.
 pub(crate) unsafe fn unmap(ptr: NonNull<u8>, bytes: usize) {
+    if !is_huge(bytes) {
+        if let Ok(mut s) = SPARES.lock() {
+            if s.keep(ptr.as_ptr() as usize, bytes) {
+                return;
+            }
+        }
+    }
     // SAFETY: per the contract.
     unsafe { libc::munmap(ptr.as_ptr().cast(), bytes) };
 }
@@ -233,5 +317,43 @@ mod tests {
         }
         // SAFETY: the live mapping, unused afterwards.
         unsafe { unmap(p, sizes[3]) };
+    }
+
+    #[test]
+    fn spares_cut_the_smallest_fit_and_respect_the_cap() {
+        let mut s = Spares::new();
+        assert!(s.keep(0x10_0000, 8 * 4096));
+        assert!(s.keep(0x20_0000, 2 * 4096));
+        assert_eq!(s.take(3 * 4096), Some(0x10_0000), "the 8-page spare");
+        assert_eq!(s.bytes, 7 * 4096);
+        assert_eq!(s.take(2 * 4096), Some(0x20_0000), "exact fit first");
+        assert_eq!(s.take(5 * 4096), Some(0x10_0000 + 3 * 4096), "the rest");
+        assert_eq!((s.take(4096), s.bytes), (None, 0));
+        assert!(s.keep(0x30_0000, SPARE_MAX));
+        assert!(!s.keep(0x40_0000, 4096), "over the cap");
+    }
+
+    #[test]
+    fn a_growth_into_a_spare_keeps_contents() {
+        // Give up a small mapping (it becomes a spare unless the pool is
+        // full, which other tests may have caused), then grow another.
+        let spare = map(64 << 10).expect("map");
+        // SAFETY: the live mapping, unused afterwards.
+        unsafe { unmap(spare, 64 << 10) };
+        let p = map(4096).expect("map");
+        for i in 0..4096 {
+            // SAFETY: inside the live mapping.
+            unsafe { p.as_ptr().add(i).write((i % 253) as u8) };
+        }
+        // SAFETY: `p` is the live mapping of 4096 bytes.
+        let q = unsafe { grow(p, 4096, 32 << 10) }.expect("grow");
+        for i in 0..4096 {
+            // SAFETY: inside the live mapping.
+            assert_eq!(unsafe { q.as_ptr().add(i).read() }, (i % 253) as u8);
+        }
+        // SAFETY: every byte of the grown mapping is writable.
+        unsafe { q.as_ptr().add((32 << 10) - 1).write(1) };
+        // SAFETY: the live mapping, unused afterwards.
+        unsafe { unmap(q, 32 << 10) };
     }
 }

@@ -156,11 +156,11 @@ impl PageVec<u32> {
     pub(crate) fn regrow_zeroed(&mut self, n: usize) {
         debug_assert!(n >= self.len);
         self.reserve_exact(n - self.len);
-        // The mapping holds `n` elements. Nothing ever wrote past `len`
-        // (`push` and indexing write below it), and growth keeps the
-        // contents and maps zero pages: the tail is initialised (zero).
+        // SAFETY: the mapping holds at least `n` elements (just reserved);
+        // zero bytes are a valid `u32`, so all `n` are initialised. The
+        // bytes past `len` may be left over from a spare (see `huge`).
+        unsafe { self.ptr.as_ptr().write_bytes(0, n) };
         self.len = n;
-        self.fill(0);
     }
 }
 

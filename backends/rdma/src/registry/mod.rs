@@ -874,8 +874,10 @@ impl<N: Provider> Registry<N> {
             Some(i) => i,
             None => {
                 let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
-                self.slots.push(None);
+                // The largest array first: when it moves to huge pages, the
+                // small pages it gives up serve the others' growth (`huge.rs`).
                 self.hot.push(Hot::FREE);
+                self.slots.push(None);
                 self.ticks.push(0);
                 i
             }
