@@ -98,6 +98,11 @@ impl Spares {
 
 static SPARES: Mutex<Spares> = Mutex::new(Spares::new());
 
+/// Bytes of spare mappings the process keeps now.
+pub(crate) fn spare_bytes() -> usize {
+    SPARES.lock().map_or(0, |s| s.bytes)
+}
+
 /// A spare of `bytes` (whole pages), if the pool has one.
 fn take_spare(bytes: usize) -> Option<NonNull<u8>> {
     let addr = SPARES.lock().ok()?.take(bytes)?;

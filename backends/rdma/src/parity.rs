@@ -364,6 +364,14 @@ fn miss_grow_and_destroy(
                 / n as usize
         )?;
     }
+    writeln!(
+        out,
+        "# spare small mappings kept process-wide after the pass: {} KiB (at most {} KiB; \
+         pages arrays gave up, reused by the next growth; not in the figure above, as a heap's \
+         free lists are not)",
+        crate::huge::spare_bytes() >> 10,
+        crate::huge::SPARE_MAX >> 10,
+    )?;
     let subs = b.mm.notifiers();
     writeln!(
         out,
