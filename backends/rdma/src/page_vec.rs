@@ -8,8 +8,9 @@
 //!   32-byte aligned hot records allocates anew and copies the whole array
 //!   at every doubling: an eighth of the faults of a registry growing to
 //!   65,536 regions. Here a small array grows by moving page-table entries,
-//!   not bytes, and the base is page aligned (every record keeps its
-//!   alignment).
+//!   not bytes (or by a copy into a spare mapping whose pages are faulted
+//!   in already, see `huge.rs`), and the base is page aligned (every record
+//!   keeps its alignment).
 //! - From [`huge::HUGE_FROM`] bytes on, the array lives on transparent huge
 //!   pages (see `huge.rs`): a fifth of the fresh-memory cost of 4 KiB pages.
 //!
