@@ -5,6 +5,7 @@
 //! See `docs/DESIGN.md` for the protocols with their interleaving diagrams.
 
 mod error;
+mod event_gate;
 mod interval;
 mod interval_tree;
 mod ops;
@@ -12,6 +13,7 @@ mod range;
 mod subscriptions;
 
 pub use error::NotifierError;
+pub use event_gate::{EventGate, GateBatch};
 pub use interval::{IntervalNotifier, IntervalSubscription};
 pub use ops::{Hooks, IntervalNotifierOps, MmuNotifierOps};
 pub use range::{Again, Event, InvalidateRange};

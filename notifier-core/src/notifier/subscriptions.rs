@@ -46,7 +46,7 @@ use super::interval::{
 use super::interval_tree::IntervalTree;
 use super::ops::{Hooks, IntervalNotifierOps, MmuNotifierOps};
 use super::range::{Again, InvalidateRange};
-use super::NotifierError;
+use super::{EventGate, NotifierError};
 use crate::addr::PageRange;
 use crate::sync::{
     self, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex,
@@ -105,6 +105,8 @@ pub struct NotifierSubscriptions {
     wq: Condvar,
     /// Number of range subscribers, so hook calls skip the lock when zero.
     nr_ranges: AtomicU32,
+    /// The application's order for primaries that report after the fact.
+    gate: EventGate,
 }
 
 impl core::fmt::Debug for NotifierSubscriptions {
@@ -177,6 +179,7 @@ impl NotifierSubscriptions {
             waiters: AtomicUsize::new(0),
             wq: Condvar::new(),
             nr_ranges: AtomicU32::new(0),
+            gate: EventGate::new(),
         })
     }
 
@@ -601,6 +604,16 @@ impl NotifierSubscriptions {
     /// Current `S` (even when idle).
     pub fn seq(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
+    }
+
+    /// The application's-order gate of this primary: a monitor that reports
+    /// changes after the fact (userfaultfd) brackets each batch of events
+    /// with it, and readers that must not miss an event the application
+    /// already saw complete call [`EventGate::wait_applied`] first. A
+    /// primary that announces before it changes never opens it.
+    #[inline]
+    pub fn event_gate(&self) -> &EventGate {
+        &self.gate
     }
 
     /// Whether [`Self::release`] ran.
