@@ -38,6 +38,11 @@ pub enum PrimaryFault {
     /// Out of memory.
     #[error("out of memory")]
     OutOfMemory,
+    /// The range cannot be watched: its changes would not be announced
+    /// (memory of a kind the primary cannot follow, or the primary's
+    /// monitor is gone).
+    #[error("changes at {0:#x} cannot be followed")]
+    Unwatchable(u64),
     /// Snapshot mode: the page is not present and faulting was not allowed.
     #[error("page {0:#x} not present")]
     NotPresent(u64),
@@ -60,4 +65,18 @@ pub trait Primary: Send + Sync {
     /// The current translation of `addr` without faulting, or `None` when no
     /// present PTE maps it (`PREFETCH_NO_FAULT`).
     fn lookup_page(&self, addr: u64) -> Option<Translation>;
+
+    /// Make sure every change to `[start, start + len)` (any alignment;
+    /// page rounding is the primary's) will be announced to
+    /// [`Self::notifiers`]: a primary over real memory starts watching the
+    /// range, uniting it with what it already watches. A secondary calls it
+    /// before it first trusts a translation of the range (a registration
+    /// cache on a miss), so it never caches what nobody follows.
+    ///
+    /// The default covers everything: a model primary announces every
+    /// change of its whole address space.
+    fn ensure_covered(&self, start: u64, len: u64) -> Result<(), PrimaryFault> {
+        let _ = (start, len);
+        Ok(())
+    }
 }
