@@ -49,6 +49,9 @@ pub enum RegError {
     /// The handle names no region of this registry (never issued, or its region was destroyed).
     #[error("stale or unknown handle")]
     StaleHandle,
+    /// The handle was issued by another registry.
+    #[error("handle of another registry")]
+    ForeignHandle,
     /// `put` on a handle whose region holds no reference.
     #[error("put without a matching get")]
     PutWithoutGet,

@@ -47,6 +47,20 @@ pub trait Provider: Send + Sync + 'static {
     /// deregistered, so the registry already rejects its keys.
     fn dereg_mr(&self, region: &Region<Self::Mr>);
 
+    /// Make sure the memory of `range` is followed, so that translations
+    /// of it are invalidated when it changes: a provider whose translations
+    /// come from a primary that watches real memory asks it to watch the
+    /// range ([`Primary::ensure_covered`](notifier_core::primary::Primary::ensure_covered)).
+    /// The registry calls it before it caches a region. The default: the
+    /// memory is always followed (a device whose ODP the kernel drives).
+    ///
+    /// # Errors
+    /// [`RegError::Fault`] when the memory cannot be followed.
+    fn ensure_covered(&self, range: PageRange) -> Result<(), RegError> {
+        let _ = range;
+        Ok(())
+    }
+
     /// Prefetch translations of `range` (inside the region) according to `advice`.
     fn advise_mr(
         &self,
@@ -88,6 +102,19 @@ pub trait ProviderMr: Send + Sync + 'static {
         mark: &mut dyn FnMut() -> bool,
     ) -> Result<(), Again>;
 
+    /// The pages of `[start, end)` (inside the region) were unmapped while
+    /// the rest of the region stays: record them as gone, so that DMA there
+    /// fails with a typed error from now on instead of faulting in memory
+    /// mapped at those addresses later. Called from the chunk callback
+    /// after [`Self::invalidate`] dropped their translations (no fill can
+    /// complete in between: the bracket is open). Returns `false` when the
+    /// provider cannot, and the registry then kills the whole region. The
+    /// default cannot.
+    fn forget(&self, start: u64, end: u64) -> bool {
+        let _ = (start, end);
+        false
+    }
+
     /// The region died outside a notifier callback (explicit invalidation,
     /// release of the address space): make the device stop honouring its
     /// keys now. A provider that checks the region's state on every access
@@ -105,6 +132,9 @@ impl<T: Provider + ?Sized> Provider for Arc<T> {
     type Mr = T::Mr;
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+    fn ensure_covered(&self, range: PageRange) -> Result<(), RegError> {
+        (**self).ensure_covered(range)
     }
     fn on_demand(&self) -> bool {
         (**self).on_demand()

@@ -6,7 +6,8 @@
 //! | `state`        | meaning | who sets it |
 //! |----------------|---------|-------------|
 //! | `VALID`        | cached or registered, keys usable | creation |
-//! | `INVALIDATED`  | the primary changed (unmap) or the user invalidated it: keys rejected, translations unusable, never served again | chunk callback / `Registry::invalidate` |
+//! | `STALE`        | part of its memory changed under an on-demand (ODP) registration: the translations of the changed pages are gone, keys stay usable (DMA faults pages in again, or fails with a typed error where memory is gone), never served by the cache again | chunk callback |
+//! | `INVALIDATED`  | the user invalidated it, a pinned registration's memory changed, or the address space went away: keys rejected, translations unusable, never served again | chunk callback / `Registry::invalidate` |
 //! | `DEREGISTERED` | the registry destroyed it (last put, eviction, deregister) | registry owner |
 //!
 //! Transitions only go down the table. An invalidated region stays
@@ -34,8 +35,9 @@ use crate::registry::chunk::Chunk;
 use crate::slab::SlabArc;
 
 pub(crate) const VALID: u8 = 0;
-pub(crate) const INVALIDATED: u8 = 1;
-pub(crate) const DEREGISTERED: u8 = 2;
+pub(crate) const STALE: u8 = 1;
+pub(crate) const INVALIDATED: u8 = 2;
+pub(crate) const DEREGISTERED: u8 = 3;
 
 /// Most pages of one registration (16 TiB): the length is stored in 32
 /// bits, which keeps a region's allocation at 72 bytes instead of 80.
@@ -95,11 +97,19 @@ impl<M: ProviderMr> Region<M> {
     pub fn is_implicit(&self) -> bool {
         self.0.implicit
     }
-    /// Whether keys of this region are usable (not invalidated, not deregistered).
+    /// Whether keys of this region are usable (not invalidated, not
+    /// deregistered; a stale ODP region's keys are).
     ///
     /// Acquire pairs with the AcqRel transitions in the callback and the registry.
     #[inline]
     pub fn is_valid(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) <= STALE
+    }
+
+    /// Whether the cache may hand this region out: no part of its memory
+    /// changed since it was registered.
+    #[inline]
+    pub fn is_cacheable(&self) -> bool {
         self.0.state.load(Ordering::Acquire) == VALID
     }
     /// The provider's state.
@@ -120,12 +130,32 @@ impl<M: ProviderMr> Region<M> {
     pub fn covers(&self, addr: u64, len: u64) -> bool {
         addr >= self.start() && addr.checked_add(len).is_some_and(|e| e <= self.end())
     }
-    /// Kill the region (VALID -> INVALIDATED); returns whether this call did.
+    /// Kill the region (VALID or STALE -> INVALIDATED); returns whether
+    /// this call did.
     #[inline]
     pub(crate) fn kill(&self) -> bool {
+        let mut cur = self.0.state.load(Ordering::Acquire);
+        while cur <= STALE {
+            match self.0.state.compare_exchange(
+                cur,
+                INVALIDATED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
+
+    /// Take the region out of the cache's reach (VALID -> STALE) while its
+    /// keys stay usable; returns whether this call did.
+    #[inline]
+    pub(crate) fn mark_stale(&self) -> bool {
         self.0
             .state
-            .compare_exchange(VALID, INVALIDATED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(VALID, STALE, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 }
@@ -137,6 +167,7 @@ impl<M: ProviderMr> core::fmt::Debug for Region<M> {
             .field("end", &format_args!("{:#x}", self.end()))
             .field("access", &self.access())
             .field("valid", &self.is_valid())
+            .field("cacheable", &self.is_cacheable())
             .finish()
     }
 }

@@ -15,8 +15,7 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
     let before = reg.stats();
     let top: u64 = !0xfff;
     for (start, len) in [(BASE, 0), (BASE + 1, 4096), (BASE, 4095), (top, 8192)] {
-        let e = reg.get(start, len, RW).unwrap_err();
-        assert!(matches!(e, RegError::Range(_)), "{e:?}");
+        // `get` takes any alignment (below); the others want pages.
         assert!(matches!(
             reg.register(start, len, RW),
             Err(RegError::Range(_))
@@ -41,6 +40,27 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
     assert_eq!(reg.stats(), before);
     assert_eq!(nic.stats().registrations, 1);
     reg.put(h).unwrap();
+}
+
+#[test]
+fn get_takes_any_alignment_and_covers_the_pages_of_the_range() {
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    // A malloc-like pointer: 100 bytes from 16 bytes before a page boundary.
+    let h = reg.get(BASE + 4096 - 16, 100, RW).unwrap();
+    assert_eq!(reg.bounds(h).unwrap(), (BASE, BASE + 2 * 4096));
+    // Any byte range inside those pages is a hit on the same region.
+    let h2 = reg.get(BASE + 7, 8000, RW).unwrap();
+    assert_eq!(h2, h);
+    assert_eq!(reg.stats().hits, 1);
+    assert_eq!(nic.stats().registrations, 1);
+    // The last byte of the address space does not wrap.
+    let top = u64::MAX - 10;
+    assert!(matches!(
+        reg.get(top, 5, RW),
+        Err(RegError::Range(RangeError::Wraps { .. }))
+    ));
+    reg.put(h).unwrap();
+    reg.put(h2).unwrap();
 }
 
 #[test]

@@ -218,3 +218,48 @@ fn a_non_blockable_invalidation_during_a_dma_answers_again_and_changes_nothing()
     assert_eq!(&b, b"in flight");
     reg.put(h).unwrap();
 }
+
+/// Two buffers merged into one registration; one is freed. The key over
+/// the other, still mapped and still held, keeps working (ODP: only the
+/// freed pages' translations go), the freed pages fail with a typed error
+/// (also once new memory is mapped there), and the cache never serves
+/// the merged region again. (The `dead_on_arrival` case of the real-memory
+/// tests, on the model primary.)
+#[test]
+fn freeing_a_merged_neighbour_leaves_the_held_buffer_working() {
+    use notifier_core::primary::PrimaryFault;
+    let (mm, nic, mut reg) = setup(64, 256 * KIB, RegistryConfig::default());
+    let a = reg.get(BASE, 64 * KIB, RW).unwrap();
+    let b = reg.get(BASE + 64 * KIB, 64 * KIB, RW).unwrap();
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 128 * KIB), "merged");
+    nic.local_write(b.lkey(), BASE + 64 * KIB, b"mine").unwrap();
+    reg.put(a).unwrap();
+    // Free the first buffer.
+    mm.munmap(BASE, 64 * KIB).unwrap();
+    let mut buf = [0u8; 4];
+    nic.local_read(b.lkey(), BASE + 64 * KIB, &mut buf).unwrap();
+    assert_eq!(&buf, b"mine");
+    nic.local_write(b.lkey(), BASE + 100 * KIB, b"more")
+        .unwrap();
+    assert_eq!(
+        nic.local_read(b.lkey(), BASE + 8, &mut buf),
+        Err(DmaError::Fault(PrimaryFault::NoMapping(BASE)))
+    );
+    // New memory at the freed address is never reached through the old key.
+    mm.mmap(BASE, 64 * KIB, true).unwrap();
+    assert_eq!(
+        nic.local_write(b.lkey(), BASE + 8, b"new!"),
+        Err(DmaError::Fault(PrimaryFault::NoMapping(BASE)))
+    );
+    // The cache hands out a new region for either buffer.
+    let b2 = reg.get(BASE + 64 * KIB, 64 * KIB, RW).unwrap();
+    assert_ne!(b2.lkey(), b.lkey());
+    let a2 = reg.get(BASE, 64 * KIB, RW).unwrap();
+    assert_ne!(a2.lkey(), b.lkey());
+    // The held region goes at its last put.
+    let deregs = nic.stats().deregistrations;
+    reg.put(b).unwrap();
+    assert_eq!(nic.stats().deregistrations, deregs + 1);
+    reg.put(b2).unwrap();
+    reg.put(a2).unwrap();
+}

@@ -28,9 +28,7 @@ fn second_get_of_a_range_is_a_hit_with_the_same_keys() {
 fn a_covered_subrange_hits_the_covering_region() {
     let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let a = reg.get(BASE, 64 * KIB, RW).unwrap();
-    let b = reg
-        .get(BASE + 16 * KIB, 8 * KIB, Access::LOCAL_READ)
-        .unwrap();
+    let b = reg.get(BASE + 16 * KIB, 8 * KIB, RW).unwrap();
     assert_eq!(a, b);
     assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 64 * KIB));
     reg.put(a).unwrap();
@@ -76,24 +74,69 @@ fn adjacent_requests_merge_and_a_spanning_request_folds_several() {
 }
 
 #[test]
-fn a_request_for_wider_access_replaces_the_region_with_widened_access() {
-    let (_mm, _nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+fn a_request_for_other_rights_displaces_without_merging_and_gets_exactly_its_rights() {
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
     let a = reg.get(BASE, 16 * KIB, Access::LOCAL_READ).unwrap();
-    reg.put(a).unwrap();
     let b = reg
         .get(BASE, 8 * KIB, Access::LOCAL_RW | Access::REMOTE_WRITE)
         .unwrap();
-    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 16 * KIB));
+    // Not merged: the new region has its own range and exactly its rights.
+    assert_eq!(reg.bounds(b).unwrap(), (BASE, BASE + 8 * KIB));
     assert_eq!(
         reg.region(b).unwrap().access(),
         Access::LOCAL_RW | Access::REMOTE_WRITE
     );
+    assert_eq!(reg.stats().merges, 0);
+    // The displaced region still serves its holder with its own rights.
+    assert!(reg.region(a).unwrap().is_valid());
+    assert_eq!(reg.region(a).unwrap().access(), Access::LOCAL_READ);
+    reg.put(a).unwrap();
     reg.put(b).unwrap();
-    // And the widened region now serves the narrow request.
+    // A narrow request is not served by the wider region.
     let c = reg.get(BASE, 16 * KIB, Access::LOCAL_READ).unwrap();
-    assert_eq!(c, b);
+    assert_ne!(c, b);
+    assert_eq!(reg.region(c).unwrap().access(), Access::LOCAL_READ);
+    assert!(nic.local_write(c.lkey(), BASE, b"w").is_err());
     reg.put(c).unwrap();
-    assert_eq!(reg.stats().merges, 1);
+}
+
+#[test]
+fn a_read_only_remote_request_next_to_an_all_region_never_gets_remote_write() {
+    let (_mm, nic, mut reg) = setup(16, 1 << 20, RegistryConfig::default());
+    let all = reg.get(BASE, 16 * KIB, Access::ALL).unwrap();
+    let ro = Access::LOCAL_READ | Access::REMOTE_READ;
+    // Adjacent and overlapping requests alike.
+    for (start, len) in [(BASE + 16 * KIB, 16 * KIB), (BASE + 8 * KIB, 16 * KIB)] {
+        let h = reg.get(start, len, ro).unwrap();
+        assert_eq!(reg.region(h).unwrap().access(), ro);
+        assert!(matches!(
+            nic.remote_write(h.rkey(), start, b"x"),
+            Err(notifier_rdma::DmaError::AccessDenied { .. })
+        ));
+        assert!(matches!(
+            nic.remote_fetch_add(h.rkey(), start, 1),
+            Err(notifier_rdma::DmaError::AccessDenied { .. })
+        ));
+        let mut buf = [0u8; 4];
+        nic.remote_read(h.rkey(), start, &mut buf).unwrap();
+        reg.put(h).unwrap();
+    }
+    reg.put(all).unwrap();
+}
+
+#[test]
+fn a_handle_of_another_registry_is_a_typed_error() {
+    let (_mm, _nic, mut a) = setup(16, 1 << 20, RegistryConfig::default());
+    let (_mm2, _nic2, mut b) = setup(16, 1 << 20, RegistryConfig::default());
+    let ha = a.get(BASE, 16 * KIB, RW).unwrap();
+    let hb = b.get(BASE, 16 * KIB, RW).unwrap();
+    assert!(matches!(a.put(hb), Err(RegError::ForeignHandle)));
+    assert!(matches!(a.bounds(hb), Err(RegError::ForeignHandle)));
+    assert!(matches!(b.region(ha), Err(RegError::ForeignHandle)));
+    // Nothing changed: both still hold their own reference.
+    a.put(ha).unwrap();
+    b.put(hb).unwrap();
+    assert!(matches!(a.put(ha), Err(RegError::PutWithoutGet)));
 }
 
 #[test]

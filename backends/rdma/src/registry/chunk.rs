@@ -22,7 +22,7 @@
 //!   chunk.set_seq(cur_seq)               look up the primary             insert/remove/query
 //!   for each region of this chunk        mtt.write()                     index.unlock()
 //!     overlapping the range:             chunk.read_retry(seq)? retry    (never holds it across
-//!     kill (unmap) + drop translations     state VALID? insert             provider calls,
+//!     stale/kill + drop translations     state VALID? insert             provider calls,
 //!     under the region's MTT lock        mtt.unlock()                      read_begin or
 //!   queue the killed; index.unlock()                                       unsubscribe)
 //! ```
@@ -183,8 +183,16 @@ pub(crate) struct ChunkOps<M: ProviderMr> {
     pub(crate) shared: Arc<Shared<M>>,
 }
 
-/// Invalidate `r`'s part of `[a, b)`: for an unmap (or any event for a
-/// pinned region) kill it and queue it. Called with the index lock held.
+/// Invalidate `r`'s part of `[a, b)` with ODP semantics: the translations
+/// of the invalidated pages go, and pages that still exist fault in again.
+/// An unmap of part of an on-demand region makes it *stale*: the cache
+/// never hands it out again, its keys keep working on the pages that
+/// remain, and the unmapped pages are recorded as gone (DMA there fails
+/// with a typed error, even once new memory is mapped there). The region
+/// dies (keys rejected) when the unmap covers all of it, when the provider
+/// cannot record gone pages, for a pinned registration on any event, and
+/// for every region when the address space goes away. Either transition
+/// queues it for the owner. Called with the index lock held.
 fn invalidate_one<M: ProviderMr>(
     r: &Region<M>,
     a: u64,
@@ -194,18 +202,26 @@ fn invalidate_one<M: ProviderMr>(
     queue: &mut Vec<(u32, u32)>,
     killed_count: &mut u64,
 ) -> Result<(), Again> {
-    let kill =
-        !r.is_implicit() && (matches!(event, Event::Unmap | Event::Release) || !r.mr().on_demand());
-    let mut killed = false;
+    let (lo, hi) = (a.max(r.start()), b.min(r.end()));
+    let unmap = !r.is_implicit() && matches!(event, Event::Unmap);
+    let whole = lo <= r.start() && hi >= r.end();
+    let kill = !r.is_implicit()
+        && (matches!(event, Event::Release) || !r.mr().on_demand() || (unmap && whole));
+    let mut queued = false;
     let mut mark = || {
         if kill {
-            killed = r.kill();
+            queued = r.kill();
+        } else if unmap {
+            queued = r.mark_stale();
         }
         kill
     };
-    r.mr()
-        .invalidate(a.max(r.start()), b.min(r.end()), blockable, &mut mark)?;
-    if killed {
+    r.mr().invalidate(lo, hi, blockable, &mut mark)?;
+    if unmap && !kill && !r.mr().forget(lo, hi) && r.kill() {
+        r.mr().zap();
+        queued = true;
+    }
+    if queued {
         queue.push((r.0.slot, r.0.gen));
         *killed_count += 1;
     }

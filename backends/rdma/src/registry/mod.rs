@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use notifier_core::notifier::NotifierSubscriptions;
 use notifier_core::primary::Primary;
-use notifier_core::{PageRange, PAGE_SHIFT, PAGE_SIZE};
+use notifier_core::{PageRange, RangeError, PAGE_SHIFT, PAGE_SIZE};
 
 use crate::access::{Access, Advice};
 use crate::error::RegError;
@@ -109,13 +109,33 @@ pub struct Stats {
 /// region's bounds are [`Registry::bounds`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MrHandle {
+    /// `registry id << SLOT_BITS | slot index`: a handle of another
+    /// registry is recognised (see [`RegError::ForeignHandle`]).
     slot: u32,
     gen: u32,
     lkey: u32,
     rkey: u32,
 }
 
+/// Bits of a handle's slot field that index the slot; the bits above hold
+/// the issuing registry's id.
+const SLOT_BITS: u32 = 24;
+const SLOT_INDEX: u32 = (1 << SLOT_BITS) - 1;
+
+/// Ids of registries, from a process-wide counter (1..=255, wrapping):
+/// two registries alive at once share an id only after 255 more were
+/// created in between.
+fn next_registry_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) % 255 + 1
+}
+
 impl MrHandle {
+    #[inline(always)]
+    fn index(&self) -> usize {
+        (self.slot & SLOT_INDEX) as usize
+    }
+
     /// The local key.
     #[inline]
     pub fn lkey(&self) -> u32 {
@@ -187,10 +207,6 @@ impl Hot {
         refs: 0,
     };
     #[inline(always)]
-    fn access(&self) -> Access {
-        Access::from_bits((self.start_bits & ACCESS_MASK) as u8)
-    }
-    #[inline(always)]
     fn gen(&self) -> u32 {
         self.handle.gen
     }
@@ -229,6 +245,8 @@ impl Hot {
 
 /// The registration cache over one primary and one provider.
 pub struct Registry<N: Provider> {
+    /// This registry's id, in the top bits of its handles' slot field.
+    id: u32,
     provider: N,
     subs: Arc<NotifierSubscriptions>,
     shared: Arc<Shared<N::Mr>>,
@@ -289,6 +307,7 @@ impl<N: Provider> Registry<N> {
     /// A registry whose regions follow `primary` and are registered with `provider`.
     pub fn new(primary: &dyn Primary, provider: N, cfg: RegistryConfig) -> Self {
         Self {
+            id: next_registry_id() << SLOT_BITS,
             provider,
             subs: primary.notifiers().clone(),
             shared: Shared::new(),
@@ -390,9 +409,7 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn region(&self, h: MrHandle) -> Result<&Region<N::Mr>, RegError> {
         self.check(h)?;
-        self.slots[h.slot as usize]
-            .as_ref()
-            .ok_or(RegError::StaleHandle)
+        self.slots[h.index()].as_ref().ok_or(RegError::StaleHandle)
     }
 
     /// The bounds `[start, end)` of the handle's region (a merge may have
@@ -402,16 +419,26 @@ impl<N: Provider> Registry<N> {
     /// [`RegError::StaleHandle`] if the handle outlived its region.
     pub fn bounds(&self, h: MrHandle) -> Result<(u64, u64), RegError> {
         self.check(h)?;
-        let i = self.info(h.slot);
+        let i = self.info(h.index() as u32);
         Ok((i.start, i.end))
     }
 
     /// The kind of the handle's live slot.
     #[inline]
     fn check(&self, h: MrHandle) -> Result<Kind, RegError> {
-        match self.hot.get(h.slot as usize) {
-            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => Ok(x.kind()),
-            _ => Err(RegError::StaleHandle),
+        match self.hot.get(h.index()) {
+            Some(x) if x.handle == h && x.kind() != Kind::Free => Ok(x.kind()),
+            _ => Err(self.bad_handle(h)),
+        }
+    }
+
+    /// Why `h` names no live slot of this registry.
+    #[cold]
+    fn bad_handle(&self, h: MrHandle) -> RegError {
+        if h.slot & !SLOT_INDEX != self.id {
+            RegError::ForeignHandle
+        } else {
+            RegError::StaleHandle
         }
     }
 
@@ -441,30 +468,46 @@ impl<N: Provider> Registry<N> {
     // ------------------------------------------------------------------
     // The cache.
 
-    /// Get a cached region covering `[start, start + len)` with at least
-    /// `access`, registering (and merging) on a miss; takes a reference.
+    /// Get a cached region covering `[start, start + len)` (any alignment:
+    /// the region covers the pages of the range) with exactly `access`
+    /// (normalized: local read is always granted), registering and merging
+    /// on a miss; takes a reference.
     ///
-    /// Never returns a region that an invalidation has touched.
+    /// Never returns a region that an invalidation has touched, and
+    /// respects the application's order: a `get` that starts after a
+    /// `munmap` (or `madvise`, `mremap`) of the range returned in any thread
+    /// sees that change applied (see the primary's
+    /// [`EventGate`](notifier_core::notifier::EventGate)). Rights are never
+    /// widened: only regions of the same rights are merged, and the keys
+    /// returned allow exactly `access`.
     ///
     /// # Errors
     /// Bad range or access, [`RegError::LimitExceeded`], provider or
-    /// notifier failures. The cache is unchanged on error.
+    /// notifier failures, [`RegError::Fault`] with
+    /// [`PrimaryFault::Unwatchable`](notifier_core::primary::PrimaryFault)
+    /// when the primary cannot follow the memory. The cache is unchanged
+    /// on error.
     #[inline(always)]
     pub fn get(&mut self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
+        // The application's order: events the primary's monitor has read
+        // (a munmap that returned) are applied before the lookup.
+        self.subs.event_gate().wait_applied();
         // Acquire pairs with the Release in the callback's queue push: a get
         // ordered after an invalidation sees the flag and drains first.
+        let first = start & !(PAGE_SIZE - 1);
+        let end = start.wrapping_add(len);
         if !self.shared.pending.load(Ordering::Acquire)
             && len != 0
-            && (start | len) & (PAGE_SIZE - 1) == 0
+            && end > start
             && access.validate()
         {
             // The hash holds cached regions only, keyed by their start; a
             // candidate of another start (a tag collision) takes the slow path.
-            if let Some(slot) = self.hash.candidate(start >> PAGE_SHIFT) {
+            if let Some(slot) = self.hash.candidate(first >> PAGE_SHIFT) {
                 let x = &mut self.hot[slot as usize];
-                if x.start_bits & !(PAGE_SIZE - 1) == start
-                    && len >> PAGE_SHIFT <= u64::from(x.pages)
-                    && x.access().contains(access)
+                if x.start_bits & !(PAGE_SIZE - 1) == first
+                    && (end - first + PAGE_SIZE - 1) >> PAGE_SHIFT <= u64::from(x.pages)
+                    && x.start_bits & ACCESS_MASK == u64::from(access.normalize().bits())
                 {
                     self.tick = self.tick.wrapping_add(1);
                     x.refs += 1;
@@ -480,18 +523,44 @@ impl<N: Provider> Registry<N> {
     #[inline(never)]
     fn get_slow(&mut self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
         self.drain_pending();
-        let range = PageRange::new(start, len)?;
+        let range = page_cover(start, len)?;
         if !access.validate() {
             return Err(RegError::InvalidAccess(access));
         }
         let access = access.normalize();
+        // A region created while an unmap of its own range ran is stale at
+        // birth (`publish`): it is never handed out while a fresh attempt
+        // may succeed.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let idx = self.lookup_or_create(range, access)?;
+            let cacheable = self.slots[idx as usize]
+                .as_ref()
+                .is_some_and(|r| r.is_cacheable());
+            if cacheable || attempt == ATTEMPTS {
+                self.take_ref(idx);
+                return Ok(self.handle(idx));
+            }
+            // Queued by `publish`: the drain retires it (no reference yet).
+            self.drain_pending();
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// The slot of a cached region covering `range` with exactly `access`,
+    /// or of a new one that merged the cached regions of the same rights it
+    /// overlaps or touches and displaced those of other rights it overlaps.
+    /// Takes no reference.
+    fn lookup_or_create(&mut self, range: PageRange, access: Access) -> Result<u32, RegError> {
         // One descent serves the covering check and the merge scan: cached
-        // regions are disjoint and never adjacent, so a region covering the
-        // range is the last one starting at or below its end.
-        let (mut lo, mut hi, mut acc) = (range.start(), range.end(), access);
+        // regions are disjoint (and regions of the same rights never
+        // adjacent), so a region covering the range is found among those
+        // starting at or below its end.
+        let (mut lo, mut hi) = (range.start(), range.end());
         // A reused buffer: no allocation per miss.
         let mut victims = core::mem::take(&mut self.scratch);
         victims.clear();
+        let mut displaced = 0usize;
         let mut covering = None;
         let mark;
         {
@@ -502,38 +571,46 @@ impl<N: Provider> Registry<N> {
                 if r.end() < range.start() {
                     break;
                 }
-                if victims.is_empty()
-                    && r.start() <= range.start()
-                    && r.end() >= range.end()
-                    && r.access().contains(access)
-                {
+                let overlaps = r.end() > range.start() && r.start() < range.end();
+                if r.access() != access {
+                    // Other rights: never merged (that would widen someone's
+                    // keys); one that overlaps leaves the cache (its holders
+                    // keep it), one that only touches stays.
+                    if overlaps {
+                        victims.push(r.0.slot);
+                        displaced += 1;
+                    }
+                    continue;
+                }
+                if victims.is_empty() && r.start() <= range.start() && r.end() >= range.end() {
                     covering = Some(r.0.slot);
                     break;
                 }
+                // Same rights: merged (the displaced ones sort first, see below).
                 victims.push(r.0.slot);
                 lo = lo.min(r.start());
                 hi = hi.max(r.end());
-                acc = acc | r.access();
             }
         }
         if let Some(idx) = covering {
-            self.take_ref(idx);
             self.hits += 1;
             self.scratch = victims;
-            return Ok(self.handle(idx));
+            return Ok(idx);
         }
-        let r = self.merge_in(&victims, lo, hi, acc, mark);
+        let r = self.merge_in(&victims, displaced, lo, hi, access, mark);
         self.scratch = victims;
         let idx = r?;
         self.index(idx);
-        self.take_ref(idx);
-        Ok(self.handle(idx))
+        Ok(idx)
     }
 
-    /// Register `[lo, hi)` with `acc`, replacing the cached `victims`.
+    /// Register `[lo, hi)` with `acc`, replacing the cached `victims`
+    /// (`displaced` of them have other rights: they leave the cache without
+    /// being merged).
     fn merge_in(
         &mut self,
         victims: &[u32],
+        displaced: usize,
         lo: u64,
         hi: u64,
         acc: Access,
@@ -542,6 +619,7 @@ impl<N: Provider> Registry<N> {
         let merged = PageRange::from_bounds(lo, hi)?;
         // Before any eviction: a failed get leaves the cache as it was.
         check_len(merged, false)?;
+        self.provider.ensure_covered(merged)?;
         let victim_bytes: u64 = victims
             .iter()
             .map(|&i| self.info(i))
@@ -554,7 +632,7 @@ impl<N: Provider> Registry<N> {
         )?;
         let idx = self.create(merged, acc, Kind::Cached, false, mark)?;
         self.misses += 1;
-        self.merges += victims.len() as u64;
+        self.merges += (victims.len() - displaced) as u64;
         for &v in victims {
             self.unindex(v, true);
             self.retire_if_idle(v);
@@ -571,9 +649,9 @@ impl<N: Provider> Registry<N> {
     /// is a direct registration).
     #[inline(always)]
     pub fn put(&mut self, h: MrHandle) -> Result<(), RegError> {
-        let x = match self.hot.get_mut(h.slot as usize) {
-            Some(x) if x.gen() == h.gen && x.kind() != Kind::Free => x,
-            _ => return Err(RegError::StaleHandle),
+        let x = match self.hot.get_mut(h.index()) {
+            Some(x) if x.handle == h && x.kind() != Kind::Free => x,
+            _ => return Err(self.bad_handle(h)),
         };
         if x.refs == 0 || x.kind() == Kind::Direct {
             return Err(RegError::PutWithoutGet);
@@ -581,7 +659,7 @@ impl<N: Provider> Registry<N> {
         x.refs -= 1;
         if x.refs == 0 {
             if x.kind() == Kind::Orphan {
-                self.destroy(h.slot);
+                self.destroy(h.index() as u32);
             } else if self.shared.pending.load(Ordering::Acquire) {
                 // The region may be queued as invalidated: deregister it now.
                 self.drain_pending();
@@ -657,14 +735,20 @@ impl<N: Provider> Registry<N> {
             }
             q.push(idx);
         }
-        // Dead cached regions leave the cache together: one index lock,
-        // one pass over the ordered index, then the hash.
+        // Dead or stale cached regions leave the cache together: one index
+        // lock, one pass over the ordered index, then the hash. Dead orphans
+        // and direct registrations leave the invalidation index (no callback
+        // can matter to them any more); stale ones stay in it, as their
+        // keys still translate the pages that remain.
         let mut starts = core::mem::take(&mut self.scratch_keys);
         starts.clear();
         for &idx in &q {
+            let live = self.slots[idx as usize]
+                .as_ref()
+                .is_some_and(|r| r.is_valid());
             match self.hot[idx as usize].kind() {
                 Kind::Cached => starts.push(self.info(idx).start),
-                Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked() => {
+                Kind::Orphan | Kind::Direct if self.hot[idx as usize].linked() && !live => {
                     let r = self.slots[idx as usize].clone().expect("live slot");
                     self.shared.index.lock().unlink_other(&r);
                     self.hot[idx as usize].set_linked(false);
@@ -674,8 +758,19 @@ impl<N: Provider> Registry<N> {
         }
         if !starts.is_empty() {
             starts.sort_unstable();
-            self.shared.index.lock().cached.remove_sorted(&starts);
             q.retain(|&idx| self.hot[idx as usize].kind() == Kind::Cached);
+            {
+                let mut ix = self.shared.index.lock();
+                ix.cached.remove_sorted(&starts);
+                // A stale region someone holds keeps following its memory.
+                for &idx in &q {
+                    let r = self.slots[idx as usize].as_ref().expect("live slot");
+                    if self.hot[idx as usize].refs > 0 && r.is_valid() {
+                        ix.link_other(r.clone());
+                        self.hot[idx as usize].set_linked(true);
+                    }
+                }
+            }
             self.unhash_many(&q);
             for &idx in &q {
                 self.retire_if_idle(idx);
@@ -732,8 +827,8 @@ impl<N: Provider> Registry<N> {
     pub fn deregister(&mut self, h: MrHandle) -> Result<(), RegError> {
         match self.check(h) {
             Ok(Kind::Direct) => {
-                self.hot[h.slot as usize].refs = 0;
-                self.destroy(h.slot);
+                self.hot[h.index()].refs = 0;
+                self.destroy(h.index() as u32);
                 Ok(())
             }
             _ => Err(RegError::NotRegistered),
@@ -873,7 +968,10 @@ impl<N: Provider> Registry<N> {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                let i = u32::try_from(self.slots.len()).map_err(|_| RegError::LimitExceeded)?;
+                let i = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&i| i <= SLOT_INDEX)
+                    .ok_or(RegError::LimitExceeded)?;
                 // The largest array first: when it moves to huge pages, the
                 // small pages it gives up serve the others' growth (`huge.rs`).
                 self.hot.push(Hot::FREE);
@@ -937,7 +1035,7 @@ impl<N: Provider> Registry<N> {
         self.slots[idx as usize] = Some(region);
         let mut x = Hot {
             handle: MrHandle {
-                slot: idx,
+                slot: self.id | idx,
                 gen,
                 lkey,
                 rkey,
@@ -986,14 +1084,24 @@ impl<N: Provider> Registry<N> {
     /// The region just entered the invalidation index (whose lock `ix` is):
     /// if an invalidation of its chunk ran since `seq` (taken before the
     /// region was built) over part of its range, it may have missed the
-    /// region; kill it, as that invalidation would have, and queue it. A
-    /// `get` racing with an unmap of its own range may thus return a handle
-    /// whose keys are already dead; an invalidation of other memory in the
-    /// chunk's window (`mark` tells which ran) leaves it alive.
+    /// region; do what it would have done: an on-demand region becomes
+    /// stale (never served by the cache; `get` retries), a pinned one dies.
+    /// An invalidation of other memory in the chunk's window (`mark` tells
+    /// which ran) leaves it alone.
     fn publish(&self, ix: &mut chunk::Index<N::Mr>, r: &Region<N::Mr>, seq: u64, mark: u64) {
         // The index lock is the lock the callback holds around `set_seq`.
-        if r.notifier().read_retry(seq) && ix.missed(mark, r.start(), r.end()) && r.kill() {
+        if !(r.notifier().read_retry(seq) && ix.missed(mark, r.start(), r.end())) {
+            return;
+        }
+        let queued = if r.mr().on_demand() {
+            r.mark_stale()
+        } else if r.kill() {
             r.mr().zap();
+            true
+        } else {
+            false
+        };
+        if queued {
             ix.queue.push((r.0.slot, r.0.gen));
             ix.invalidations += 1;
             self.shared.pending.store(true, Ordering::Release);
@@ -1142,6 +1250,22 @@ fn hashed(hot: &[Hot]) -> impl Iterator<Item = (u64, u32)> + '_ {
         (x.kind() == Kind::Cached && (i as u32) < index::MAX_SLOT && x.pages != u32::MAX)
             .then_some((x.start_bits >> PAGE_SHIFT, i as u32))
     })
+}
+
+/// The pages covering `[start, start + len)` (any alignment).
+#[inline]
+fn page_cover(start: u64, len: u64) -> Result<PageRange, RegError> {
+    if len == 0 {
+        return Err(RangeError::Empty.into());
+    }
+    let end = start
+        .checked_add(len)
+        .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+        .ok_or(RangeError::Wraps { start, len })?;
+    Ok(PageRange::from_bounds(
+        start & !(PAGE_SIZE - 1),
+        end & !(PAGE_SIZE - 1),
+    )?)
 }
 
 /// A registration's length fits [`MAX_PAGES`] (an implicit one needs not).

@@ -268,6 +268,9 @@ impl SoftNic {
         addr: u64,
         len: u64,
     ) -> Result<Region<SoftMr>, DmaError> {
+        // The application's order: a DMA that starts after a munmap of its
+        // memory returned sees the unmap applied (its translations gone).
+        self.inner.primary.notifiers().event_gate().wait_applied();
         let (idx, gen, is_remote) = split_key(key);
         let region = {
             let t = self.inner.keys.read();
@@ -313,6 +316,11 @@ impl SoftNic {
                 // made under the write lock we now exclude.
                 if !region.is_valid() {
                     return Err(DmaError::Invalidated(key));
+                }
+                if mtt.entry(page) == mtt::Entry::Gone {
+                    return Err(DmaError::Fault(
+                        notifier_core::primary::PrimaryFault::NoMapping(page),
+                    ));
                 }
                 if let Some(t) = mtt.get(page) {
                     if !write || t.writable {
@@ -408,6 +416,13 @@ impl Provider for SoftNic {
             old
         };
         drop(old);
+    }
+
+    fn ensure_covered(&self, range: PageRange) -> Result<(), RegError> {
+        self.inner
+            .primary
+            .ensure_covered(range.start(), range.len())
+            .map_err(RegError::Fault)
     }
 
     fn advise_mr(

@@ -42,18 +42,53 @@ pub(crate) struct Mtt {
     pages: Option<Box<BTreeMap<u64, Translation>>>,
 }
 
+/// Most pages a region records as gone (`SoftMr::forget`); a larger
+/// partial unmap kills the region instead.
+const MAX_GONE_PAGES: u64 = 4096;
+
+/// The entry of a page that is gone for good for its region (unmapped
+/// under an on-demand registration): DMA there fails, even once new
+/// memory appears at that address.
+const GONE: Translation = Translation {
+    pfn: notifier_core::frame::Pfn(u64::MAX),
+    writable: false,
+};
+
+/// What the MTT says of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// No translation: fault it in.
+    Miss,
+    /// A translation.
+    Hit(Translation),
+    /// Unmapped under the region: a typed error, never a fault.
+    Gone,
+}
+
 impl Mtt {
     #[inline]
+    pub(crate) fn entry(&self, page: u64) -> Entry {
+        match self.pages.as_ref().and_then(|p| p.get(&page)) {
+            None => Entry::Miss,
+            Some(t) if *t == GONE => Entry::Gone,
+            Some(t) => Entry::Hit(*t),
+        }
+    }
+
+    #[inline]
     pub(crate) fn get(&self, page: u64) -> Option<&Translation> {
-        self.pages.as_ref()?.get(&page)
+        self.pages.as_ref()?.get(&page).filter(|t| **t != GONE)
     }
 
     pub(crate) fn insert(&mut self, page: u64, t: Translation) {
         self.pages.get_or_insert_with(Box::default).insert(page, t);
     }
 
+    /// Translations (pages recorded as gone not counted).
     pub(crate) fn len(&self) -> usize {
-        self.pages.as_ref().map_or(0, |p| p.len())
+        self.pages
+            .as_ref()
+            .map_or(0, |p| p.values().filter(|t| **t != GONE).count())
     }
 
     fn remove_range(&mut self, start: u64, end: u64) {
@@ -118,6 +153,22 @@ impl ProviderMr for SoftMr {
         Ok(())
     }
 
+    /// Record the pages of `[start, end)` as gone: DMA there fails with
+    /// [`PrimaryFault::NoMapping`] from now on, without faulting (so never
+    /// reaching memory mapped there later). At most a few thousand pages;
+    /// beyond, `false` (the registry kills the region instead).
+    fn forget(&self, start: u64, end: u64) -> bool {
+        let pages = (end - start) / PAGE_SIZE;
+        if pages > MAX_GONE_PAGES {
+            return false;
+        }
+        let mut mtt = self.mtt.write();
+        for p in 0..pages {
+            mtt.insert(start + p * PAGE_SIZE, GONE);
+        }
+        true
+    }
+
     /// Nothing to do: every DMA checks the region's state under the MTT
     /// lock, so a dead region's translations are never used again; they
     /// are freed with the region.
@@ -162,6 +213,11 @@ pub(crate) fn fault_in(
 ) -> Result<bool, FaultError> {
     debug_assert_eq!(page % PAGE_SIZE, 0);
     let sub = region.notifier();
+    // A page gone for this region is never faulted (that could reach, or
+    // allocate, memory mapped there since).
+    if region.mr().mtt.read().entry(page) == Entry::Gone {
+        return Err(FaultError::Primary(PrimaryFault::NoMapping(page)));
+    }
     loop {
         let seq = sub.read_begin();
         let t = match mode {
@@ -188,6 +244,9 @@ pub(crate) fn fault_in(
         }
         if !region.is_valid() {
             return Err(FaultError::Invalidated);
+        }
+        if mtt.entry(page) == Entry::Gone {
+            return Err(FaultError::Primary(PrimaryFault::NoMapping(page)));
         }
         mtt.insert(page, t);
         return Ok(true);
