@@ -49,6 +49,10 @@ pub enum RegError {
     /// The handle names no region of this registry (never issued, or its region was destroyed).
     #[error("stale or unknown handle")]
     StaleHandle,
+    /// The calling thread's cache of a shared registry cannot be used now:
+    /// called from inside one of its own callbacks, or while the thread exits.
+    #[error("the thread's registration cache is unavailable here")]
+    Unavailable,
     /// The handle was issued by another registry.
     #[error("handle of another registry")]
     ForeignHandle,

@@ -170,6 +170,33 @@ impl<M: ProviderMr> Shared<M> {
         })
     }
 
+    /// Kill every cached region overlapping `[start, end)` from any thread
+    /// (an explicit invalidation of a cache whose owner is another thread):
+    /// their keys die now; the owner retires them at its next `get`, as it
+    /// does for the callbacks' kills. Returns how many this call killed.
+    pub(crate) fn kill_range(&self, start: u64, end: u64) -> usize {
+        let mut ix = self.index.lock();
+        let mut n = 0;
+        let mut dead = Vec::new();
+        for r in ix.cached.rev_below(end).map(|(_, r)| r) {
+            if r.end() <= start {
+                break;
+            }
+            if r.kill() {
+                r.mr().zap();
+                dead.push((r.0.slot, r.0.gen));
+                n += 1;
+            }
+        }
+        if n > 0 {
+            ix.invalidations += n as u64;
+            ix.queue.append(&mut dead);
+            // Release pairs with the owner's Acquire load of `pending`.
+            self.pending.store(true, Ordering::Release);
+        }
+        n
+    }
+
     /// Take the queued invalidations into `out`.
     pub(crate) fn take(&self, out: &mut Vec<(u32, u32)>) {
         let mut ix = self.index.lock();

@@ -100,6 +100,9 @@ pub struct Stats {
     pub cached_regions: u64,
     /// Bytes of the cached regions.
     pub cached_bytes: u64,
+    /// Puts from other threads that the owner found stale or doubled
+    /// ([`SharedRegistry`](crate::SharedRegistry) only).
+    pub bad_remote_puts: u64,
 }
 
 /// A reference to a registered region, returned by `get`, `register` and
@@ -134,6 +137,12 @@ impl MrHandle {
     #[inline(always)]
     fn index(&self) -> usize {
         (self.slot & SLOT_INDEX) as usize
+    }
+
+    /// The id of the registry that issued the handle.
+    #[inline]
+    pub fn registry_id(&self) -> u32 {
+        self.slot >> SLOT_BITS
     }
 
     /// The local key.
@@ -306,10 +315,26 @@ impl<N: Provider> core::fmt::Debug for Registry<N> {
 impl<N: Provider> Registry<N> {
     /// A registry whose regions follow `primary` and are registered with `provider`.
     pub fn new(primary: &dyn Primary, provider: N, cfg: RegistryConfig) -> Self {
-        Self {
-            id: next_registry_id() << SLOT_BITS,
+        Self::with_id(
+            primary.notifiers().clone(),
             provider,
-            subs: primary.notifiers().clone(),
+            cfg,
+            next_registry_id(),
+        )
+    }
+
+    /// A registry over `subs` whose handles carry `id` (1..=255).
+    pub(crate) fn with_id(
+        subs: Arc<NotifierSubscriptions>,
+        provider: N,
+        cfg: RegistryConfig,
+        id: u32,
+    ) -> Self {
+        debug_assert!((1..=255).contains(&id));
+        Self {
+            id: id << SLOT_BITS,
+            provider,
+            subs,
             shared: Shared::new(),
             slots: PageVec::new(),
             hot: PageVec::new(),
@@ -338,6 +363,27 @@ impl<N: Provider> Registry<N> {
         }
     }
 
+    /// The id its handles carry (see [`MrHandle::registry_id`]).
+    pub fn id(&self) -> u32 {
+        self.id >> SLOT_BITS
+    }
+
+    /// Misses so far (the shared registry publishes its counters on a miss).
+    #[inline(always)]
+    pub(crate) fn stats_misses(&self) -> u64 {
+        self.misses
+    }
+
+    /// Whether any region still holds a reference.
+    pub(crate) fn has_references(&self) -> bool {
+        self.hot.iter().any(|x| x.refs > 0)
+    }
+
+    /// The invalidation index the callbacks share with the owner.
+    pub(crate) fn shared(&self) -> &Arc<Shared<N::Mr>> {
+        &self.shared
+    }
+
     /// The provider.
     pub fn provider(&self) -> &N {
         &self.provider
@@ -355,6 +401,7 @@ impl<N: Provider> Registry<N> {
             deregistrations: self.deregistrations,
             cached_regions: self.cached,
             cached_bytes: self.cached_bytes,
+            bad_remote_puts: 0,
         }
     }
 
@@ -735,6 +782,10 @@ impl<N: Provider> Registry<N> {
             }
             q.push(idx);
         }
+        // A region can be queued twice (made stale, then killed, before this
+        // drain): each is retired once.
+        q.sort_unstable();
+        q.dedup();
         // Dead or stale cached regions leave the cache together: one index
         // lock, one pass over the ordered index, then the hash. Dead orphans
         // and direct registrations leave the invalidation index (no callback
