@@ -110,6 +110,40 @@ pub struct Counters {
     pub rejected: AtomicU64,
 }
 
+/// Device accesses and refusals, counted per device thread: device thread
+/// `d` serves the slots `s` with `s % devices == d`, so each stripe has one
+/// writer and device threads share no counter's cache line.
+struct DeviceCounts {
+    stripes: Box<[Stripe]>,
+}
+
+/// (accesses, denied) of one device thread, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe([AtomicU64; 2]);
+
+impl DeviceCounts {
+    fn new(devices: usize) -> Self {
+        Self {
+            stripes: (0..devices.max(1)).map(|_| Default::default()).collect(),
+        }
+    }
+    #[inline]
+    fn count(&self, slot: usize, ok: bool) {
+        let s = &self.stripes[slot % self.stripes.len()].0;
+        s[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+    /// (accesses, denied).
+    fn totals(&self) -> (u64, u64) {
+        self.stripes.iter().fold((0, 0), |(a, d), s| {
+            (
+                a + s.0[0].load(Ordering::Relaxed),
+                d + s.0[1].load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
 /// The software world.
 pub struct SoftWorld {
     /// The primary.
@@ -122,8 +156,10 @@ pub struct SoftWorld {
     file: Arc<notifier_core::mm::FileObj>,
     _idle: Vec<IntervalSubscription<Idle>>,
     _slow_end: Option<notifier_core::notifier::MmuNotifier>,
-    /// Shared counters.
+    /// Shared counters (primary operations; device accesses are in
+    /// `device_counts`).
     pub counters: Counters,
+    device_counts: DeviceCounts,
     devices: usize,
     nics: Vec<NicDevice>,
 }
@@ -292,6 +328,7 @@ impl SoftWorld {
             _idle: idle,
             _slow_end: slow_end,
             counters: Counters::default(),
+            device_counts: DeviceCounts::new(devices),
             devices,
             nics,
         })
@@ -324,11 +361,7 @@ impl SoftWorld {
         } else {
             self.nic_step(rng, (slot - mirror_slots) % self.nics.len().max(1), write)
         };
-        if ok {
-            self.counters.accesses.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.counters.denied.fetch_add(1, Ordering::Relaxed);
-        }
+        self.device_counts.count(slot, ok);
     }
 
     /// A NIC work request: get a registration of 1 to 4 arena pages (a
@@ -493,9 +526,10 @@ impl World for SoftWorld {
             faults += s.faults;
             invalidations += n.reg.lock().stats().invalidations;
         }
+        let (accesses, denied) = self.device_counts.totals();
         WorldStats {
-            accesses: c.accesses.load(Ordering::Relaxed),
-            denied: c.denied.load(Ordering::Relaxed),
+            accesses,
+            denied,
             operations: c.ops.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             violations: self.oracle.violation_count(),

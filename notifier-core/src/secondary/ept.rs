@@ -4,9 +4,11 @@
 //! Four levels of 512 entries over a 48-bit external space. Tables are
 //! created on demand and kept until the table is dropped or
 //! [`ExternalPageTable::clear`]ed, so lookups are lock-free: a lookup is
-//! four acquire loads. Writers (`map`, `unmap`, ...) must be serialised by
-//! the owner — a mirror calls them under its lock, the same lock its
-//! invalidate callback takes.
+//! four acquire loads. [`ExternalPageTable::map`] calls may run
+//! concurrently with each other (a mirror's 4 KiB fault-ins do, under its
+//! lock taken for reading); every other writer (`map_huge`, `unmap_range`,
+//! ...) must exclude all writers — a mirror calls them under its lock taken
+//! for writing, as its invalidate callback does.
 //!
 //! # Entry encoding (one `u64`)
 //!
@@ -192,7 +194,13 @@ impl<A: ExternalAddress> ExternalPageTable<A> {
     /// entry covering `addr` is split first.
     ///
     /// # Locking
-    /// Writers must be serialised by the caller.
+    /// May run concurrently with other `map` calls (each entry is one
+    /// atomic swap; tables are created once). Two concurrent maps of one
+    /// page, or a map and another's split of the huge entry over it, leave
+    /// one of the translations written: callers must only write
+    /// translations that are all current (a mirror's fault-ins that passed
+    /// `read_retry` under one sequence). Must not run concurrently with the
+    /// other writers.
     pub fn map(&self, addr: A, pfn: Pfn, perm: Perm) -> Result<(), EptError> {
         let raw = addr.raw();
         Self::check(raw)?;

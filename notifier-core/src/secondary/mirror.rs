@@ -4,10 +4,19 @@
 //!
 //! # Locking
 //!
-//! * `lock` (the "driver lock"): serialises writers of the external page
-//!   table and orders `set_seq` against `read_retry`. The invalidate
-//!   callback takes it; so does the fault-in path after looking at the
-//!   primary.
+//! * `lock` (the "driver lock"), a reader-writer lock, as KVM's `mmu_lock`
+//!   is for its TDP MMU: the invalidate callback takes it for writing
+//!   (`set_seq`, then clearing the external table); a 4 KiB fault-in takes
+//!   it for reading (`read_retry`, then writing its one entry), so faults
+//!   on different pages, from different devices, proceed in parallel and
+//!   never wait for each other, only for an invalidation. `read_retry`
+//!   under the read lock is exact: `set_seq` runs under the write lock, so
+//!   it happened entirely before the read section (the retry sees it) or
+//!   entirely after (the invalidation clears what the fault wrote). Two
+//!   faults of one page may both pass `read_retry` with the same sequence;
+//!   both translations are then current, and the later write wins. A huge
+//!   (2 MiB) fault-in, which replaces 512 entries, takes the lock for
+//!   writing.
 //! * one lock per device: held for the whole of an access (TLB lookup,
 //!   table walk on a miss, the check, the memory operation). The
 //!   invalidate callback takes each device's lock in turn to flush its TLB
@@ -16,7 +25,9 @@
 //!
 //! Order: `lock` → device lock. An access never takes `lock` while holding
 //! its device lock: on a miss it drops the device lock, faults in, and
-//! retries.
+//! retries. So a device's access path (TLB hit, table walk) takes only its
+//! own device lock, which no other device takes; the table walk is
+//! lock-free.
 //!
 //! # The access path
 //!
@@ -35,7 +46,7 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::ept::{ExternalPageTable, HUGE_PAGES, HUGE_SIZE};
 use super::ext_addr::{ExternalAddress, Perm};
@@ -247,7 +258,7 @@ struct Device {
 /// The part shared by the mirror handle and its invalidate callback.
 pub struct MirrorShared<A: ExternalAddress> {
     cfg: MirrorConfig,
-    lock: Mutex<()>,
+    lock: RwLock<()>,
     ept: ExternalPageTable<A>,
     devices: Box<[crossbeam_utils::CachePadded<Mutex<Device>>]>,
     counters: Counters,
@@ -300,9 +311,9 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
             return Ok(());
         }
         let _g = if range.blockable {
-            self.lock.lock()
+            self.lock.write()
         } else {
-            self.lock.try_lock().ok_or(Again)?
+            self.lock.try_write().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
         let start = range.start.max(self.cfg.start);
@@ -392,7 +403,7 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             .collect();
         let shared = MirrorShared {
             cfg,
-            lock: Mutex::new(()),
+            lock: RwLock::new(()),
             ept: ExternalPageTable::new(),
             devices,
             counters: Counters::default(),
@@ -457,8 +468,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// `read_retry`, write the entry). Returns the translation written.
     ///
     /// # Locking
-    /// Takes the mirror lock; may sleep in `read_begin` and in the primary's
-    /// fault path. Must not be called with a device lock held.
+    /// Takes the mirror lock for reading (concurrent fault-ins proceed in
+    /// parallel); may sleep in `read_begin` and in the primary's fault path.
+    /// Must not be called with a device lock held.
     pub fn fault_in(
         &self,
         addr: u64,
@@ -480,7 +492,7 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             for _ in 0..spins {
                 core::hint::spin_loop();
             }
-            let g = sh.lock.lock();
+            let g = sh.lock.read();
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
             {
                 drop(g);
@@ -567,7 +579,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 }
             }
             let Some(t) = first else { return Ok(None) };
-            let g = sh.lock.lock();
+            // Exclusive: the huge entry replaces 512 entries that 4 KiB
+            // fault-ins (under the read lock) could be writing.
+            let g = sh.lock.write();
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
             {
                 drop(g);

@@ -9,13 +9,26 @@
 //! protocol violation (a skipped invalidation, a missing `read_retry`, a
 //! late TLB flush, ...), never a benign race.
 //!
-//! A violation carries the page's recent history from a ring of events
+//! A violation carries the page's recent history from rings of events
 //! (primary operations reported by the driver, invalidations, fills).
+//!
+//! # Scaling
+//!
+//! Device threads check and fill in parallel, so nothing they touch is
+//! shared by all of them: checks are counted in per-device stripes, fills
+//! go to one of [`SHARDS`] history rings chosen by page (a device faulting
+//! page A and one faulting page B take different locks), and the liveness
+//! map is sharded the same way. Events are ordered by a monotonic-clock
+//! timestamp instead of a shared counter. Operations and invalidations
+//! (mutator threads, whose primary operations the primary serialises
+//! anyway) share one ring of range events.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::frame::Pfn;
@@ -23,7 +36,11 @@ use crate::notifier::Event;
 use crate::primary::{Primary, Translation};
 use crate::secondary::AccessCheck;
 
-/// One event in the history ring.
+/// One event in the history rings. `seq` orders events across threads: the
+/// monotonic clock's nanoseconds since the oracle was created, read where
+/// the event happens (under the lock that orders it against the others:
+/// the mirror's lock for fills and invalidations), so two events that the
+/// protocol orders carry increasing values; unordered events may tie.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HistoryEvent {
     /// A primary operation over `[start, end)`, named by the driver.
@@ -119,8 +136,34 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How many violations keep their full report.
 const KEEP: usize = 16;
-/// Events kept in the history ring.
+/// Range events (operations, invalidations) kept.
 const RING: usize = 1 << 14;
+/// Fill rings (and liveness-map shards), chosen by page number, and
+/// check-counter stripes, chosen by device.
+pub const SHARDS: usize = 64;
+/// Fills kept per shard.
+const FILL_RING: usize = 1 << 10;
+
+/// The part of the oracle a fill of one page touches.
+#[derive(Default)]
+struct Shard {
+    fills: Mutex<VecDeque<HistoryEvent>>,
+    /// Liveness mode: frame generation at the last fill of (page, frame).
+    filled: Mutex<HashMap<(u64, u64), u64>>,
+}
+
+#[inline]
+fn shard_of(addr: u64) -> usize {
+    (addr >> 12) as usize % SHARDS
+}
+
+fn push_ring(ring: &Mutex<VecDeque<HistoryEvent>>, cap: usize, e: HistoryEvent) {
+    let mut h = ring.lock();
+    if h.len() == cap {
+        h.pop_front();
+    }
+    h.push_back(e);
+}
 
 /// Which invariant the oracle checks.
 pub enum OracleMode {
@@ -142,13 +185,16 @@ pub struct Oracle {
     /// Whether the source has stores not yet reported (shadowed primaries).
     pending: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     mode: OracleMode,
-    /// Liveness mode: frame generation at the last fill of each page.
-    filled: Mutex<std::collections::HashMap<(u64, u64), u64>>,
-    checks: AtomicU64,
+    /// Fill rings and liveness maps, by page.
+    shards: Box<[CachePadded<Shard>]>,
+    /// Checks, by device.
+    checks: Box<[CachePadded<AtomicU64>]>,
     violations: AtomicU64,
     first: Mutex<Vec<Violation>>,
-    history: Mutex<VecDeque<HistoryEvent>>,
-    seq: AtomicU64,
+    /// Operations and invalidations.
+    ranges: Mutex<VecDeque<HistoryEvent>>,
+    /// Time zero of `seq`.
+    epoch: Instant,
 }
 
 impl core::fmt::Debug for Oracle {
@@ -216,37 +262,62 @@ impl Oracle {
             source,
             pending,
             mode,
-            filled: Mutex::new(std::collections::HashMap::new()),
-            checks: AtomicU64::new(0),
+            shards: (0..SHARDS).map(|_| CachePadded::default()).collect(),
+            checks: (0..SHARDS).map(|_| CachePadded::default()).collect(),
             violations: AtomicU64::new(0),
             first: Mutex::new(Vec::new()),
-            history: Mutex::new(VecDeque::with_capacity(RING)),
-            seq: AtomicU64::new(0),
+            ranges: Mutex::new(VecDeque::with_capacity(RING)),
+            epoch: Instant::now(),
         })
     }
 
-    fn push(&self, make: impl FnOnce(u64) -> HistoryEvent) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut h = self.history.lock();
-        if h.len() == RING {
-            h.pop_front();
-        }
-        h.push_back(make(seq));
+    #[inline]
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 
     /// Record a primary operation for the history.
     pub fn record_op(&self, op: &'static str, start: u64, end: u64) {
-        self.push(|seq| HistoryEvent::Op {
-            seq,
-            op,
-            start,
-            end,
-        });
+        let seq = self.now();
+        push_ring(
+            &self.ranges,
+            RING,
+            HistoryEvent::Op {
+                seq,
+                op,
+                start,
+                end,
+            },
+        );
     }
 
     /// Number of accesses checked.
     pub fn checks(&self) -> u64 {
-        self.checks.load(Ordering::Relaxed)
+        self.checks.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The recent events that concern the page at `addr`, oldest first.
+    fn history_of(&self, addr: u64) -> Vec<HistoryEvent> {
+        let mut h: Vec<HistoryEvent> = self.shards[shard_of(addr)]
+            .fills
+            .lock()
+            .iter()
+            .filter(|e| e.covers(addr))
+            .cloned()
+            .collect();
+        h.extend(
+            self.ranges
+                .lock()
+                .iter()
+                .filter(|e| e.covers(addr))
+                .cloned(),
+        );
+        h.sort_by_key(|e| match *e {
+            HistoryEvent::Op { seq, .. }
+            | HistoryEvent::Invalidate { seq, .. }
+            | HistoryEvent::Fill { seq, .. } => seq,
+        });
+        h
     }
 
     /// Number of violations found.
@@ -262,7 +333,7 @@ impl Oracle {
     /// Check one access directly (what [`AccessCheck::check_access`] does);
     /// returns the violation, if any.
     pub fn check(&self, device: usize, addr: u64, pfn: Pfn, write: bool) -> Option<Violation> {
-        self.checks.fetch_add(1, Ordering::Relaxed);
+        self.checks[device % SHARDS].fetch_add(1, Ordering::Relaxed);
         let ok = match &self.mode {
             OracleMode::Strict => {
                 let good = |t: Option<Translation>| matches!(t, Some(t) if t.pfn == pfn && (t.writable || !write));
@@ -283,7 +354,7 @@ impl Oracle {
                     }
                 }
             }
-            OracleMode::Liveness(gen) => self
+            OracleMode::Liveness(gen) => self.shards[shard_of(addr)]
                 .filled
                 .lock()
                 .get(&(addr, pfn.0))
@@ -294,13 +365,7 @@ impl Oracle {
             true => None,
             false => {
                 self.violations.fetch_add(1, Ordering::Relaxed);
-                let history: Vec<HistoryEvent> = self
-                    .history
-                    .lock()
-                    .iter()
-                    .filter(|e| e.covers(addr))
-                    .cloned()
-                    .collect();
+                let history = self.history_of(addr);
                 let tail = history.len().saturating_sub(12);
                 let v = Violation {
                     device,
@@ -326,22 +391,33 @@ impl AccessCheck for Oracle {
         self.check(device, addr, pfn, write);
     }
     fn on_fill(&self, addr: u64, pfn: Pfn, writable: bool) {
+        let shard = &self.shards[shard_of(addr)];
         if let OracleMode::Liveness(gen) = &self.mode {
-            self.filled.lock().insert((addr, pfn.0), gen(pfn));
+            shard.filled.lock().insert((addr, pfn.0), gen(pfn));
         }
-        self.push(|seq| HistoryEvent::Fill {
-            seq,
-            addr,
-            pfn,
-            writable,
-        });
+        let seq = self.now();
+        push_ring(
+            &shard.fills,
+            FILL_RING,
+            HistoryEvent::Fill {
+                seq,
+                addr,
+                pfn,
+                writable,
+            },
+        );
     }
     fn on_invalidate(&self, start: u64, end: u64, event: Event) {
-        self.push(|seq| HistoryEvent::Invalidate {
-            seq,
-            start,
-            end,
-            event,
-        });
+        let seq = self.now();
+        push_ring(
+            &self.ranges,
+            RING,
+            HistoryEvent::Invalidate {
+                seq,
+                start,
+                end,
+                event,
+            },
+        );
     }
 }
