@@ -632,11 +632,33 @@ impl Region {
         if off % PAGE != 0 || len % PAGE != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // SAFETY: the range lies inside this region (checked), whose memory
-        // holds no Rust object; unmapping pages already unmapped is harmless.
-        cvt(unsafe { libc::munmap((self.addr + off) as *mut libc::c_void, len as usize) })?;
-        for p in off / PAGE..(off + len) / PAGE {
-            bits[(p / 64) as usize] &= !(1 << (p % 64));
+        // Only the runs of pages this region still maps: a hole it left
+        // may hold another thread's mapping by now (a registration cache's
+        // arrays, a thread stack), which a munmap of the whole range would
+        // destroy under that thread.
+        let is_mapped = |bits: &[u64], p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let (first, end) = (off / PAGE, (off + len) / PAGE);
+        let mut p = first;
+        while p < end {
+            if !is_mapped(&bits, p) {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < end && is_mapped(&bits, p) {
+                p += 1;
+            }
+            // SAFETY: a run of pages this region maps (its bitmap says so,
+            // under its write lock), which hold no Rust object.
+            cvt(unsafe {
+                libc::munmap(
+                    (self.addr + s * PAGE) as *mut libc::c_void,
+                    ((p - s) * PAGE) as usize,
+                )
+            })?;
+            for x in s..p {
+                bits[(x / 64) as usize] &= !(1 << (x % 64));
+            }
         }
         Ok(())
     }
@@ -853,6 +875,37 @@ pub fn peak_rss_kib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The root cause of the stress runs' registry corruption (issue 15):
+    /// a munmap over a range with a hole unmapped whatever another thread
+    /// had mapped into the hole (there, a registration cache's hash).
+    #[test]
+    fn munmap_over_a_hole_never_unmaps_what_another_thread_put_there() {
+        let r = Region::anon(4 * PAGE).unwrap();
+        r.munmap(PAGE, PAGE).unwrap();
+        let theirs = mmap_raw(
+            r.addr() + PAGE,
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+        )
+        .unwrap();
+        assert_eq!(theirs, r.addr() + PAGE);
+        // SAFETY: the page just mapped above, owned by this test.
+        unsafe { (theirs as *mut u8).write(0x5a) };
+        r.munmap(0, 4 * PAGE).unwrap();
+        // Their page is still mapped (mincore fails with ENOMEM on a hole).
+        let mut vec = [0u8; 1];
+        // SAFETY: mincore only reads the page tables of that range.
+        let rc =
+            unsafe { libc::mincore(theirs as *mut libc::c_void, PAGE as usize, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "their mapping was unmapped");
+        // SAFETY: their page, still mapped (checked above).
+        assert_eq!(unsafe { (theirs as *const u8).read() }, 0x5a);
+        // SAFETY: their mapping, unused afterwards.
+        unsafe { libc::munmap(theirs as *mut libc::c_void, PAGE as usize) };
+    }
 
     #[test]
     fn mapping_back_never_replaces_what_another_thread_put_in_a_hole() {
