@@ -73,6 +73,7 @@ mod huge;
 pub mod ibverbs;
 mod page_vec;
 pub mod parity;
+pub mod parity_mt;
 pub mod provider;
 pub mod region;
 pub mod registry;

@@ -39,6 +39,11 @@ enum Cmd {
     Bench {
         /// The bench to run.
         name: Option<String>,
+        /// `rcache` only: run the multi-threaded hit workloads at these
+        /// thread counts (comma separated, e.g. `1,2,4`) instead of the
+        /// single-thread parity set.
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
     },
 }
 
@@ -113,17 +118,30 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Stress(a) => stress_cmd(a),
-        Cmd::Bench { name } => bench_cmd(name.as_deref()),
+        Cmd::Bench { name, threads } => bench_cmd(name.as_deref(), &threads),
     }
 }
 
-fn bench_cmd(name: Option<&str>) -> ExitCode {
+fn bench_cmd(name: Option<&str>, threads: &[usize]) -> ExitCode {
     match name {
         None => {
             println!("available benches:");
             println!("  rcache   RDMA registration-cache parity workloads (../shared/bench/rcache-parity.md)");
             println!("criterion benches: cargo bench -p notifier-bench (machinery, secondary), -p notifier-core (mm), -p notifier-rdma, -p notifier-kvm");
             ExitCode::SUCCESS
+        }
+        Some("rcache") if !threads.is_empty() => {
+            if threads.iter().any(|&t| t == 0 || t > 255) {
+                return usage("--threads: each count must be in 1..=255");
+            }
+            let cfg = notifier_rdma::parity::ParityConfig::default();
+            match notifier_rdma::parity_mt::run_mt(&cfg, threads, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("notifier bench rcache: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Some("rcache") => {
             match notifier_rdma::parity::run(&notifier_rdma::parity::ParityConfig::default()) {
