@@ -211,10 +211,15 @@ fn help_states_the_exit_statuses_and_a_failed_run_exits_3() {
 /// (exit 2) with the reason.
 #[test]
 fn every_injection_mode_is_caught_or_refused_in_deterministic_runs() {
-    for inject in Inject::ALL {
+    for (backend, inject) in ["soft", "all"]
+        .into_iter()
+        .flat_map(|b| Inject::ALL.map(|i| (b, i)))
+    {
         let (code, out, err) = outcome(&[
             "stress",
             "--quiet",
+            "--backend",
+            backend,
             "--steps",
             "30000",
             "--inject",
@@ -222,11 +227,15 @@ fn every_injection_mode_is_caught_or_refused_in_deterministic_runs() {
         ]);
         match inject.needs_threads() {
             Some(why) => {
-                assert_eq!(code, Some(2), "{inject:?}: {out}{err}");
-                assert!(err.contains(why), "{inject:?}: {err}");
+                assert_eq!(code, Some(2), "{backend} {inject:?}: {out}{err}");
+                assert!(err.contains(why), "{backend} {inject:?}: {err}");
             }
             None => {
-                assert_eq!(code, Some(1), "{inject:?} found nothing: {out}{err}");
+                assert_eq!(
+                    code,
+                    Some(1),
+                    "{backend} {inject:?} found nothing: {out}{err}"
+                );
                 assert!(out.contains("violations found, as expected"), "{out}");
                 let first = out
                     .lines()
