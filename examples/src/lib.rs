@@ -1,5 +1,11 @@
 //! Shared pieces of the runnable examples: a subscriber that prints what
 //! it sees, and a small address-space constructor.
+//!
+//! Guides (repository `docs/guide/`) build on these examples.
+//!
+//! # Stability
+//!
+//! Not published; the examples follow the crates' current API.
 
 use std::sync::Arc;
 

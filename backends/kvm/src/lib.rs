@@ -19,6 +19,17 @@
 //!   memory on command, for tests and examples.
 //!
 //! All `unsafe` code is in the private `sys` module.
+//!
+//! Guide (repository `docs/guide/vmm.md`): embedding the mirror in a VMM.
+//!
+//! # Stability
+//!
+//! Pre-1.0: any 0.x release may change the API; breaking changes bump the
+//! minor version and are listed in the commit log.
+//! [`KvmMirror`], [`DeviceView`], [`MemfdFrames`] and [`DirtyBitmap`] are
+//! the product. The `guest`, `baseline` and `testing` modules are
+//! scaffolding for tests, examples and benches, and may move behind a
+//! feature or out of the crate.
 
 mod error;
 mod memfd;

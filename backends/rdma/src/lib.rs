@@ -61,6 +61,18 @@
 //! mm.munmap(0x10000, 0x10000).unwrap();          // the memory goes away
 //! assert!(nic.remote_read(h.rkey(), 0x10008, &mut buf).is_err()); // its rkey is dead
 //! ```
+//!
+//! Guide (repository `docs/guide/rdma-real-memory.md`): the registry over
+//! real process memory, with the userfaultfd monitor and the software NIC.
+//!
+//! # Stability
+//!
+//! Pre-1.0: any 0.x release may change the API; breaking changes bump the
+//! minor version and are listed in the commit log.
+//! [`Registry`], [`Provider`] and [`SoftNic`] are the product; the
+//! registry may come to be shared across threads (`get`/`put` through
+//! `&self`). The `parity` and `testing` modules are bench and test
+//! scaffolding and may move behind a feature or out of the crate.
 
 // Unsafe code lives only in thin layers: `ibverbs/sys.rs` (verbs),
 // `page_vec.rs` (mmap/mremap) and `slab.rs` (counted records in slabs).

@@ -145,6 +145,17 @@
 //!
 //! Only in the `sys` module, every block with a `SAFETY` comment.
 //!
+//! Guide (repository `docs/guide/rdma-real-memory.md`): the monitor
+//! driving an RDMA registration cache over real memory.
+//!
+//! # Stability
+//!
+//! Pre-1.0: any 0.x release may change the API; breaking changes bump the
+//! minor version and are listed in the commit log.
+//! The monitor, the primary and the fault handlers are the product; the
+//! process helpers (`run_in_child`, `drop_privileges`, `peak_rss_kib`) are
+//! test scaffolding and may move behind a feature or out of the crate.
+//!
 //! [`NotifierSubscriptions`]: notifier_core::notifier::NotifierSubscriptions
 //! [`Event::Clear`]: notifier_core::notifier::Event::Clear
 //! [`Event::Unmap`]: notifier_core::notifier::Event::Unmap

@@ -510,7 +510,7 @@ impl World for KvmWorld {
                 .violations()
                 .iter()
                 .take(3)
-                .map(|v| v.to_string()),
+                .map(super::violation_text),
         );
         WorldStats {
             accesses: c.accesses.load(Ordering::Relaxed),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use kvm::KvmWorld;
-pub use report::{ReplayKey, Report, StageReport};
+pub use report::{progress_line, violation_text, BackendReport, ReplayKey, Report, StageReport};
 pub use soft::SoftWorld;
 pub use timing::Stages;
 pub use uffd::UffdWorld;
@@ -119,6 +119,47 @@ pub enum Inject {
     FreeBeforeEnd,
 }
 
+impl Inject {
+    /// Every mode.
+    pub const ALL: [Inject; 4] = [
+        Inject::SkipInvalidate,
+        Inject::SkipReadRetry,
+        Inject::LateFlush,
+        Inject::FreeBeforeEnd,
+    ];
+
+    /// The name `--inject` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Inject::SkipInvalidate => "skip-invalidate",
+            Inject::SkipReadRetry => "skip-read-retry",
+            Inject::LateFlush => "late-flush",
+            Inject::FreeBeforeEnd => "free-before-end",
+        }
+    }
+
+    /// Why a run on one thread (the deterministic scheduler of `--steps`,
+    /// `--record` and `--replay`, or `--threads 1`) cannot catch this
+    /// mode, or `None` when it can.
+    ///
+    /// One thread runs each device access, fault-in included, to
+    /// completion before a mutator acts, so no invalidation can ever land
+    /// between a fault-in's `read_begin` and its fill: skipping
+    /// `read_retry` breaks nothing there. The other modes break the order
+    /// between whole steps (a callback skipped, a flush or a free moved
+    /// past the bracket's end), which one thread reproduces.
+    pub fn needs_threads(self) -> Option<&'static str> {
+        match self {
+            Inject::SkipReadRetry => Some(
+                "one thread runs every fault-in to completion before a mutator acts, so no \
+                 invalidation can fall inside a read_begin/read_retry window and skipping \
+                 read_retry cannot go wrong; run it threaded (--seconds N --threads 2 or more)",
+            ),
+            Inject::SkipInvalidate | Inject::LateFlush | Inject::FreeBeforeEnd => None,
+        }
+    }
+}
+
 /// Which secondaries the devices use (`--backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -138,6 +179,19 @@ pub enum Backend {
     Uffd,
     /// Every backend available in this build, at once.
     All,
+}
+
+impl Backend {
+    /// The name `--backend` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Soft => "soft",
+            Backend::Rdma => "rdma",
+            Backend::Kvm => "kvm",
+            Backend::Uffd => "uffd",
+            Backend::All => "all",
+        }
+    }
 }
 
 /// A stress run's parameters.
@@ -189,16 +243,71 @@ impl StressConfig {
 
 /// Check what makes a configuration unusable before running it (a usage
 /// error, exit status 2): `--backend kvm` without `/dev/kvm`, `--backend
-/// uffd` without userfaultfd, or either with an injection mode its world
-/// does not support.
+/// uffd` without userfaultfd, an injection mode the backend's world does
+/// not support (`--backend rdma` supports none), or one a run on one
+/// thread cannot catch ([`Inject::needs_threads`]).
+///
+/// # Errors
+/// The message to print, which says why and what to use instead.
 pub fn preflight(cfg: &StressConfig) -> Result<(), String> {
-    if cfg.backend == Backend::Kvm {
-        kvm::available().map_err(|e| format!("--backend kvm: {e}"))?;
-        kvm::check_inject(cfg.inject)?;
+    // The CLI's value parsers check these too; a replayed recording or a
+    // library caller comes here without them.
+    if !(cfg.seconds > 0.0 && cfg.seconds <= 86_400.0) && cfg.steps.is_none() {
+        return Err(format!(
+            "seconds must be in (0, 86400], got {}",
+            cfg.seconds
+        ));
     }
-    if cfg.backend == Backend::Uffd {
-        uffd::available().map_err(|e| format!("--backend uffd: {e}"))?;
-        uffd::check_inject(cfg.inject)?;
+    if !(1..=256).contains(&cfg.threads) {
+        return Err(format!("threads must be in 1..=256, got {}", cfg.threads));
+    }
+    if !(1..=64).contains(&cfg.mirrors) {
+        return Err(format!("mirrors must be in 1..=64, got {}", cfg.mirrors));
+    }
+    if cfg.subscriptions > 10_000_000 {
+        return Err(format!(
+            "subscriptions must be at most 10,000,000, got {}",
+            cfg.subscriptions
+        ));
+    }
+    if cfg.steps == Some(0) {
+        return Err("steps must be positive".into());
+    }
+    if let Some((i, why)) = cfg.inject.and_then(|i| Some((i, i.needs_threads()?))) {
+        if cfg.steps.is_some() {
+            return Err(format!(
+                "--inject {} cannot be caught in a deterministic run (--steps, --record, \
+                 --replay): {why}",
+                i.name()
+            ));
+        }
+        if cfg.threads <= 1 {
+            return Err(format!(
+                "--inject {} cannot be caught with --threads 1: {why}",
+                i.name()
+            ));
+        }
+    }
+    match cfg.backend {
+        Backend::Rdma => {
+            if let Some(i) = cfg.inject {
+                return Err(format!(
+                    "--inject {} breaks the TLB mirrors' protocol, which --backend rdma does not \
+                     use (its devices are NICs doing DMA through registrations); use --backend \
+                     soft or all",
+                    i.name()
+                ));
+            }
+        }
+        Backend::Kvm => {
+            kvm::available().map_err(|e| format!("--backend kvm: {e}"))?;
+            kvm::check_inject(cfg.inject)?;
+        }
+        Backend::Uffd => {
+            uffd::available().map_err(|e| format!("--backend uffd: {e}"))?;
+            uffd::check_inject(cfg.inject)?;
+        }
+        Backend::Soft | Backend::All => {}
     }
     Ok(())
 }
@@ -333,9 +442,14 @@ pub fn run(cfg: &StressConfig, progress: Progress<'_>) -> Result<Report, String>
     }
     let seconds = start.elapsed().as_secs_f64();
     let hash = cfg.steps.map(|_| log_hash);
+    let mut parts = world.parts();
+    if parts.is_empty() {
+        parts.push((cfg.backend.name(), world.stats()));
+    }
     Ok(Report::build(
         cfg,
         &world.stats(),
+        &parts,
         seconds,
         &stages,
         ops_by_kind,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::timing::Stages;
 use super::world::WorldStats;
 use super::{OpKind, StressConfig};
-use notifier_core::verify::{LatencyHistogram, Percentiles};
+use notifier_core::verify::{HistoryEvent, LatencyHistogram, Percentiles, Violation};
 
 /// Percentiles of one latency stage, in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,49 @@ impl From<Percentiles> for StageReport {
             p99: p.p99,
             p999: p.p999,
             max: p.max,
+        }
+    }
+}
+
+/// The totals of one backend of a run (`--backend all` runs several).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendReport {
+    /// The backend: `soft`, `rdma`, `kvm`, `uffd`, or `soft+rdma` (one
+    /// software primary whose devices are TLB mirrors and RDMA NICs).
+    pub name: String,
+    /// Device accesses completed (each checked).
+    pub accesses: u64,
+    /// Device accesses the primary refused.
+    pub denied: u64,
+    /// Primary operations applied.
+    pub operations: u64,
+    /// Primary operations rejected.
+    pub rejected: u64,
+    /// Secondary fills (fault-ins).
+    pub faults: u64,
+    /// Fill retries after a collision.
+    pub retries: u64,
+    /// Invalidate callbacks of the secondaries.
+    pub invalidations: u64,
+    /// Reads by real guest vCPUs, part of `accesses`.
+    pub guest_reads: u64,
+    /// Stale accesses found.
+    pub violations: u64,
+}
+
+impl BackendReport {
+    fn new(name: &str, w: &WorldStats) -> Self {
+        Self {
+            name: name.to_string(),
+            accesses: w.accesses,
+            denied: w.denied,
+            operations: w.operations,
+            rejected: w.rejected,
+            faults: w.faults,
+            retries: w.retries,
+            invalidations: w.invalidations,
+            guest_reads: w.guest_reads,
+            violations: w.violations,
         }
     }
 }
@@ -101,6 +144,10 @@ pub struct Report {
     /// Reads by real guest vCPUs (`--backend kvm`), part of `accesses`.
     #[serde(default)]
     pub guest_reads: u64,
+    /// The backends that ran, each with its totals (one entry unless
+    /// `--backend all`).
+    #[serde(default)]
+    pub backends: Vec<BackendReport>,
     /// Deterministic runs: a hash of the operation sequence.
     pub op_log_hash: Option<u64>,
     /// The first violations, with their page histories.
@@ -114,6 +161,7 @@ impl Report {
     pub(super) fn build(
         cfg: &StressConfig,
         w: &WorldStats,
+        parts: &[(&str, WorldStats)],
         seconds: f64,
         stages: &Stages,
         ops: BTreeMap<OpKind, u64>,
@@ -158,6 +206,10 @@ impl Report {
             latency,
             subscriptions: w.subscriptions,
             guest_reads: w.guest_reads,
+            backends: parts
+                .iter()
+                .map(|(n, w)| BackendReport::new(n, w))
+                .collect(),
             op_log_hash,
             first_violations: w.first_violations.iter().take(3).cloned().collect(),
             buckets,
@@ -188,14 +240,20 @@ impl Report {
             Some(n) => format!("deterministic, {n} steps"),
             None => format!("{} thread(s)", c.threads),
         };
+        let ran: Vec<&str> = self.backends.iter().map(|b| b.name.as_str()).collect();
+        let ran = if c.backend == super::Backend::All {
+            format!(" ({})", ran.join(", "))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "notifier stress: backend {:?}, {sched}, seed {}, {:.2} s{}",
-            c.backend,
+            "notifier stress: backend {}{ran}, {sched}, seed {:#x}, {:.2} s{}",
+            c.backend.name(),
             c.seed,
             self.seconds,
             c.inject
-                .map_or(String::new(), |i| format!(", inject {i:?}"))
+                .map_or(String::new(), |i| format!(", inject {}", i.name()))
         );
         let _ = writeln!(s, "  {:<28}{:>14}", "verified accesses", self.accesses);
         let _ = writeln!(s, "  {:<28}{:>14.0}", "accesses / s", self.accesses_per_sec);
@@ -233,6 +291,19 @@ impl Report {
                 "    {:<26}{:>10}{:>10}{:>10}{:>10}{:>10}",
                 n, l.p50, l.p99, l.p999, l.max, l.count
             );
+        }
+        if self.backends.len() > 1 {
+            let _ = writeln!(
+                s,
+                "  per backend             accesses  operations invalidations  violations"
+            );
+            for b in &self.backends {
+                let _ = writeln!(
+                    s,
+                    "    {:<18}{:>12}{:>12}{:>14}{:>12}",
+                    b.name, b.accesses, b.operations, b.invalidations, b.violations
+                );
+            }
         }
         let _ = writeln!(s, "  {:<28}{:>14}", "violations", self.violations);
         s
@@ -289,4 +360,98 @@ impl Report {
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())
     }
+}
+
+/// A count or rate in at most six characters: `999`, `12.3k`, `4.5M`, ...
+fn short(x: f64) -> String {
+    const UNITS: [&str; 7] = ["", "k", "M", "G", "T", "P", "E"];
+    let mut x = x.max(0.0);
+    let mut u = 0;
+    while x >= 999.95 && u + 1 < UNITS.len() {
+        x /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}{}", UNITS[u])
+    }
+}
+
+/// The progress line of a run, at most 78 columns (the terminal's 80 less
+/// a spinner): elapsed time, a bar when `fraction` is known (threaded
+/// runs), access and operation rates, violations.
+pub fn progress_line(
+    elapsed: f64,
+    fraction: Option<f64>,
+    accesses: u64,
+    ops: u64,
+    violations: u64,
+) -> String {
+    const BAR: usize = 20;
+    let t = elapsed.clamp(0.0, 999_999.0);
+    let bar = match fraction {
+        Some(f) => {
+            let n = (f.clamp(0.0, 1.0) * BAR as f64) as usize;
+            format!(" [{}{}]", "#".repeat(n), " ".repeat(BAR - n))
+        }
+        None => String::new(),
+    };
+    format!(
+        "{t:>8.1} s{bar} {:>6} acc/s {:>6} ops/s {:>6} violations",
+        short(accesses as f64 / t.max(1e-9)),
+        short(ops as f64 / t.max(1e-9)),
+        short(violations as f64),
+    )
+}
+
+/// A violation as the report prints it: [`Violation`]'s text with every
+/// address, range and frame number in hex.
+pub fn violation_text(v: &Violation) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "stale {} by device {} at {:#x}: used pfn {:#x}, primary maps {}",
+        if v.write { "write" } else { "read" },
+        v.device,
+        v.addr,
+        v.used.0,
+        match v.primary {
+            None => "nothing".to_string(),
+            Some(t) => format!(
+                "pfn {:#x} {}",
+                t.pfn.0,
+                if t.writable { "rw" } else { "ro" }
+            ),
+        }
+    );
+    for h in &v.history {
+        let _ = match h {
+            HistoryEvent::Op {
+                seq,
+                op,
+                start,
+                end,
+            } => writeln!(s, "    #{seq} op {op} [{start:#x}, {end:#x})"),
+            HistoryEvent::Invalidate {
+                seq,
+                start,
+                end,
+                event,
+            } => writeln!(s, "    #{seq} invalidate [{start:#x}, {end:#x}) {event:?}"),
+            HistoryEvent::Fill {
+                seq,
+                addr,
+                pfn,
+                writable,
+            } => writeln!(
+                s,
+                "    #{seq} fill {addr:#x} -> pfn {:#x} {}",
+                pfn.0,
+                if *writable { "rw" } else { "ro" }
+            ),
+        };
+    }
+    s
 }

@@ -547,7 +547,7 @@ impl World for SoftWorld {
                 .violations()
                 .iter()
                 .take(3)
-                .map(|v| v.to_string())
+                .map(super::violation_text)
                 .collect(),
         }
     }

@@ -369,7 +369,7 @@ impl World for UffdWorld {
             .violations()
             .iter()
             .take(3)
-            .map(|v| v.to_string())
+            .map(super::violation_text)
             .collect();
         if stale > 0 {
             first.push(format!(

@@ -110,12 +110,19 @@ pub trait World: Sync {
     fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind;
     /// Totals so far.
     fn stats(&self) -> WorldStats;
+    /// Totals per backend when this world is several (`--backend all`),
+    /// named; empty for a single backend.
+    fn parts(&self) -> Vec<(&'static str, WorldStats)> {
+        Vec::new()
+    }
 }
 
 /// Several worlds at once (`--backend all`): devices are spread over them,
 /// each mutator step goes to one of them in turn.
 pub struct Composite {
     worlds: Vec<Box<dyn World>>,
+    /// The backend each world stands for, as the report names it.
+    names: Vec<&'static str>,
 }
 
 impl World for Composite {
@@ -142,6 +149,13 @@ impl World for Composite {
         }
         t
     }
+    fn parts(&self) -> Vec<(&'static str, WorldStats)> {
+        self.names
+            .iter()
+            .zip(&self.worlds)
+            .map(|(n, w)| (*n, w.stats()))
+            .collect()
+    }
 }
 
 /// Build the world `cfg.backend` asks for.
@@ -167,25 +181,32 @@ pub fn build(cfg: &StressConfig, devices: usize) -> Result<Box<dyn World>, Strin
         Backend::All => {
             // The NICs' accesses carry no fill record, which the liveness
             // oracle of `free-before-end` needs: that mode runs mirrors only.
-            let kinds = if cfg.inject == Some(super::Inject::FreeBeforeEnd) {
-                DeviceKinds::MIRRORS
+            let (kinds, name) = if cfg.inject == Some(super::Inject::FreeBeforeEnd) {
+                (DeviceKinds::MIRRORS, "soft")
             } else {
-                DeviceKinds::BOTH
+                (DeviceKinds::BOTH, "soft+rdma")
             };
             let mut worlds: Vec<Box<dyn World>> =
                 vec![Box::new(SoftWorld::new(cfg, devices, kinds)?)];
+            let mut names = vec![name];
             // The KVM world when /dev/kvm opens and the injection mode
             // means something to it; otherwise a note, not an error.
             match super::kvm::available().and_then(|()| super::kvm::check_inject(cfg.inject)) {
-                Ok(()) => worlds.push(Box::new(super::kvm::KvmWorld::new(cfg, devices)?)),
+                Ok(()) => {
+                    worlds.push(Box::new(super::kvm::KvmWorld::new(cfg, devices)?));
+                    names.push("kvm");
+                }
                 Err(e) => eprintln!("notifier stress: --backend all runs without kvm: {e}"),
             }
             // The uffd world likewise, when userfaultfd opens.
             match super::uffd::available().and_then(|()| super::uffd::check_inject(cfg.inject)) {
-                Ok(()) => worlds.push(Box::new(super::uffd::UffdWorld::new(cfg, devices)?)),
+                Ok(()) => {
+                    worlds.push(Box::new(super::uffd::UffdWorld::new(cfg, devices)?));
+                    names.push("uffd");
+                }
                 Err(e) => eprintln!("notifier stress: --backend all runs without uffd: {e}"),
             }
-            Ok(Box::new(Composite { worlds }))
+            Ok(Box::new(Composite { worlds, names }))
         }
     }
 }
