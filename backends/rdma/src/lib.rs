@@ -99,5 +99,5 @@ pub use error::{DmaError, ProviderError, RegError};
 pub use provider::{Provider, ProviderMr};
 pub use region::Region;
 pub use registry::{MrHandle, Registry, RegistryConfig, Stats};
-pub use shared::SharedRegistry;
+pub use shared::{LocalCache, SharedRegistry};
 pub use soft::{SoftMr, SoftNic};

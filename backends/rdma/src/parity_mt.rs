@@ -77,8 +77,11 @@ fn mt_hit(cfg: &ParityConfig, n: usize, r: u32) -> Result<f64, ParityError> {
     let results: Vec<Result<Vec<f64>, RegError>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..n)
             .map(|t| {
-                let (reg, barrier) = (reg.clone(), barrier.clone());
+                let (shared, barrier) = (reg.clone(), barrier.clone());
+                let reg = shared.clone();
                 s.spawn(move || -> Result<Vec<f64>, RegError> {
+                    // The thread's cache, looked up once (as a worker holds its rcache).
+                    let reg = reg.local()?;
                     let op = |i: u64| -> Result<(), RegError> {
                         let g = i * n as u64 + t as u64;
                         let idx = (g as u32).wrapping_mul(2_654_435_761) & mask;
@@ -106,8 +109,9 @@ fn mt_hit(cfg: &ParityConfig, n: usize, r: u32) -> Result<f64, ParityError> {
                         res = (first..first + ops).try_for_each(op);
                         times.push(t0.elapsed().as_secs_f64());
                     }
+                    drop(reg);
                     // Publish this thread's counters.
-                    let _ = reg.stats();
+                    let _ = shared.stats();
                     res.map(|()| times)
                 })
             })

@@ -50,6 +50,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -128,9 +129,35 @@ struct Local<N: Provider + Clone> {
     shard: Arc<Shard<N>>,
     core: Weak<Core<N>>,
     ops: u32,
+    /// Misses when the counters were last published.
+    published_misses: u64,
 }
 
 impl<N: Provider + Clone> Local<N> {
+    #[inline(always)]
+    fn get(&mut self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
+        self.read_mail();
+        self.count_op();
+        let Some(reg) = self.reg.as_mut() else {
+            return Err(RegError::Unavailable);
+        };
+        // Publish after a miss, on the next operation: the result then
+        // goes straight to the caller (a copy of it through a temporary
+        // missed store forwarding and doubled the hit's cost).
+        if reg.stats_misses() != self.published_misses {
+            self.published_misses = reg.stats_misses();
+            *self.shard.stats.lock() = reg.stats();
+        }
+        reg.get(start, len, access)
+    }
+
+    /// A put of a handle this cache issued.
+    #[inline(always)]
+    fn put(&mut self, h: MrHandle) -> Result<(), RegError> {
+        let reg = self.reg.as_mut().ok_or(RegError::Unavailable)?;
+        reg.put(h)
+    }
+
     /// Apply the puts other threads sent.
     #[inline]
     fn read_mail(&mut self) {
@@ -187,12 +214,64 @@ impl<N: Provider + Clone> Drop for Local<N> {
     }
 }
 
-/// A type-erased [`Local`], so one thread-local list serves every
-/// provider type.
+/// A type-erased `Rc<RefCell<Local<N>>>`, so one thread-local list serves
+/// every provider type.
 struct Entry {
     uid: u64,
     alive: Box<dyn Fn() -> bool>,
     local: Box<dyn Any>,
+}
+
+type LocalRc<N> = Rc<RefCell<Local<N>>>;
+
+/// The calling thread's cache of a [`SharedRegistry`], bound to that
+/// thread (`!Send`): [`SharedRegistry::local`] hands it out so that a
+/// thread that does many operations pays the thread-local lookup once, as
+/// a UCX worker holds its rcache. Its `get` and `put` are the shared
+/// registry's, minus that lookup.
+pub struct LocalCache<'a, N: Provider + Clone> {
+    local: LocalRc<N>,
+    shared: &'a SharedRegistry<N>,
+}
+
+impl<N: Provider + Clone> core::fmt::Debug for LocalCache<'_, N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LocalCache").finish_non_exhaustive()
+    }
+}
+
+impl<N: Provider + Clone> LocalCache<'_, N> {
+    /// [`SharedRegistry::get`] on this thread's cache.
+    ///
+    /// # Errors
+    /// Those of [`SharedRegistry::get`].
+    #[inline(always)]
+    pub fn get(&self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
+        let mut l = self
+            .local
+            .try_borrow_mut()
+            .map_err(|_| RegError::Unavailable)?;
+        l.get(start, len, access)
+    }
+
+    /// [`SharedRegistry::put`]: a handle of this thread's cache is applied
+    /// here, any other goes to its owner.
+    ///
+    /// # Errors
+    /// Those of [`SharedRegistry::put`].
+    #[inline(always)]
+    pub fn put(&self, h: MrHandle) -> Result<(), RegError> {
+        let mut l = self
+            .local
+            .try_borrow_mut()
+            .map_err(|_| RegError::Unavailable)?;
+        if l.shard.id == h.registry_id() {
+            l.put(h)
+        } else {
+            drop(l);
+            self.shared.put_remote(h)
+        }
+    }
 }
 
 std::thread_local! {
@@ -226,12 +305,9 @@ impl<N: Provider + Clone> SharedRegistry<N> {
         &self.core.provider
     }
 
-    /// Run `f` on the calling thread's cache, creating it on first use.
+    /// The calling thread's cache, created on first use.
     #[inline]
-    fn with_local<R>(
-        &self,
-        f: impl FnOnce(&mut Local<N>) -> Result<R, RegError>,
-    ) -> Result<R, RegError> {
+    fn local_rc(&self) -> Result<LocalRc<N>, RegError> {
         CACHES
             .try_with(|c| {
                 let Ok(mut list) = c.try_borrow_mut() else {
@@ -243,7 +319,7 @@ impl<N: Provider + Clone> SharedRegistry<N> {
                     None => {
                         // Drop the caches of shared registries that are gone.
                         list.retain(|e| (e.alive)());
-                        let local = self.new_local()?;
+                        let local: LocalRc<N> = Rc::new(RefCell::new(self.new_local()?));
                         let core = Arc::downgrade(&self.core);
                         list.push(Entry {
                             uid,
@@ -253,12 +329,37 @@ impl<N: Provider + Clone> SharedRegistry<N> {
                         list.len() - 1
                     }
                 };
-                match list[i].local.downcast_mut::<Local<N>>() {
-                    Some(local) => f(local),
-                    None => Err(RegError::Unavailable),
-                }
+                list[i]
+                    .local
+                    .downcast_ref::<LocalRc<N>>()
+                    .cloned()
+                    .ok_or(RegError::Unavailable)
             })
             .unwrap_or(Err(RegError::Unavailable))
+    }
+
+    /// The calling thread's cache as a thread-bound handle: the fastest way
+    /// to make many `get`/`put` calls from one thread.
+    ///
+    /// # Errors
+    /// [`RegError::Unavailable`] while the thread exits;
+    /// [`RegError::LimitExceeded`] for a 256th thread.
+    pub fn local(&self) -> Result<LocalCache<'_, N>, RegError> {
+        Ok(LocalCache {
+            local: self.local_rc()?,
+            shared: self,
+        })
+    }
+
+    /// Run `f` on the calling thread's cache.
+    #[inline]
+    fn with_local<R>(
+        &self,
+        f: impl FnOnce(&mut Local<N>) -> Result<R, RegError>,
+    ) -> Result<R, RegError> {
+        let rc = self.local_rc()?;
+        let mut l = rc.try_borrow_mut().map_err(|_| RegError::Unavailable)?;
+        f(&mut l)
     }
 
     /// A cache for the calling thread, with the lowest free id.
@@ -269,7 +370,10 @@ impl<N: Provider + Clone> SharedRegistry<N> {
         if dir.len() >= MAX_SHARDS {
             return Err(RegError::LimitExceeded);
         }
-        let id = (1..=MAX_SHARDS as u32)
+        // Ids from the process-wide sequence (so handles of two shared
+        // registries differ), unique among this registry's caches.
+        let id = (0..MAX_SHARDS)
+            .map(|_| crate::registry::next_registry_id())
             .find(|id| dir.iter().all(|s| s.id != *id))
             .ok_or(RegError::LimitExceeded)?;
         let reg = Registry::with_id(
@@ -292,6 +396,7 @@ impl<N: Provider + Clone> SharedRegistry<N> {
             shard,
             core: Arc::downgrade(&self.core),
             ops: 0,
+            published_misses: 0,
         })
     }
 
@@ -333,17 +438,7 @@ impl<N: Provider + Clone> SharedRegistry<N> {
     /// [`RegError::LimitExceeded`] for a 256th thread.
     #[inline]
     pub fn get(&self, start: u64, len: u64, access: Access) -> Result<MrHandle, RegError> {
-        self.with_local(|local| {
-            local.read_mail();
-            local.count_op();
-            let reg = local.reg.as_mut().ok_or(RegError::Unavailable)?;
-            let misses = reg.stats_misses();
-            let r = reg.get(start, len, access);
-            if reg.stats_misses() != misses {
-                local.publish();
-            }
-            r
-        })
+        self.with_local(|local| local.get(start, len, access))
     }
 
     /// Give back a reference taken by [`Self::get`] on any thread: applied
@@ -360,10 +455,7 @@ impl<N: Provider + Clone> SharedRegistry<N> {
             if local.shard.id != h.registry_id() {
                 return Ok(false);
             }
-            local.read_mail();
-            local.count_op();
-            let reg = local.reg.as_mut().ok_or(RegError::Unavailable)?;
-            reg.put(h).map(|()| true)
+            local.put(h).map(|()| true)
         });
         match local {
             Ok(true) => Ok(()),

@@ -128,7 +128,7 @@ const SLOT_INDEX: u32 = (1 << SLOT_BITS) - 1;
 /// Ids of registries, from a process-wide counter (1..=255, wrapping):
 /// two registries alive at once share an id only after 255 more were
 /// created in between.
-fn next_registry_id() -> u32 {
+pub(crate) fn next_registry_id() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed) % 255 + 1
 }
