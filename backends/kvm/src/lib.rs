@@ -18,7 +18,11 @@
 //! - [`guest`]: a tiny real-mode guest that reads and writes guest-physical
 //!   memory on command, for tests and examples.
 //!
-//! All `unsafe` code is in the private `sys` module.
+//! - [`RealGuestMemory`]: guest RAM that the VMM owns ([`GuestRam`]:
+//!   anonymous or memfd, 4 KiB or 2 MiB pages) under KVM memslots, watched
+//!   through `notifier-uffd`, with versioned device views ([`GuestView`]).
+//!
+//! All `unsafe` code is in the private `sys` and `sys_ram` modules.
 
 mod error;
 mod memfd;
@@ -36,6 +40,14 @@ mod mirror;
 pub use device::{DeviceRegion, DeviceRegions, DeviceSlices, DeviceView, PageGuard};
 pub use dirty::DirtyBitmap;
 pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
+mod guest_ram;
+mod real;
+mod real_view;
+mod sys_ram;
+
+pub use guest_ram::{GuestRam, RamBacking, RamPages};
+pub use real::{watch_mode, Layout, RealGuestMemory, RealRegion, RealStats};
+pub use real_view::{GuestSlices, GuestView};
 pub mod baseline;
 pub mod guest;
 pub mod testing;

@@ -175,7 +175,8 @@ impl KvmWorld {
         let file = super::world::map_tagged_window(&mm, va(WINDOW), FILE_PAGES)
             .map_err(|x| e("file window", &x))?;
         let max = kvm.get_nr_memslots() as u32;
-        let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+        let mirror =
+            KvmMirror::new(vm, mm.clone(), store, max).map_err(|x| e("mirror", &x))?;
         mirror
             .add_region_at(0, GUEST_BASE, RAM, 0)
             .map_err(|x| e("memslot", &x))?;

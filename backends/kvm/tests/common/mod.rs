@@ -28,7 +28,7 @@ pub fn setup(test: &str, frames: usize) -> Option<(Kvm, Arc<TestPrimary>, KvmMir
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let primary = TestPrimary::new(store.clone());
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, primary.clone(), store, max);
+    let mirror = KvmMirror::new(vm, primary.clone(), store, max).expect("frames are the primary's");
     Some((kvm, primary, mirror))
 }
 
@@ -54,6 +54,6 @@ pub fn setup_mm(
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let mm = notifier_core::mm::Mm::new(store.clone() as Arc<dyn notifier_core::frame::FrameStore>);
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+    let mirror = KvmMirror::new(vm, mm.clone(), store, max).expect("frames are the primary's");
     Some((kvm, mm, mirror))
 }
