@@ -43,11 +43,13 @@ pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
 mod guest_ram;
 mod real;
 mod real_view;
+mod restore;
 mod sys_ram;
 
 pub use guest_ram::{GuestRam, RamBacking, RamPages};
 pub use real::{watch_mode, Layout, RealGuestMemory, RealRegion, RealStats};
 pub use real_view::{GuestSlices, GuestView};
+pub use restore::{restore_mode, RestoreStats, SnapshotRestore};
 pub mod baseline;
 pub mod guest;
 pub mod testing;
