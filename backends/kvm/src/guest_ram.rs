@@ -172,6 +172,17 @@ impl GuestRam {
         self.madvise(off, len, adv)
     }
 
+    /// Drop this mapping's page-table entries of `[off, off + len)`
+    /// (`MADV_DONTNEED`) without giving memfd pages back: a memfd page stays
+    /// in the page cache (the next touch is a minor fault), an anonymous
+    /// page is freed like [`Self::discard`].
+    ///
+    /// # Errors
+    /// As [`Self::discard`].
+    pub fn drop_mappings(&self, off: u64, len: u64) -> Result<(), KvmError> {
+        self.madvise(off, len, RamAdvice::DontNeed)
+    }
+
     /// Fault `[off, off + len)` in for writing (`MADV_POPULATE_WRITE`):
     /// a deflated balloon range, or memory to pre-fault before a guest runs.
     ///
