@@ -30,7 +30,9 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use notifier_kvm::guest::RealModeGuest;
-use notifier_kvm::{restore_mode, GuestRam, RamBacking, RamPages, RealGuestMemory, SnapshotRestore};
+use notifier_kvm::{
+    restore_mode, GuestRam, RamBacking, RamPages, RealGuestMemory, SnapshotRestore,
+};
 use notifier_uffd::{FaultError, Fill, PageBuf, PageFault, UffdMonitor};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -58,7 +60,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for c in 0..mib {
             for p in 0..256u64 {
                 let i = c * 256 + p;
-                chunk[(p * P) as usize..(p * P) as usize + 4].copy_from_slice(&tag(i).to_le_bytes());
+                chunk[(p * P) as usize..(p * P) as usize + 4]
+                    .copy_from_slice(&tag(i).to_le_bytes());
             }
             f.write_all(&chunk)?;
         }
@@ -84,14 +87,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ours_rates.sort_by(f64::total_cmp);
     plain_rates.sort_by(f64::total_cmp);
     let (o, p) = (ours_rates[rounds / 2], plain_rates[rounds / 2]);
-    println!("median: ours {o:.0} pages/s, plain {p:.0} pages/s, ratio {:.3} (goal >= 0.9)", o / p);
+    println!(
+        "median: ours {o:.0} pages/s, plain {p:.0} pages/s, ratio {:.3} (goal >= 0.9)",
+        o / p
+    );
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
 /// Restore through `RealGuestMemory` + `SnapshotRestore`; returns (seconds
 /// to the vCPU's first result, pages/s for the rest).
-fn ours(kvm: &Kvm, path: &std::path::Path, len: u64, backing: RamBacking) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+fn ours(
+    kvm: &Kvm,
+    path: &std::path::Path,
+    len: u64,
+    backing: RamBacking,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let pages = len / P;
     let r = SnapshotRestore::new(File::open(path)?, pages);
     let monitor = UffdMonitor::builder().build(r.clone())?;
@@ -109,7 +120,11 @@ fn ours(kvm: &Kvm, path: &std::path::Path, len: u64, backing: RamBacking) -> Res
     let first = t0.elapsed().as_secs_f64();
     assert_eq!(v, tag(8), "the guest reads the snapshot");
     let view = mem.memory();
-    assert_eq!(view.read_obj::<u32>(GuestAddress(0x9000))?, tag(9), "the device reads it");
+    assert_eq!(
+        view.read_obj::<u32>(GuestAddress(0x9000))?,
+        tag(9),
+        "the device reads it"
+    );
 
     let before = r.stats().served;
     let t1 = Instant::now();
@@ -124,7 +139,11 @@ fn ours(kvm: &Kvm, path: &std::path::Path, len: u64, backing: RamBacking) -> Res
 
     // Balloon out 64 KiB the guest had restored; it reads zeros after.
     mem.balloon_inflate(0x10_000, 16 * P)?;
-    assert_eq!(guest.read_u32(&mem, 0x10_000)?, 0, "removed: zeros, never the snapshot");
+    assert_eq!(
+        guest.read_u32(&mem, 0x10_000)?,
+        0,
+        "removed: zeros, never the snapshot"
+    );
     assert_eq!(view.read_obj::<u32>(GuestAddress(0x1F_000))?, 0);
     assert_eq!(r.stats().served, pages, "nothing served again");
     drop(guest);
@@ -133,7 +152,11 @@ fn ours(kvm: &Kvm, path: &std::path::Path, len: u64, backing: RamBacking) -> Res
 }
 
 /// A plain handler: `pread` the page and `UFFDIO_COPY` it.
-fn plain(path: &std::path::Path, len: u64, backing: RamBacking) -> Result<f64, Box<dyn std::error::Error>> {
+fn plain(
+    path: &std::path::Path,
+    len: u64,
+    backing: RamBacking,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let file = File::open(path)?;
     let served = Arc::new(AtomicU64::new(0));
     let s2 = served.clone();

@@ -201,7 +201,8 @@ impl GuestRam {
 }
 
 fn to_usize(v: u64) -> Result<usize, KvmError> {
-    usize::try_from(v).map_err(|_| KvmError::os("guest RAM", std::io::Error::from_raw_os_error(libc::EINVAL)))
+    usize::try_from(v)
+        .map_err(|_| KvmError::os("guest RAM", std::io::Error::from_raw_os_error(libc::EINVAL)))
 }
 
 fn slice_of<'a>(

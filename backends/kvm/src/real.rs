@@ -126,7 +126,10 @@ impl Layout {
 
     /// The region holding `gpa`.
     pub fn find(&self, gpa: u64) -> Option<&Arc<RealRegion>> {
-        let i = self.regions.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+        let i = self
+            .regions
+            .partition_point(|r| r.gpa <= gpa)
+            .checked_sub(1)?;
         let r = &self.regions[i];
         r.contains(gpa).then_some(r)
     }
@@ -311,7 +314,10 @@ impl RealGuestMemory {
 
     fn watch_insert(&self, ram: &Arc<GuestRam>) {
         let a = ram.addr();
-        self.watch.ranges.lock().insert(a, (a + ram.len(), ram.clone()));
+        self.watch
+            .ranges
+            .lock()
+            .insert(a, (a + ram.len(), ram.clone()));
     }
 
     fn watch_remove(&self, ram: &Arc<GuestRam>) {

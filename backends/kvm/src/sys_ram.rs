@@ -144,7 +144,8 @@ impl RamMap {
         }
         if huge {
             // SAFETY: our own fresh mapping; the advice changes no contents.
-            let r = cvt(unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_HUGEPAGE) });
+            let r =
+                cvt(unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_HUGEPAGE) });
             if let Err(e) = r {
                 unmap(at, len);
                 return Err(e);
@@ -250,7 +251,10 @@ impl RamMap {
         if mmap_at(
             old,
             self.len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
             -1,
             libc::PROT_READ | libc::PROT_WRITE,
         )

@@ -38,7 +38,11 @@ fn balloon(test: &str, backing: RamBacking, pages: RamPages) {
     // Inflate over both pages: KVM, the device view and the RAM read zeros.
     let before = w.mem.stats().removed_pages;
     w.mem.balloon_inflate(a, 2 * P).unwrap();
-    assert!(w.mem.stats().removed_pages >= before + 2, "{:?}", w.mem.stats());
+    assert!(
+        w.mem.stats().removed_pages >= before + 2,
+        "{:?}",
+        w.mem.stats()
+    );
     assert_eq!(guest.read_u32(&w.mem, a).unwrap(), 0, "guest after REMOVE");
     assert_eq!(guest.read_u32(&w.mem, b).unwrap(), 0, "guest after REMOVE");
     assert_eq!(common::view_u32(&view, a).unwrap(), 0, "view after REMOVE");
@@ -83,13 +87,19 @@ fn real_balloon_outside_regions_is_refused() {
     let Some(w) = common::real_setup("real_balloon_outside", Arc::new(ZeroHandler)) else {
         return;
     };
-    let ram = w.mem.add_region(0, GuestRam::anon(MIB).unwrap(), None).unwrap();
+    let ram = w
+        .mem
+        .add_region(0, GuestRam::anon(MIB).unwrap(), None)
+        .unwrap();
     ram.write(0x4000, &[7]).unwrap();
     assert!(matches!(
         w.mem.balloon_inflate(4 * MIB, P),
         Err(notifier_kvm::KvmError::Unmapped(_))
     ));
-    assert!(w.mem.balloon_inflate(MIB - P, 2 * P).is_err(), "straddles the end");
+    assert!(
+        w.mem.balloon_inflate(MIB - P, 2 * P).is_err(),
+        "straddles the end"
+    );
     let mut b = [0u8];
     ram.read(0x4000, &mut b).unwrap();
     assert_eq!(b[0], 7);

@@ -41,10 +41,18 @@ fn restore(test: &str, backing: RamBacking) {
         let _ = std::fs::remove_file(&path);
         return;
     };
-    let _watch = w.mem.monitor().notifiers().register(r.balloon_watch()).unwrap();
+    let _watch = w
+        .mem
+        .monitor()
+        .notifiers()
+        .register(r.balloon_watch())
+        .unwrap();
     let ram = GuestRam::new(LEN, backing, RamPages::Small).unwrap();
     r.set_base(ram.addr());
-    let ram = w.mem.add_region(0, ram, Some(restore_mode(backing))).unwrap();
+    let ram = w
+        .mem
+        .add_region(0, ram, Some(restore_mode(backing)))
+        .unwrap();
     // Loading the program faults page 1 in from the snapshot.
     let mut guest = RealModeGuest::new(&w.mem, 0).unwrap();
     assert!(r.is_served(1));
@@ -145,7 +153,9 @@ fn real_restore_dead_source_fails_the_vcpu_not_hangs() {
             return 4;
         };
         let ram = GuestRam::anon(LEN).unwrap();
-        w.mem.add_region(0, ram, Some(restore_mode(RamBacking::Anon))).unwrap();
+        w.mem
+            .add_region(0, ram, Some(restore_mode(RamBacking::Anon)))
+            .unwrap();
         let mut guest = RealModeGuest::new(&w.mem, 0).unwrap();
         if guest.read_u32(&w.mem, 2 * P).ok() != Some(tag(2)) {
             return 5;

@@ -97,7 +97,10 @@ pub fn real_setup(test: &str, handler: Arc<dyn notifier_uffd::FaultHandler>) -> 
 }
 
 /// Read a `u32` through a device view (vm-memory `Bytes`).
-pub fn view_u32(view: &notifier_kvm::GuestView, gpa: u64) -> Result<u32, vm_memory::GuestMemoryError> {
+pub fn view_u32(
+    view: &notifier_kvm::GuestView,
+    gpa: u64,
+) -> Result<u32, vm_memory::GuestMemoryError> {
     use vm_memory::{Bytes, GuestAddress};
     view.read_obj::<u32>(GuestAddress(gpa))
 }
