@@ -36,7 +36,7 @@ fn env(frames: usize) -> Option<Env> {
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let primary = TestPrimary::new(store.clone());
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, primary.clone(), store, max);
+    let mirror = KvmMirror::new(vm, primary.clone(), store, max).ok()?;
     Some((kvm, primary, mirror))
 }
 
@@ -270,7 +270,7 @@ fn env_mm(frames: usize) -> Option<(Kvm, Arc<Mm>, KvmMirror<Mm>)> {
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let mm = Mm::new(store.clone() as Arc<dyn FrameStore>);
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+    let mirror = KvmMirror::new(vm, mm.clone(), store, max).ok()?;
     Some((kvm, mm, mirror))
 }
 

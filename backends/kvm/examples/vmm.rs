@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mm.clone(),
         frames.clone(),
         kvm.get_nr_memslots() as u32,
-    );
+    )?;
     let low = mirror.add_region_at(0, va(0), HALF, 0)?;
     let high = mirror.add_region_at(HALF, va(HALF), HALF, 0)?;
     println!("RAM: {low:?}\n     {high:?}");

@@ -27,11 +27,15 @@
 //! through the primary (which may itself invalidate), and takes it again.
 //!
 //! A `DeviceView` is a snapshot of the mirror's layout (vm-memory's
-//! `GuestMemoryBackend` is immutable); build a new one after adding,
-//! moving, resizing or removing regions, as with `GuestMemoryAtomic`.
+//! `GuestMemoryBackend` is immutable), versioned: every region add, move,
+//! resize or removal bumps the mirror's generation, and a view of an older
+//! generation refuses every access (`InvalidGuestAddress`; the typed
+//! [`KvmError::StaleView`] from [`DeviceView::translate`]) instead of
+//! serving the bytes of a layout that is gone. Build a new one, as with
+//! `GuestMemoryAtomic`.
 
 use std::iter::FusedIterator;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use notifier_core::addr::PAGE_MASK;
@@ -54,7 +58,7 @@ use crate::{KvmError, KvmMirror};
 
 fn gm_err(gpa: u64, e: KvmError) -> GmError {
     match e {
-        KvmError::Fault(_) | KvmError::Unmapped(_) => {
+        KvmError::Fault(_) | KvmError::Unmapped(_) | KvmError::StaleView { .. } => {
             GmError::InvalidGuestAddress(GuestAddress(gpa))
         }
         other => GmError::IOError(std::io::Error::other(other)),
@@ -70,6 +74,9 @@ pub struct DeviceRegion<P: Primary + ?Sized + 'static> {
     sub: IntervalSubscription<CacheNotifier>,
     /// The mirror's view of this region: VMM writes are marked dirty there.
     view: Arc<HostView>,
+    /// The mirror's layout generation, and the one this view was built at.
+    gen: Arc<AtomicU64>,
+    built: u64,
 }
 
 impl<P: Primary + ?Sized + 'static> core::fmt::Debug for DeviceRegion<P> {
@@ -103,6 +110,7 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
     #[inline]
     pub fn translate(&self, off: u64, write: bool) -> Result<PageGuard<'_>, KvmError> {
         let idx = (off >> PAGE_SHIFT) as usize;
+        self.check_current()?;
         loop {
             let l = self.cache.lock.read();
             if let Some(t) =
@@ -123,6 +131,20 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
         }
     }
 
+    /// Refuse a view of an older layout of the mirror.
+    #[inline]
+    fn check_current(&self) -> Result<(), KvmError> {
+        let cur = self.gen.load(Ordering::Acquire);
+        if cur == self.built {
+            Ok(())
+        } else {
+            Err(KvmError::StaleView {
+                view: self.built,
+                current: cur,
+            })
+        }
+    }
+
     /// Optimistic lookup (no lock, no fault): the cached translation of the
     /// page at region offset `off` and the sequence to validate a read of
     /// its frame with [`Self::lookup_retry`]. `None` on a miss, and always
@@ -135,7 +157,7 @@ impl<P: Primary + ?Sized + 'static> DeviceRegion<P> {
     /// [`Self::translate`].
     #[inline]
     pub fn lookup(&self, off: u64) -> Option<(Translation, u64)> {
-        if self.cache.check.is_some() {
+        if self.cache.check.is_some() || self.check_current().is_err() {
             return None;
         }
         let g = self.cache.gen.load(Ordering::Acquire);
@@ -415,6 +437,9 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
         check: Option<(Arc<dyn AccessCheck>, usize)>,
     ) -> Result<Self, KvmError> {
         let mut regions = Vec::new();
+        // Read before the snapshot: a change in between makes the view
+        // stale at once rather than current with an old layout.
+        let built = mirror.gen.load(Ordering::Acquire);
         for r in mirror.region_snapshot() {
             let cache = Arc::new(TranslationCache::new(
                 r.view.pbase,
@@ -433,11 +458,21 @@ impl<P: Primary + ?Sized + 'static> DeviceView<P> {
                 cache,
                 sub,
                 view: r.view.clone(),
+                gen: mirror.gen.clone(),
+                built,
             });
         }
         Ok(Self {
             regions: DeviceRegions(regions),
         })
+    }
+
+    /// Whether the view's layout is still the mirror's current one.
+    pub fn is_current(&self) -> bool {
+        self.regions
+            .0
+            .first()
+            .is_none_or(|r| r.check_current().is_ok())
     }
 
     /// The regions.

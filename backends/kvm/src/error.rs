@@ -93,6 +93,34 @@ pub enum KvmError {
     /// it cannot be mapped into the host view.
     #[error("pfn {0:#x} is not a memfd frame and cannot be mapped for KVM")]
     ForeignPfn(u64),
+    /// `KvmMirror::new` was given frames that are not the primary's frame
+    /// store: the two would silently disagree about every page.
+    #[error("the frames given are not the primary's frame store")]
+    FramesMismatch,
+    /// A device view of an older layout (memslots were added, removed,
+    /// moved or resized since): refresh it.
+    #[error("guest-memory view of layout {view} is stale (current: {current})")]
+    StaleView {
+        /// The view's generation.
+        view: u64,
+        /// The current generation.
+        current: u64,
+    },
+    /// A region cannot grow beyond the guest RAM behind it.
+    #[error("region length {len:#x} exceeds its guest RAM ({ram:#x})")]
+    BeyondRam {
+        /// Requested length.
+        len: u64,
+        /// Length of the RAM.
+        ram: u64,
+    },
+    /// The userfaultfd monitor refused (registration, announcement).
+    #[error("userfaultfd")]
+    Uffd(
+        #[from]
+        #[source]
+        notifier_uffd::UffdError,
+    ),
 }
 
 impl KvmError {

@@ -25,11 +25,93 @@
 //! [`RealModeGuest`] serves through the mirror (see [`crate::KvmMirror`]'s
 //! "Demand faults"). Addresses are limited to the first MiB (real mode).
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use notifier_core::primary::Primary;
 use notifier_core::PAGE_SIZE;
 
-use crate::{KvmError, KvmMirror};
+use crate::{KvmError, KvmMirror, RealGuestMemory};
+
+/// Guest memory that a [`RealModeGuest`] runs over: what it needs to load
+/// its program and to serve the exits guest-memory accesses can take.
+/// Implemented by [`KvmMirror`] (a model primary) and [`RealGuestMemory`]
+/// (guest RAM the VMM owns).
+pub trait GuestMemoryExits {
+    /// The VM.
+    fn vm(&self) -> &Arc<VmFd>;
+    /// Complete an emulated read at `gpa`; false when `gpa` is in no region
+    /// (real MMIO).
+    ///
+    /// # Errors
+    /// The memory's own errors.
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<bool, KvmError>;
+    /// Complete an emulated write at `gpa`; false when `gpa` is in no region.
+    ///
+    /// # Errors
+    /// The memory's own errors.
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<bool, KvmError>;
+    /// Make the page of `gpa` accessible (a `KVM_EXIT_MEMORY_FAULT` or an
+    /// instruction fetch that failed).
+    ///
+    /// # Errors
+    /// The memory's own errors.
+    fn handle_fault(&self, gpa: u64, write: bool) -> Result<(), KvmError>;
+    /// Whether the page of `gpa` is mapped read-only now (a second memory
+    /// fault on it is then a write).
+    fn read_only(&self, gpa: u64) -> bool {
+        let _ = gpa;
+        false
+    }
+}
+
+impl<P: Primary + ?Sized> GuestMemoryExits for KvmMirror<P> {
+    fn vm(&self) -> &Arc<VmFd> {
+        KvmMirror::vm(self)
+    }
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<bool, KvmError> {
+        KvmMirror::mmio_read(self, gpa, data)
+    }
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<bool, KvmError> {
+        KvmMirror::mmio_write(self, gpa, data)
+    }
+    fn handle_fault(&self, gpa: u64, write: bool) -> Result<(), KvmError> {
+        KvmMirror::handle_fault(self, gpa, write).map(drop)
+    }
+    fn read_only(&self, gpa: u64) -> bool {
+        self.translation(gpa).is_some_and(|t| !t.writable)
+    }
+}
+
+/// Over real memory, KVM reads the VMM's mapping itself; an emulated
+/// access that still exits (the mapping was unreachable for the emulator)
+/// is completed through the RAM, which faults the page in.
+impl GuestMemoryExits for RealGuestMemory {
+    fn vm(&self) -> &Arc<VmFd> {
+        RealGuestMemory::vm(self)
+    }
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<bool, KvmError> {
+        match self.translate(gpa) {
+            Some((ram, off)) => ram.read(off, data).map(|()| true),
+            None => Ok(false),
+        }
+    }
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<bool, KvmError> {
+        match self.translate(gpa) {
+            Some((ram, off)) => ram.write(off, data).map(|()| true),
+            None => Ok(false),
+        }
+    }
+    fn handle_fault(&self, gpa: u64, write: bool) -> Result<(), KvmError> {
+        let (ram, off) = self.translate(gpa).ok_or(KvmError::Unmapped(gpa))?;
+        let page = off & !(PAGE_SIZE - 1);
+        if write {
+            ram.populate(page, PAGE_SIZE)
+        } else {
+            ram.read(page, &mut [0u8]).map(drop)
+        }
+    }
+}
 
 /// Where the program is loaded.
 pub const CODE_GPA: u64 = 0x1000;
@@ -102,12 +184,13 @@ pub struct RealModeGuest {
 impl RealModeGuest {
     /// Create vCPU `id` of the mirror's VM, load [`PROGRAM`] at
     /// [`CODE_GPA`] (through the mirror, so into the frame the primary maps
-    /// there) and point the vCPU at it in real mode.
+    /// there, or into the VMM's guest RAM) and point the vCPU at it in real
+    /// mode.
     ///
     /// # Errors
     /// [`KvmError::Kvm`] when a vCPU ioctl fails; mirror errors when
     /// `CODE_GPA` is not mirrored.
-    pub fn new<P: Primary + ?Sized>(mirror: &KvmMirror<P>, id: u64) -> Result<Self, KvmError> {
+    pub fn new<M: GuestMemoryExits + ?Sized>(mirror: &M, id: u64) -> Result<Self, KvmError> {
         if !mirror.mmio_write(CODE_GPA, &PROGRAM)? {
             return Err(KvmError::Unmapped(CODE_GPA));
         }
@@ -150,9 +233,9 @@ impl RealModeGuest {
     /// # Errors
     /// [`KvmError::Range`]-like [`KvmError::Unmapped`] for `gpa` above the
     /// first MiB, fault errors of the mirror, [`KvmError::UnexpectedExit`].
-    pub fn read_u32<P: Primary + ?Sized>(
+    pub fn read_u32<M: GuestMemoryExits + ?Sized>(
         &mut self,
-        mirror: &KvmMirror<P>,
+        mirror: &M,
         gpa: u64,
     ) -> Result<u32, KvmError> {
         self.command(mirror, gpa, Cmd::Read)
@@ -162,18 +245,18 @@ impl RealModeGuest {
     ///
     /// # Errors
     /// As [`Self::read_u32`].
-    pub fn write_u32<P: Primary + ?Sized>(
+    pub fn write_u32<M: GuestMemoryExits + ?Sized>(
         &mut self,
-        mirror: &KvmMirror<P>,
+        mirror: &M,
         gpa: u64,
         val: u32,
     ) -> Result<(), KvmError> {
         self.command(mirror, gpa, Cmd::Write(val)).map(drop)
     }
 
-    fn command<P: Primary + ?Sized>(
+    fn command<M: GuestMemoryExits + ?Sized>(
         &mut self,
-        mirror: &KvmMirror<P>,
+        mirror: &M,
         gpa: u64,
         cmd: Cmd,
     ) -> Result<u32, KvmError> {
@@ -227,7 +310,7 @@ impl RealModeGuest {
                     self.exits.memory_fault += 1;
                     // No access type in the exit: fault for read first; a
                     // second exit on a present read-only page is a write.
-                    let write = mirror.translation(gpa).is_some_and(|t| !t.writable);
+                    let write = mirror.read_only(gpa);
                     mirror.handle_fault(gpa, write)?;
                 }
                 Ok(VcpuExit::InternalError) if fetch_retries < 2 => {

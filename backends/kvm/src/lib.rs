@@ -18,7 +18,11 @@
 //! - [`guest`]: a tiny real-mode guest that reads and writes guest-physical
 //!   memory on command, for tests and examples.
 //!
-//! All `unsafe` code is in the private `sys` module.
+//! - [`RealGuestMemory`]: guest RAM that the VMM owns ([`GuestRam`]:
+//!   anonymous or memfd, 4 KiB or 2 MiB pages) under KVM memslots, watched
+//!   through `notifier-uffd`, with versioned device views ([`GuestView`]).
+//!
+//! All `unsafe` code is in the private `sys` and `sys_ram` modules.
 //!
 //! Guide (repository `docs/guide/vmm.md`): embedding the mirror in a VMM.
 //!
@@ -26,10 +30,10 @@
 //!
 //! Pre-1.0: any 0.x release may change the API; breaking changes bump the
 //! minor version and are listed in the commit log.
-//! [`KvmMirror`], [`DeviceView`], [`MemfdFrames`] and [`DirtyBitmap`] are
-//! the product. The `guest`, `baseline` and `testing` modules are
-//! scaffolding for tests, examples and benches, and may move behind a
-//! feature or out of the crate.
+//! [`KvmMirror`], [`RealGuestMemory`], [`GuestRam`], [`GuestView`],
+//! [`DeviceView`], [`MemfdFrames`] and [`DirtyBitmap`] are the product. The
+//! `guest`, `baseline` and `testing` modules are scaffolding for tests,
+//! examples and benches, and may move behind a feature or out of the crate.
 
 mod error;
 mod memfd;
@@ -47,6 +51,16 @@ mod mirror;
 pub use device::{DeviceRegion, DeviceRegions, DeviceSlices, DeviceView, PageGuard};
 pub use dirty::DirtyBitmap;
 pub use mirror::{KvmMirror, RegionInfo, RegionStats, LOG_DIRTY_PAGES};
+mod guest_ram;
+mod real;
+mod real_view;
+mod restore;
+mod sys_ram;
+
+pub use guest_ram::{GuestRam, RamBacking, RamPages};
+pub use real::{watch_mode, Layout, RealGuestMemory, RealRegion, RealStats};
+pub use real_view::{GuestSlices, GuestView};
+pub use restore::{restore_mode, RestoreStats, SnapshotRestore};
 pub mod baseline;
 pub mod guest;
 pub mod testing;

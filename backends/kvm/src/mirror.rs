@@ -36,7 +36,7 @@
 //! is never called with either held.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
@@ -132,6 +132,10 @@ pub struct KvmMirror<P: Primary + ?Sized + 'static> {
     frames: Arc<MemfdFrames>,
     layout: RwLock<Layout>,
     pool: ViewPool,
+    /// Layout generation: bumped (under `layout`'s write lock) by every
+    /// region add, remove, move and resize; a [`crate::DeviceView`] of an
+    /// older generation is refused.
+    pub(crate) gen: Arc<AtomicU64>,
 }
 
 impl<P: Primary + ?Sized + 'static> core::fmt::Debug for KvmMirror<P> {
@@ -145,8 +149,22 @@ impl<P: Primary + ?Sized + 'static> core::fmt::Debug for KvmMirror<P> {
 impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// A mirror of `primary` into `vm`, with memslot ids `0..max_slots`
     /// (pass `Kvm::get_nr_memslots()`).
-    pub fn new(vm: Arc<VmFd>, primary: Arc<P>, frames: Arc<MemfdFrames>, max_slots: u32) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// [`KvmError::FramesMismatch`] when `frames` is not the primary's own
+    /// frame store (`primary.frames()`): the mirror maps the memfd pages of
+    /// `frames`, so a primary over other frames would be mirrored wrongly.
+    pub fn new(
+        vm: Arc<VmFd>,
+        primary: Arc<P>,
+        frames: Arc<MemfdFrames>,
+        max_slots: u32,
+    ) -> Result<Self, KvmError> {
+        let theirs: *const dyn FrameStore = primary.frames();
+        if !std::ptr::addr_eq(theirs, Arc::as_ptr(&frames)) {
+            return Err(KvmError::FramesMismatch);
+        }
+        Ok(Self {
             vm,
             primary,
             frames,
@@ -155,7 +173,8 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
                 slots: SlotTable::new(max_slots),
             }),
             pool: ViewPool::default(),
-        }
+            gen: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// The VM.
@@ -171,6 +190,11 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// The memfd frames.
     pub fn frames(&self) -> &Arc<MemfdFrames> {
         &self.frames
+    }
+
+    /// The layout generation (see [`crate::DeviceView::is_current`]).
+    pub fn generation(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
     }
 
     /// Memslots in use and the limit.
@@ -230,6 +254,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         };
         let info = r.info();
         l.regions.insert(gpa, Arc::new(r));
+        self.gen.fetch_add(1, Ordering::Release);
         Ok(info)
     }
 
@@ -244,6 +269,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
             let r = l.regions.remove(&gpa).ok_or(KvmError::NoRegion(gpa))?;
             let id = r.slot.lock().slot();
             l.slots.release(id);
+            self.gen.fetch_add(1, Ordering::Release);
             r
         };
         // Delete the slot, then unsubscribe (which may wait out an
@@ -279,6 +305,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         };
         let info = moved.info();
         l.regions.insert(new_gpa, Arc::new(moved));
+        self.gen.fetch_add(1, Ordering::Release);
         Ok(info)
     }
 
@@ -320,6 +347,7 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         };
         let info = resized.info();
         let old = l.regions.insert(gpa, Arc::new(resized));
+        self.gen.fetch_add(1, Ordering::Release);
         drop(l);
         if let Some(old) = old {
             self.retire(old);
@@ -350,7 +378,10 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
     /// Turn KVM's dirty logging of the region on or off (in place). The
     /// path is the one `KVM_SET_USER_MEMORY_REGION` plus a map lookup and
     /// two uncontended locks (no allocation); a call that changes nothing
-    /// issues no ioctl.
+    /// issues no slot ioctl. Turning it on starts a clean log:
+    /// [`Self::dirty_log`] then reports only writes made after the call
+    /// (one `KVM_GET_DIRTY_LOG` discards KVM's bits, the mirror's own are
+    /// cleared).
     ///
     /// # Errors
     /// [`KvmError::NoRegion`], [`KvmError::InvalidSlot`].
@@ -366,11 +397,20 @@ impl<P: Primary + ?Sized + 'static> KvmMirror<P> {
         } else {
             s.flags() & !LOG_DIRTY_PAGES
         };
-        if flags == s.flags() {
-            return Ok(());
+        if flags != s.flags() {
+            s.modify(r.gpa, flags)
+                .map_err(|e| slot_error(e, s.slot(), r.gpa, r.view.len))?;
         }
-        s.modify(r.gpa, flags)
-            .map_err(|e| slot_error(e, s.slot(), r.gpa, r.view.len))
+        if on {
+            // Start from a clean log: drop what KVM and the mirror recorded
+            // before logging was enabled (the kernel's semantics).
+            s.dirty_log()
+                .map_err(|e| KvmError::kvm("KVM_GET_DIRTY_LOG", e))?;
+            for d in &r.view.dirty {
+                d.store(0, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// The regions, by guest-physical address.

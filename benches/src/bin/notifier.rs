@@ -118,6 +118,9 @@ struct StressArgs {
     /// Mirrors flush TLBs at the bracket's end (checked for frame liveness).
     #[arg(long)]
     flush_at_end: bool,
+    /// Guest memory of --backend kvm: the model primary or real process memory.
+    #[arg(long, value_enum, default_value = "model")]
+    kvm_memory: stress::KvmMemory,
     /// Break the protocol on purpose: the run must then find violations.
     /// With --steps, --record or --replay only the modes the
     /// deterministic scheduler can catch are accepted.
@@ -329,6 +332,7 @@ fn stress_cmd(a: StressArgs) -> ExitCode {
             flush_at_end: a.flush_at_end,
         },
     };
+    stress::set_kvm_memory(a.kvm_memory);
     if let Err(e) = stress::preflight(&cfg) {
         return usage(&e);
     }

@@ -113,8 +113,8 @@ struct Counters {
     guest_errors: AtomicU64,
 }
 
-/// The KVM world.
-pub struct KvmWorld {
+/// The KVM world over the model primary (`--kvm-memory model`).
+pub struct ModelKvmWorld {
     mm: Arc<Mm>,
     oracle: Arc<Oracle>,
     mirror: KvmMirror<Mm>,
@@ -129,6 +129,73 @@ pub struct KvmWorld {
     _file: Arc<FileObj>,
     _idle: Vec<IntervalSubscription<Idle>>,
     counters: Counters,
+}
+
+/// What guest memory the KVM world runs over (`--kvm-memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvmMemory {
+    /// The model primary (`mm::Mm` over memfd frames) mirrored by `KvmMirror`.
+    #[default]
+    Model,
+    /// The process's own memory (`GuestRam`) under the memslot, watched by
+    /// userfaultfd (`RealGuestMemory`): see `kvm_real.rs`.
+    Real,
+}
+
+static MEMORY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Choose the guest memory of the KVM worlds built from now on.
+pub fn set_memory(m: KvmMemory) {
+    MEMORY.store(m as u8, Ordering::Relaxed);
+}
+
+/// The KVM world: over the model primary or over real memory.
+pub enum KvmWorld {
+    /// `--kvm-memory model`.
+    Model(ModelKvmWorld),
+    /// `--kvm-memory real`.
+    Real(super::kvm_real::RealKvmWorld),
+}
+
+impl KvmWorld {
+    /// A KVM world of the kind chosen with [`set_memory`].
+    ///
+    /// # Errors
+    /// A message when `/dev/kvm` (or, for real memory, userfaultfd) is
+    /// missing or any setup step fails.
+    pub fn new(cfg: &StressConfig, devices: usize) -> Result<Self, String> {
+        if MEMORY.load(Ordering::Relaxed) == KvmMemory::Real as u8 {
+            check_inject(cfg.inject)?;
+            if cfg.inject.is_some() {
+                return Err("--inject is not supported with --kvm-memory real".into());
+            }
+            super::kvm_real::RealKvmWorld::new(cfg, devices).map(Self::Real)
+        } else {
+            ModelKvmWorld::new(cfg, devices).map(Self::Model)
+        }
+    }
+
+    fn world(&self) -> &dyn World {
+        match self {
+            Self::Model(w) => w,
+            Self::Real(w) => w,
+        }
+    }
+}
+
+impl World for KvmWorld {
+    fn device_slots(&self) -> usize {
+        self.world().device_slots()
+    }
+    fn device_step(&self, rng: &mut Rng, slot: usize) {
+        self.world().device_step(rng, slot)
+    }
+    fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind {
+        self.world().mutator_step(rng, stages)
+    }
+    fn stats(&self) -> WorldStats {
+        self.world().stats()
+    }
 }
 
 /// Whether `/dev/kvm` opens here (`Err` says why not).
@@ -151,7 +218,7 @@ pub fn check_inject(inject: Option<Inject>) -> Result<(), String> {
     }
 }
 
-impl KvmWorld {
+impl ModelKvmWorld {
     /// A VM with one mirrored region, `devices` device views and (when a
     /// vCPU runs) `devices` real guests.
     ///
@@ -175,7 +242,7 @@ impl KvmWorld {
         let file = super::world::map_tagged_window(&mm, va(WINDOW), FILE_PAGES)
             .map_err(|x| e("file window", &x))?;
         let max = kvm.get_nr_memslots() as u32;
-        let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+        let mirror = KvmMirror::new(vm, mm.clone(), store, max).map_err(|x| e("mirror", &x))?;
         mirror
             .add_region_at(0, GUEST_BASE, RAM, 0)
             .map_err(|x| e("memslot", &x))?;
@@ -458,7 +525,7 @@ impl KvmWorld {
     }
 }
 
-impl Drop for KvmWorld {
+impl Drop for ModelKvmWorld {
     fn drop(&mut self) {
         let n = self.counters.guest_errors.load(Ordering::Relaxed);
         if n > 0 {
@@ -469,7 +536,7 @@ impl Drop for KvmWorld {
     }
 }
 
-impl World for KvmWorld {
+impl World for ModelKvmWorld {
     /// One device-view slot per device thread, then one vCPU slot per
     /// device thread (device thread `d` serves view `d` and vCPU `d`).
     fn device_slots(&self) -> usize {
@@ -488,7 +555,7 @@ impl World for KvmWorld {
     }
 
     fn mutator_step(&self, rng: &mut Rng, stages: &mut Stages) -> OpKind {
-        KvmWorld::mutator_step(self, rng, stages)
+        ModelKvmWorld::mutator_step(self, rng, stages)
     }
 
     fn stats(&self) -> WorldStats {

@@ -8,6 +8,7 @@
 //!   a run (including any violation) replays exactly.
 
 mod kvm;
+mod kvm_real;
 mod report;
 mod soft;
 mod timing;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub use kvm::KvmWorld;
+pub use kvm::{set_memory as set_kvm_memory, KvmMemory, KvmWorld};
 pub use report::{progress_line, violation_text, BackendReport, ReplayKey, Report, StageReport};
 pub use soft::SoftWorld;
 pub use timing::Stages;

@@ -28,7 +28,7 @@ pub fn setup(test: &str, frames: usize) -> Option<(Kvm, Arc<TestPrimary>, KvmMir
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let primary = TestPrimary::new(store.clone());
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, primary.clone(), store, max);
+    let mirror = KvmMirror::new(vm, primary.clone(), store, max).expect("frames are the primary's");
     Some((kvm, primary, mirror))
 }
 
@@ -54,6 +54,53 @@ pub fn setup_mm(
     let store = Arc::new(MemfdFrames::new(0x1000, frames).unwrap());
     let mm = notifier_core::mm::Mm::new(store.clone() as Arc<dyn notifier_core::frame::FrameStore>);
     let max = kvm.get_nr_memslots() as u32;
-    let mirror = KvmMirror::new(vm, mm.clone(), store, max);
+    let mirror = KvmMirror::new(vm, mm.clone(), store, max).expect("frames are the primary's");
     Some((kvm, mm, mirror))
+}
+
+/// A VM over guest RAM the VMM owns: the memory first, so it is dropped
+/// (its RAM unmapped) while the monitor's thread still drives the monitor.
+pub struct RealWorld {
+    pub mem: notifier_kvm::RealGuestMemory,
+    pub thread: notifier_uffd::HandlerThread,
+    pub kvm: Kvm,
+}
+
+/// A monitor with `handler`, or a visible skip (a failure with
+/// NOTIFIER_REQUIRE_UFFD=1).
+pub fn monitor_or_skip(
+    test: &str,
+    handler: Arc<dyn notifier_uffd::FaultHandler>,
+) -> Option<notifier_uffd::UffdMonitor> {
+    match notifier_uffd::UffdMonitor::builder().build(handler) {
+        Ok(m) => Some(m),
+        Err(e) if notifier_uffd::uffd_required() => {
+            panic!("{test}: userfaultfd required (NOTIFIER_REQUIRE_UFFD=1) but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP: {test}: userfaultfd unavailable: {e}");
+            None
+        }
+    }
+}
+
+/// A VM, a monitor with `handler` driven by its own thread, and an empty
+/// `RealGuestMemory` over them.
+pub fn real_setup(test: &str, handler: Arc<dyn notifier_uffd::FaultHandler>) -> Option<RealWorld> {
+    let kvm = kvm_or_skip(test)?;
+    let monitor = monitor_or_skip(test, handler)?;
+    let thread = monitor.spawn().expect("monitor thread");
+    let vm = Arc::new(kvm.create_vm().expect("create VM"));
+    let max = kvm.get_nr_memslots() as u32;
+    let mem = notifier_kvm::RealGuestMemory::new(vm, monitor, max).expect("real guest memory");
+    Some(RealWorld { mem, thread, kvm })
+}
+
+/// Read a `u32` through a device view (vm-memory `Bytes`).
+pub fn view_u32(
+    view: &notifier_kvm::GuestView,
+    gpa: u64,
+) -> Result<u32, vm_memory::GuestMemoryError> {
+    use vm_memory::{Bytes, GuestAddress};
+    view.read_obj::<u32>(GuestAddress(gpa))
 }
