@@ -44,8 +44,9 @@ fn each_thread_hits_its_own_cache_and_stats_add_up() {
     let s = reg.stats();
     // One miss per thread, the rest hits.
     assert_eq!((s.misses, s.hits), (3, 297));
-    // Holding no reference, they were reaped by this thread's first call.
-    assert_eq!(reg.caches(), 1);
+    // At most the three (exiting threads hand theirs over asynchronously)
+    // and this thread's.
+    assert!(reg.caches() <= 4);
 }
 
 #[test]
@@ -175,7 +176,15 @@ fn threads_against_an_unmapping_mutator_never_see_a_stale_buffer() {
                 reg2.put(h).unwrap();
             }
         });
+        // Let the readers start, then keep mutating while they run.
+        let t0 = std::time::Instant::now();
+        while ok.load(Ordering::Relaxed) < 100 && t0.elapsed().as_secs() < 10 {
+            std::thread::yield_now();
+        }
         for round in 0..300u64 {
+            if round % 16 == 0 {
+                std::thread::yield_now();
+            }
             let k = round % BUFS;
             let a = BASE + k * 64 * KIB;
             let mut g = gens[k as usize].write();
