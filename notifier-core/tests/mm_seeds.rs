@@ -248,7 +248,7 @@ fn seed001_mixedmap_refcounts_valid_frames_only() {
         1,
         "only the caller's reference remains"
     );
-    mm.put_page(p);
+    mm.put_page(p).unwrap();
     assert_eq!(mm.page_info(p), None);
 }
 

@@ -297,12 +297,12 @@ impl Mm {
                 self.mem.unmap_page(p.pfn);
                 br.defer_put(p.pfn);
             }
-            br.end();
+            br.end()
         } else {
-            br.end();
+            let ended = br.end();
             self.mem.put_page(new);
+            ended
         }
-        Ok(())
     }
 
     /// Fault in every page of `[start, end)` (`populate` / `mlock`): write

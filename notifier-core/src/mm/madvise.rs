@@ -82,7 +82,6 @@ impl Mm {
                 }),
             }
         }
-        br.end();
-        Ok(())
+        br.end()
     }
 }

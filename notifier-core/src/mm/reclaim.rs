@@ -99,10 +99,10 @@ impl Mm {
                     br.defer_put(p.pfn);
                 });
         }
-        br.end();
+        let ended = br.end();
         match err {
             Some(e) => Err(e.into()),
-            None => Ok(stats),
+            None => ended.map(|()| stats),
         }
     }
 }

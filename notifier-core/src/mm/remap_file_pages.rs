@@ -107,11 +107,11 @@ impl Mm {
             a += PAGE_SIZE;
             off += 1;
         }
-        br.end();
+        let ended = br.end();
         if flags & MAP_NONBLOCK == 0 {
             // Locked or not, the range is made present now.
             self.populate(&st, start, end)?;
         }
-        Ok(())
+        ended
     }
 }

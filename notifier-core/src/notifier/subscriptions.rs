@@ -37,31 +37,38 @@
 //! two-phase counters, an SRCU analogue: each bracket or hook call counts
 //! itself in `inflight[phase]`; `synchronize` flips `phase` and waits until
 //! the old phase drains, so new readers never starve it.
+//!
+//! # Panicking subscribers
+//!
+//! Every callback runs under a panic guard (see `guard.rs`): the bracket
+//! and the hook sections end whatever a subscriber does, so `S` never stays
+//! odd and no section stays counted. The subscriber that panicked is
+//! failed (unsubscribed without waiting); the operation gets
+//! [`NotifierError::SubscriberPanicked`]. A panic in a start-side hook
+//! (`invalidate`, `invalidate_range_start`) abandons the bracket like a
+//! refusal: the caller must change nothing.
 
 use std::sync::Arc;
 
+use super::bracket::Invalidation;
+use super::guard::{guarded, FirstPanic};
 use super::interval::{
-    DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, LIVE, NOT_IN_TREE,
+    DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, FAILED, LIVE,
+    NOT_IN_TREE,
 };
 use super::interval_tree::IntervalTree;
 use super::ops::{Hooks, IntervalNotifierOps, MmuNotifierOps};
 use super::range::{Again, InvalidateRange};
-use super::{EventGate, NotifierError};
+use super::range_sub::{MmuNotifier, RangeEntry};
+use super::{EventGate, Hook, NotifierError};
 use crate::addr::PageRange;
 use crate::sync::{
-    self, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex,
-    MutexGuard, Ordering,
+    self, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex, MutexGuard,
+    Ordering,
 };
 
 /// The initial `S`: even, and `S - 1` is a valid odd start for new entries.
 const INITIAL_SEQ: u64 = 2;
-
-pub(crate) struct RangeEntry {
-    ops: Arc<dyn MmuNotifierOps>,
-    hooks: Hooks,
-    /// Set by unregister/release: no new callback starts.
-    dead: AtomicBool,
-}
 
 enum Deferred {
     Insert(Arc<DynEntry>),
@@ -247,8 +254,9 @@ impl NotifierSubscriptions {
     ///
     /// # Errors
     /// [`NotifierError::Again`] when `!range.blockable` and a subscriber
-    /// refused: every subscriber that had accepted was ended and the caller
-    /// must not change anything.
+    /// refused, [`NotifierError::SubscriberPanicked`] when a subscriber
+    /// panicked (it is failed): every subscriber that had accepted was ended
+    /// and the caller must not change anything.
     ///
     /// # Locking
     /// Takes the subscriptions lock twice, briefly; callbacks run unlocked.
@@ -260,7 +268,6 @@ impl NotifierSubscriptions {
         &self,
         range: &InvalidateRange,
     ) -> Result<Invalidation<'_>, NotifierError> {
-        debug_assert!(range.start < range.end);
         let mut hits = Hits::new();
         let (cur_seq, ranges, phase, counted);
         {
@@ -291,16 +298,28 @@ impl NotifierSubscriptions {
             phase,
             counted,
             ended: false,
+            panicked: FirstPanic::new(),
         };
         let _scope = CallbackScope::enter();
         for e in hits.iter() {
             if e.hdr.state.load(Ordering::Acquire) != LIVE {
                 continue;
             }
-            if e.ops.invalidate(&e.hdr, range, cur_seq).is_err() && !range.blockable {
+            match guarded(|| e.ops.invalidate(&e.hdr, range, cur_seq)) {
+                Some(Ok(())) => {}
+                Some(Err(Again)) if range.blockable => {}
                 // No range subscriber was started; end the interval part.
-                inv.finish();
-                return Err(NotifierError::Again);
+                Some(Err(Again)) => {
+                    inv.finish();
+                    return Err(NotifierError::Again);
+                }
+                None => {
+                    self.fail_interval(e);
+                    inv.finish();
+                    return Err(NotifierError::SubscriberPanicked {
+                        hook: Hook::Invalidate,
+                    });
+                }
             }
         }
         if let Some(rs) = inv.ranges.clone() {
@@ -309,10 +328,22 @@ impl NotifierSubscriptions {
                 if !r.hooks.contains(Hooks::START) || r.dead.load(Ordering::Acquire) {
                     continue;
                 }
-                if r.ops.invalidate_range_start(range).is_err() && !range.blockable {
-                    // Subscribers [0, i) accepted: end them; i refused.
-                    inv.finish();
-                    return Err(NotifierError::Again);
+                // Subscribers [0, i) accepted: on refusal or panic end them;
+                // i refused or failed and gets no end.
+                match guarded(|| r.ops.invalidate_range_start(range)) {
+                    Some(Ok(())) => {}
+                    Some(Err(Again)) if range.blockable => {}
+                    Some(Err(Again)) => {
+                        inv.finish();
+                        return Err(NotifierError::Again);
+                    }
+                    None => {
+                        self.fail_range(r);
+                        inv.finish();
+                        return Err(NotifierError::SubscriberPanicked {
+                            hook: Hook::InvalidateRangeStart,
+                        });
+                    }
                 }
             }
             inv.started = rs.len();
@@ -320,7 +351,7 @@ impl NotifierSubscriptions {
         Ok(inv)
     }
 
-    fn end_bracket(&self, phase: usize) {
+    pub(crate) fn end_bracket(&self, phase: usize) {
         {
             let mut st = sync::lock(&self.state);
             st.active -= 1;
@@ -349,61 +380,126 @@ impl NotifierSubscriptions {
     // ----------------------------------------------------------------------
     // Stand-alone hooks (aging, TLB).
 
-    /// Run `f` over the live range subscribers that have `hook`, inside a
-    /// grace-period section.
+    /// Run `f` over the live range subscribers that have `want`, inside a
+    /// grace-period section; a panicking subscriber is failed and the
+    /// others still run.
     #[inline]
-    fn for_each_range(&self, hook: Hooks, mut f: impl FnMut(&dyn MmuNotifierOps)) {
+    fn for_each_range(
+        &self,
+        want: Hooks,
+        hook: Hook,
+        mut f: impl FnMut(&dyn MmuNotifierOps),
+    ) -> Result<(), NotifierError> {
         if self.nr_ranges.load(Ordering::Acquire) == 0 {
-            return;
+            return Ok(());
         }
-        let (ranges, phase) = {
+        let (ranges, section) = {
             let mut st = sync::lock(&self.state);
-            let Some(r) = st.ranges.clone() else { return };
+            let Some(r) = st.ranges.clone() else {
+                return Ok(());
+            };
             let phase = st.phase;
             st.inflight[phase] += 1;
-            (r, phase)
+            (r, Section { subs: self, phase })
         };
+        let panicked = FirstPanic::new();
         {
             let _scope = CallbackScope::enter();
             for r in ranges.iter() {
-                if r.hooks.contains(hook) && !r.dead.load(Ordering::Acquire) {
-                    f(&*r.ops);
+                if r.hooks.contains(want)
+                    && !r.dead.load(Ordering::Acquire)
+                    && guarded(|| f(&*r.ops)).is_none()
+                {
+                    panicked.record(hook);
+                    self.fail_range(r);
                 }
             }
         }
-        let mut st = sync::lock(&self.state);
-        st.inflight[phase] -= 1;
-        drop(st);
-        self.wake();
+        drop(section);
+        panicked.result()
     }
 
     /// Age the secondaries' accessed bits in `[start, end)` and flush
     /// (`mmu_notifier_clear_flush_young`); true if any subscriber saw a
     /// young page.
-    pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
+    ///
+    /// # Errors
+    /// [`NotifierError::SubscriberPanicked`]: a subscriber panicked and was
+    /// failed (the others were asked).
+    pub fn clear_flush_young(&self, start: u64, end: u64) -> Result<bool, NotifierError> {
         let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.clear_flush_young(start, end));
-        young
+        self.for_each_range(Hooks::AGING, Hook::ClearFlushYoung, |o| {
+            young |= o.clear_flush_young(start, end)
+        })?;
+        Ok(young)
     }
 
     /// Like [`Self::clear_flush_young`] without the flush (`mmu_notifier_clear_young`).
-    pub fn clear_young(&self, start: u64, end: u64) -> bool {
+    ///
+    /// # Errors
+    /// As [`Self::clear_flush_young`].
+    pub fn clear_young(&self, start: u64, end: u64) -> Result<bool, NotifierError> {
         let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.clear_young(start, end));
-        young
+        self.for_each_range(Hooks::AGING, Hook::ClearYoung, |o| {
+            young |= o.clear_young(start, end)
+        })?;
+        Ok(young)
     }
 
     /// Whether any secondary has the page at `addr` young (`mmu_notifier_test_young`).
-    pub fn test_young(&self, addr: u64) -> bool {
+    ///
+    /// # Errors
+    /// As [`Self::clear_flush_young`].
+    pub fn test_young(&self, addr: u64) -> Result<bool, NotifierError> {
         let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.test_young(addr));
-        young
+        self.for_each_range(Hooks::AGING, Hook::TestYoung, |o| {
+            young |= o.test_young(addr)
+        })?;
+        Ok(young)
     }
 
     /// The primary flushed its TLB for `[start, end)`
     /// (`mmu_notifier_arch_invalidate_secondary_tlbs`).
-    pub fn invalidate_secondary_tlbs(&self, start: u64, end: u64) {
-        self.for_each_range(Hooks::TLB, |o| o.invalidate_secondary_tlbs(start, end));
+    ///
+    /// # Errors
+    /// As [`Self::clear_flush_young`].
+    pub fn invalidate_secondary_tlbs(&self, start: u64, end: u64) -> Result<(), NotifierError> {
+        self.for_each_range(Hooks::TLB, Hook::InvalidateSecondaryTlbs, |o| {
+            o.invalidate_secondary_tlbs(start, end)
+        })
+    }
+
+    // ----------------------------------------------------------------------
+    // Failed subscribers.
+
+    /// A callback of range subscriber `r` panicked: mark it failed and
+    /// take it out of the snapshot (no grace period: the caller may be a
+    /// bracket, which must not wait for itself).
+    #[cold]
+    pub(crate) fn fail_range(&self, r: &RangeEntry) {
+        r.failed.store(true, Ordering::Release);
+        let mut st = sync::lock(&self.state);
+        if r.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let v: Vec<Arc<RangeEntry>> = st
+            .ranges
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .filter(|x| !core::ptr::eq(&***x, r))
+            .cloned()
+            .collect();
+        st.ranges = if v.is_empty() { None } else { Some(v.into()) };
+        self.nr_ranges.fetch_sub(1, Ordering::Release);
+    }
+
+    /// The `invalidate` of interval subscriber `e` panicked: mark it failed
+    /// and remove it from the index (deferred while invalidating, never
+    /// waiting).
+    #[cold]
+    fn fail_interval(&self, e: &Arc<DynEntry>) {
+        let _ = self.detach_interval(e, FAILED);
     }
 
     // ----------------------------------------------------------------------
@@ -433,11 +529,7 @@ impl NotifierSubscriptions {
         if hooks.contains(Hooks::MAY_REFUSE) && hooks.contains(Hooks::END) {
             return Err(NotifierError::RefusingSubscriberWithEnd);
         }
-        let entry = Arc::new(RangeEntry {
-            ops,
-            hooks,
-            dead: AtomicBool::new(false),
-        });
+        let entry = Arc::new(RangeEntry::new(ops, hooks));
         {
             let mut st = sync::lock(&self.state);
             if st.released {
@@ -458,7 +550,7 @@ impl NotifierSubscriptions {
         })
     }
 
-    fn unregister(&self, entry: &Arc<RangeEntry>) -> Result<(), NotifierError> {
+    pub(crate) fn unregister(&self, entry: &Arc<RangeEntry>) -> Result<(), NotifierError> {
         {
             let mut st = sync::lock(&self.state);
             if entry.dead.swap(true, Ordering::AcqRel) {
@@ -544,9 +636,25 @@ impl NotifierSubscriptions {
     }
 
     pub(crate) fn interval_remove(&self, e: &Arc<DynEntry>) -> Result<(), NotifierError> {
+        if let Some(seq) = self.detach_interval(e, DEAD)? {
+            if !sync::in_callback() {
+                self.wait_seq_change(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark `e` `state` (DEAD or FAILED) and take it out of the index, or
+    /// defer that to the end of the running invalidation; returns the `S`
+    /// to wait out in the deferred case.
+    fn detach_interval(&self, e: &Arc<DynEntry>, state: u8) -> Result<Option<u64>, NotifierError> {
         let wait_for = {
             let mut st = sync::lock(&self.state);
-            if e.hdr.state.swap(DEAD, Ordering::AcqRel) != LIVE {
+            if e.hdr
+                .state
+                .compare_exchange(LIVE, state, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
                 return Err(if st.released {
                     NotifierError::Released
                 } else {
@@ -569,12 +677,7 @@ impl NotifierSubscriptions {
                 None
             }
         };
-        if let Some(seq) = wait_for {
-            if !sync::in_callback() {
-                self.wait_seq_change(seq);
-            }
-        }
-        Ok(())
+        Ok(wait_for)
     }
 
     /// Number of live interval subscriptions in the index (deferred inserts
@@ -636,10 +739,20 @@ impl NotifierSubscriptions {
     /// Takes the subscriptions lock; sleeps for in-flight invalidations
     /// (except from inside a callback, where it cannot wait).
     pub fn release(&self) {
+        let _ = self.try_release();
+    }
+
+    /// [`Self::release`], reporting a subscriber whose `release` panicked
+    /// (it is marked failed; every other subscriber was still released and
+    /// the teardown completed).
+    ///
+    /// # Errors
+    /// [`NotifierError::SubscriberPanicked`] with [`Hook::Release`].
+    pub fn try_release(&self) -> Result<(), NotifierError> {
         let (ranges, intervals) = {
             let mut st = sync::lock(&self.state);
             if st.released {
-                return;
+                return Ok(());
             }
             st.released = true;
             let ranges = st.ranges.take();
@@ -653,16 +766,24 @@ impl NotifierSubscriptions {
             }
             (ranges, v)
         };
+        let panicked = FirstPanic::new();
         {
             let _scope = CallbackScope::enter();
             for r in ranges.iter().flat_map(|r| r.iter()) {
-                if !r.dead.swap(true, Ordering::AcqRel) && r.hooks.contains(Hooks::RELEASE) {
-                    r.ops.release();
+                if !r.dead.swap(true, Ordering::AcqRel)
+                    && r.hooks.contains(Hooks::RELEASE)
+                    && guarded(|| r.ops.release()).is_none()
+                {
+                    panicked.record(Hook::Release);
+                    r.failed.store(true, Ordering::Release);
                 }
             }
             for e in &intervals {
-                if e.hdr.state.swap(DEAD, Ordering::AcqRel) == LIVE {
-                    e.ops.release(&e.hdr);
+                if e.hdr.state.swap(DEAD, Ordering::AcqRel) == LIVE
+                    && guarded(|| e.ops.release(&e.hdr)).is_none()
+                {
+                    panicked.record(Hook::Release);
+                    e.hdr.state.store(FAILED, Ordering::Release);
                 }
             }
         }
@@ -682,146 +803,34 @@ impl NotifierSubscriptions {
         }
         drop(st);
         self.wake();
+        panicked.result()
     }
 }
 
-/// An open invalidation bracket, returned by
-/// [`NotifierSubscriptions::invalidate_range_start`].
-///
-/// # Pairing
-/// Ends with [`Invalidation::end`] or on drop (so a panicking primary does
-/// not leave readers waiting forever).
-#[must_use = "the bracket ends when this is dropped; change the PTEs first"]
-pub struct Invalidation<'a> {
+/// A hook section counted in `inflight[phase]`; dropping it uncounts it,
+/// so no path out of a hook call (a panic included) leaves it counted.
+struct Section<'a> {
     subs: &'a NotifierSubscriptions,
-    range: InvalidateRange,
-    ranges: Option<Arc<[Arc<RangeEntry>]>>,
-    /// Range subscribers `[0, started)` of the snapshot got a start.
-    started: usize,
     phase: usize,
-    /// Whether this bracket is counted in `active` (false after release).
-    counted: bool,
-    ended: bool,
 }
 
-impl Invalidation<'_> {
-    /// The range being invalidated.
-    #[inline]
-    pub fn range(&self) -> &InvalidateRange {
-        &self.range
-    }
-
-    /// Seed 003's per-PTE hook: the present PTE at `addr` is about to be
-    /// cleared. Call it before clearing, inside the bracket.
-    #[inline]
-    pub fn clear(&self, addr: u64) {
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in rs.iter() {
-                if r.hooks.contains(Hooks::CLEAR) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.clear(addr);
-                }
-            }
-        }
-    }
-
-    /// The primary flushed its TLB for `[start, end)` inside this bracket.
-    #[inline]
-    pub fn invalidate_secondary_tlbs(&self, start: u64, end: u64) {
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in rs.iter() {
-                if r.hooks.contains(Hooks::TLB) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.invalidate_secondary_tlbs(start, end);
-                }
-            }
-        }
-    }
-
-    /// End the bracket (`mmu_notifier_invalidate_range_end`): range
-    /// subscribers get their end, `S` becomes even when this was the last
-    /// overlapping invalidation, deferred subscriptions are applied and
-    /// waiting readers wake.
-    #[inline]
-    pub fn end(mut self) {
-        self.finish();
-    }
-
-    fn finish(&mut self) {
-        if self.ended {
-            return;
-        }
-        self.ended = true;
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in &rs[..self.started] {
-                if r.hooks.contains(Hooks::END) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.invalidate_range_end(&self.range);
-                }
-            }
-        }
-        self.ranges = None;
-        if self.counted {
-            self.subs.end_bracket(self.phase);
-        }
-    }
-}
-
-impl Drop for Invalidation<'_> {
+impl Drop for Section<'_> {
     fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-/// A registered range subscriber: the owner's handle.
-pub struct MmuNotifier {
-    subs: Arc<NotifierSubscriptions>,
-    entry: Arc<RangeEntry>,
-}
-
-impl MmuNotifier {
-    /// Unregister (`mmu_notifier_unregister`). When it returns no callback
-    /// of this subscriber runs or will start (from inside a callback: no new
-    /// one starts once the current one returns).
-    ///
-    /// # Errors
-    /// [`NotifierError::NotSubscribed`] on a second call,
-    /// [`NotifierError::Released`] after release.
-    ///
-    /// # Locking
-    /// Takes the subscriptions lock; may sleep for the grace period.
-    pub fn unregister(&self) -> Result<(), NotifierError> {
-        self.subs.unregister(&self.entry)
-    }
-
-    /// Whether still registered.
-    pub fn is_registered(&self) -> bool {
-        !self.entry.dead.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for MmuNotifier {
-    /// Dropping the handle unregisters the subscriber (errors ignored: it
-    /// may already be unregistered or released).
-    fn drop(&mut self) {
-        if self.is_registered() {
-            let _ = self.subs.unregister(&self.entry);
-        }
-    }
-}
-
-impl core::fmt::Debug for MmuNotifier {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MmuNotifier")
-            .field("hooks", &self.entry.hooks)
-            .field("registered", &self.is_registered())
-            .finish()
+        let mut st = sync::lock(&self.subs.state);
+        st.inflight[self.phase] -= 1;
+        drop(st);
+        self.subs.wake();
     }
 }
 
 /// Convenience: run `f` between start and end of a blockable invalidation.
 impl NotifierSubscriptions {
-    /// Bracket `f` with a blockable invalidation of `range` for `event`.
+    /// Bracket `f` with an invalidation of `range`.
+    ///
+    /// # Errors
+    /// As [`Self::invalidate_range_start`] (then `f` did not run), and
+    /// [`NotifierError::SubscriberPanicked`] for a hook that panicked after
+    /// `f` started (then `f` ran and its result is lost).
     pub fn with_invalidation<R>(
         &self,
         range: &InvalidateRange,
@@ -829,7 +838,7 @@ impl NotifierSubscriptions {
     ) -> Result<R, NotifierError> {
         let inv = self.invalidate_range_start(range)?;
         let r = f(&inv);
-        inv.end();
+        inv.try_end()?;
         Ok(r)
     }
 }
