@@ -47,17 +47,17 @@ impl MmuNotifierOps for Recorder {
         self.hooks
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        if self.refuse && !r.blockable {
+        if self.refuse && !r.blockable() {
             return Err(Again);
         }
         self.log
             .lock()
             .unwrap()
-            .push(Call::Start(r.start, r.end, r.event));
+            .push(Call::Start(r.start(), r.end(), r.event()));
         Ok(())
     }
     fn invalidate_range_end(&self, r: &InvalidateRange) {
-        self.log.lock().unwrap().push(Call::End(r.start, r.end));
+        self.log.lock().unwrap().push(Call::End(r.start(), r.end()));
     }
     fn clear(&self, addr: u64) {
         self.log.lock().unwrap().push(Call::Clear(addr));

@@ -278,7 +278,7 @@ impl NotifierSubscriptions {
                 phase = st.phase;
                 st.inflight[phase] += 1;
                 st.itree
-                    .for_each_overlap(range.start, range.end - 1, |_, e| hits.push(e.clone()));
+                    .for_each_overlap(range.start(), range.end() - 1, |_, e| hits.push(e.clone()));
                 if !hits.is_empty() && !st.invalidating() {
                     st.seq |= 1;
                     self.seq.store(st.seq, Ordering::Release);
@@ -307,7 +307,7 @@ impl NotifierSubscriptions {
             }
             match guarded(|| e.ops.invalidate(&e.hdr, range, cur_seq)) {
                 Some(Ok(())) => {}
-                Some(Err(Again)) if range.blockable => {}
+                Some(Err(Again)) if range.blockable() => {}
                 // No range subscriber was started; end the interval part.
                 Some(Err(Again)) => {
                     inv.finish();
@@ -332,7 +332,7 @@ impl NotifierSubscriptions {
                 // i refused or failed and gets no end.
                 match guarded(|| r.ops.invalidate_range_start(range)) {
                     Some(Ok(())) => {}
-                    Some(Err(Again)) if range.blockable => {}
+                    Some(Err(Again)) if range.blockable() => {}
                     Some(Err(Again)) => {
                         inv.finish();
                         return Err(NotifierError::Again);
