@@ -120,10 +120,7 @@ fn primary() -> Arc<TestPrimary> {
 #[test]
 fn mirror_beyond_the_48_bit_external_space_is_refused() {
     let p = primary();
-    for (base, len) in [
-        (EXT_ADDR_LIMIT - PAGE, 2 * PAGE),
-        (!0xfff, 2 * PAGE),
-    ] {
+    for (base, len) in [(EXT_ADDR_LIMIT - PAGE, 2 * PAGE), (!0xfff, 2 * PAGE)] {
         let cfg = MirrorConfig {
             ext_base: base,
             ..MirrorConfig::identity(0, len)
