@@ -8,6 +8,7 @@ mod bracket;
 mod error;
 mod event_gate;
 mod guard;
+mod hooks;
 mod interval;
 mod interval_tree;
 mod ops;
