@@ -63,7 +63,7 @@ fn main() -> Result<(), MmError> {
     mm.munmap(bar, 2 * 4096)?;
     mm.munmap(cow, 4096)?;
     mm.munmap(mix, 2 * 4096)?;
-    mm.put_page(frame);
+    mm.put_page(frame)?;
     println!("the secondary saw {} callbacks", sub.seen().len());
     Ok(())
 }

@@ -43,7 +43,7 @@ fn main() -> Result<(), MmError> {
     println!("munmap:");
     mm.munmap(a, 4 * 4096)?;
     for p in pages {
-        mm.put_page(p);
+        mm.put_page(p)?;
     }
     println!("the secondary saw {} callbacks", sub.seen().len());
     Ok(())

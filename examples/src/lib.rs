@@ -61,18 +61,18 @@ impl MmuNotifierOps for PrintingSubscriber {
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
         self.say(format!(
             "invalidate_range_start [{:#x}, {:#x}) {}",
-            r.start,
-            r.end,
-            r.event.name()
+            r.start(),
+            r.end(),
+            r.event().name()
         ));
         Ok(())
     }
     fn invalidate_range_end(&self, r: &InvalidateRange) {
         self.say(format!(
             "invalidate_range_end   [{:#x}, {:#x}) {}",
-            r.start,
-            r.end,
-            r.event.name()
+            r.start(),
+            r.end(),
+            r.event().name()
         ));
     }
     fn clear(&self, addr: u64) {

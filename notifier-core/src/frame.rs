@@ -31,6 +31,10 @@ pub enum FrameError {
     /// The PFN is not a frame of this store.
     #[error("pfn {0:#x} is not a frame of this store")]
     InvalidPfn(u64),
+    /// The frame is not allocated (a second free, or a free of a frame
+    /// never handed out).
+    #[error("pfn {0:#x} is not allocated")]
+    NotAllocated(u64),
     /// Offset plus length goes past the end of the frame.
     #[error("access at offset {offset} of {len} bytes crosses the frame end")]
     OutOfBounds {
@@ -50,8 +54,19 @@ pub enum FrameError {
 pub trait FrameStore: Send + Sync {
     /// Allocate a zeroed frame.
     fn alloc(&self) -> Result<Pfn, FrameError>;
-    /// Give a frame back.
+    /// Give a frame back. A store that can tell rejects a frame it does not
+    /// have out (see [`FrameStore::try_free`]) and ignores it here.
     fn free(&self, pfn: Pfn);
+    /// Give a frame back, reporting a frame that is not allocated.
+    ///
+    /// # Errors
+    /// [`FrameError::NotAllocated`] for a second free (or a frame never
+    /// handed out), [`FrameError::InvalidPfn`] for a PFN of another store;
+    /// nothing changes then. The default cannot tell and always frees.
+    fn try_free(&self, pfn: Pfn) -> Result<(), FrameError> {
+        self.free(pfn);
+        Ok(())
+    }
     /// Whether `pfn` is a frame of this store (the kernel's `pfn_valid`).
     fn pfn_valid(&self, pfn: Pfn) -> bool;
     /// Load the word at byte offset `off` (8-aligned).
@@ -146,6 +161,9 @@ impl<T: FrameStore + ?Sized> FrameStore for std::sync::Arc<T> {
     fn free(&self, pfn: Pfn) {
         (**self).free(pfn)
     }
+    fn try_free(&self, pfn: Pfn) -> Result<(), FrameError> {
+        (**self).try_free(pfn)
+    }
     fn pfn_valid(&self, pfn: Pfn) -> bool {
         (**self).pfn_valid(pfn)
     }
@@ -180,8 +198,25 @@ type Frame = Box<[AtomicU64; FRAME_WORDS]>;
 pub struct HeapFrames {
     base: u64,
     frames: Vec<Frame>,
-    free: parking_lot::Mutex<Vec<u64>>,
+    free: parking_lot::Mutex<FreeList>,
     allocated: std::sync::atomic::AtomicUsize,
+}
+
+/// The free frames and which frames are handed out (so a second free is
+/// refused instead of handing one frame out twice).
+struct FreeList {
+    stack: Vec<u64>,
+    out: Vec<bool>,
+}
+
+impl FreeList {
+    fn pop(&mut self, base: u64) -> Option<u64> {
+        let pfn = self.stack.pop()?;
+        if let Some(o) = self.out.get_mut((pfn - base) as usize) {
+            *o = true;
+        }
+        Some(pfn)
+    }
 }
 
 impl HeapFrames {
@@ -191,11 +226,14 @@ impl HeapFrames {
         let frames = (0..capacity)
             .map(|_| Box::new(core::array::from_fn(|_| AtomicU64::new(0))))
             .collect();
-        let free = (0..capacity as u64).rev().map(|i| base + i).collect();
+        let stack = (0..capacity as u64).rev().map(|i| base + i).collect();
         Self {
             base,
             frames,
-            free: parking_lot::Mutex::new(free),
+            free: parking_lot::Mutex::new(FreeList {
+                stack,
+                out: vec![false; capacity],
+            }),
             allocated: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -242,7 +280,11 @@ impl core::fmt::Debug for HeapFrames {
 
 impl FrameStore for HeapFrames {
     fn alloc(&self) -> Result<Pfn, FrameError> {
-        let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
+        let pfn = self
+            .free
+            .lock()
+            .pop(self.base)
+            .ok_or(FrameError::OutOfMemory)?;
         self.allocated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pfn = Pfn(pfn);
@@ -251,11 +293,24 @@ impl FrameStore for HeapFrames {
     }
 
     fn free(&self, pfn: Pfn) {
-        if self.pfn_valid(pfn) {
-            self.allocated
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.free.lock().push(pfn.0);
+        let _ = self.try_free(pfn);
+    }
+
+    fn try_free(&self, pfn: Pfn) -> Result<(), FrameError> {
+        if !self.pfn_valid(pfn) {
+            return Err(FrameError::InvalidPfn(pfn.0));
         }
+        let mut fl = self.free.lock();
+        let out = &mut fl.out[(pfn.0 - self.base) as usize];
+        if !*out {
+            return Err(FrameError::NotAllocated(pfn.0));
+        }
+        *out = false;
+        fl.stack.push(pfn.0);
+        drop(fl);
+        self.allocated
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn pfn_valid(&self, pfn: Pfn) -> bool {
@@ -285,7 +340,11 @@ impl FrameStore for HeapFrames {
     /// Pop a frame and fill it from `src` directly (no zeroing first).
     fn alloc_copy(&self, src: Pfn) -> Result<Pfn, FrameError> {
         let s = self.frame(src)?;
-        let pfn = self.free.lock().pop().ok_or(FrameError::OutOfMemory)?;
+        let pfn = self
+            .free
+            .lock()
+            .pop(self.base)
+            .ok_or(FrameError::OutOfMemory)?;
         self.allocated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let d = self.frame(Pfn(pfn))?;

@@ -32,7 +32,7 @@ impl IntervalNotifierOps for MirrorOps {
     ) -> Result<(), Again> {
         let mut t = self.0.table.lock();
         sub.set_seq(cur_seq);
-        t.retain(|a, _| !(r.start <= *a && *a < r.end));
+        t.retain(|a, _| !(r.start() <= *a && *a < r.end()));
         Ok(())
     }
 }

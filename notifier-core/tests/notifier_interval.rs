@@ -286,7 +286,7 @@ impl IntervalNotifierOps for Refuser {
         r: &InvalidateRange,
         seq: u64,
     ) -> Result<(), Again> {
-        if !r.blockable {
+        if !r.blockable() {
             return Err(Again);
         }
         sub.set_seq(seq);

@@ -150,26 +150,26 @@ impl IntervalNotifierOps for CacheNotifier {
         cur_seq: u64,
     ) -> Result<(), Again> {
         let c = &self.0;
-        let _w = if range.blockable {
+        let _w = if range.blockable() {
             c.lock.write()
         } else {
             c.lock.try_write().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
         if let Some((chk, _)) = &c.check {
-            chk.on_invalidate_begin(range.start, range.end, range.event);
+            chk.on_invalidate_begin(range.start(), range.end(), range.event());
         }
         // Release: pairs with the optimistic reader's fence + second load of
         // `gen`; bumped before any entry is cleared.
         c.gen.fetch_add(1, Ordering::Release);
-        let s = range.start.max(c.pbase);
-        let end = range.end.min(c.pbase + c.len);
+        let s = range.start().max(c.pbase);
+        let end = range.end().min(c.pbase + c.len);
         if s < end {
             let (first, last) = (
                 ((s - c.pbase) >> PAGE_SHIFT) as usize,
                 ((end - c.pbase) >> PAGE_SHIFT) as usize,
             );
-            let keep = range.event.keeps_readable();
+            let keep = range.event().keeps_readable();
             for x in &c.entries[first..last] {
                 // Bit 1 is the writable bit of the entry encoding.
                 if keep {
@@ -180,7 +180,7 @@ impl IntervalNotifierOps for CacheNotifier {
             }
         }
         if let Some((chk, _)) = &c.check {
-            chk.on_invalidate(range.start, range.end, range.event);
+            chk.on_invalidate(range.start(), range.end(), range.event());
         }
         c.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -262,14 +262,14 @@ impl IntervalNotifierOps for ViewNotifier {
         cur_seq: u64,
     ) -> Result<(), Again> {
         let v = &self.0;
-        let mut pt = if range.blockable {
+        let mut pt = if range.blockable() {
             v.pt.lock()
         } else {
             v.pt.try_lock().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
-        let keep = range.event.keeps_readable();
-        v.zap(&mut pt, range.start, range.end, keep);
+        let keep = range.event().keeps_readable();
+        v.zap(&mut pt, range.start(), range.end(), keep);
         v.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -168,12 +168,12 @@ impl MmuNotifierOps for Watch {
     /// # Locking
     /// Takes `watch` only.
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        match r.event {
+        match r.event() {
             Event::Clear => {
                 let w = self.ranges.lock();
                 let mut n = 0;
-                for (&s, (e, _)) in w.range(..r.end) {
-                    let (a, b) = (s.max(r.start), (*e).min(r.end));
+                for (&s, (e, _)) in w.range(..r.end()) {
+                    let (a, b) = (s.max(r.start()), (*e).min(r.end()));
                     if a < b {
                         n += (b - a) >> PAGE_SHIFT;
                     }
@@ -183,8 +183,8 @@ impl MmuNotifierOps for Watch {
             Event::Unmap | Event::Release => {
                 let mut w = self.ranges.lock();
                 let hit: Vec<u64> = w
-                    .range(..r.end)
-                    .filter(|(_, (e, _))| *e > r.start)
+                    .range(..r.end())
+                    .filter(|(_, (e, _))| *e > r.start())
                     .map(|(&s, _)| s)
                     .collect();
                 for s in hit {

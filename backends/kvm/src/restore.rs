@@ -204,13 +204,13 @@ impl MmuNotifierOps for BalloonWatch {
     }
 
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        if r.event != Event::Clear {
+        if r.event() != Event::Clear {
             return Ok(());
         }
         let s = &self.0;
         let base = s.base.load(Ordering::Acquire);
         let end = base + (s.pages << PAGE_SHIFT);
-        let (a, b) = (r.start.max(base), r.end.min(end));
+        let (a, b) = (r.start().max(base), r.end().min(end));
         if a < b {
             for p in (a - base) >> PAGE_SHIFT..(b - base) >> PAGE_SHIFT {
                 set(&s.removed, p);

@@ -27,7 +27,7 @@ impl MmuNotifierOps for Count {
         Hooks::START
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        if r.event == Event::Clear {
+        if r.event() == Event::Clear {
             self.0.fetch_add(1, Ordering::Release);
         }
         Ok(())

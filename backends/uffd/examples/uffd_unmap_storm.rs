@@ -17,10 +17,10 @@ impl MmuNotifierOps for Count {
         Hooks::START
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        if r.event == Event::Unmap {
+        if r.event() == Event::Unmap {
             self.0.fetch_add(1, Ordering::Relaxed);
             self.1
-                .fetch_add((r.end - r.start) / 4096, Ordering::Relaxed);
+                .fetch_add((r.end() - r.start()) / 4096, Ordering::Relaxed);
         }
         Ok(())
     }

@@ -39,7 +39,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use notifier_core::addr::PageRange;
-use notifier_core::notifier::{Event, InvalidateRange, NotifierSubscriptions};
+use notifier_core::notifier::{Event, InvalidateRange, NotifierError, NotifierSubscriptions};
 use notifier_core::PAGE_SIZE;
 use userfaultfd::{EventBuffer, FaultKind, ReadWrite};
 
@@ -262,15 +262,20 @@ impl Inner {
             if let Some(u) = update.take() {
                 u();
             }
-            inv.end();
-            Ok::<(), notifier_core::notifier::NotifierError>(())
+            inv.try_end()
         }));
         match r {
             Ok(Ok(())) => Counters::inc(&self.counters.invalidations),
-            Ok(Err(e)) => self.report(format!(
-                "invalidation of {range:?} ({}) failed: {e}",
-                ev.name()
-            )),
+            Ok(Err(e)) => {
+                // The core contains subscriber panics and reports them.
+                if matches!(e, NotifierError::SubscriberPanicked { .. }) {
+                    Counters::inc(&self.counters.subscriber_failures);
+                }
+                self.report(format!(
+                    "invalidation of {range:?} ({}) failed: {e}",
+                    ev.name()
+                ))
+            }
             Err(p) => {
                 Counters::inc(&self.counters.subscriber_failures);
                 self.report(format!(

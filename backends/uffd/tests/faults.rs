@@ -146,7 +146,7 @@ impl MmuNotifierOps for Removes {
         Hooks::START
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        if r.event == Event::Clear {
+        if r.event() == Event::Clear {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())

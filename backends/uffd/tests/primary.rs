@@ -129,11 +129,11 @@ impl IntervalNotifierOps for Mirror {
     ) -> Result<(), Again> {
         let mut t = self.table.lock();
         sub.set_seq(cur_seq);
-        let gone: Vec<u64> = t.range(r.start..r.end).map(|(k, _)| *k).collect();
+        let gone: Vec<u64> = t.range(r.start()..r.end()).map(|(k, _)| *k).collect();
         for k in gone {
             t.remove(&k);
         }
-        self.events.lock().push((r.event, r.start, r.end));
+        self.events.lock().push((r.event(), r.start(), r.end()));
         Ok(())
     }
 }

@@ -85,8 +85,8 @@ impl notifier_core::notifier::MmuNotifierOps for DeviceAtEnd {
         let Some(mirrors) = self.mirrors.get() else {
             return;
         };
-        let start = r.start.max(ARENA);
-        let end = r.end.min(END).min(start + 8 * PAGE_SIZE);
+        let start = r.start().max(ARENA);
+        let end = r.end().min(END).min(start + 8 * PAGE_SIZE);
         for m in mirrors {
             let mut a = start;
             while a < end {

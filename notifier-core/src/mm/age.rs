@@ -15,7 +15,9 @@ impl Mm {
     /// either.
     ///
     /// # Errors
-    /// Range errors; [`MmError::Exited`].
+    /// Range errors; [`MmError::Exited`]; [`MmError::Notifier`] when a
+    /// subscriber's aging hook panicked (it is failed; every page was still
+    /// aged in the primary and in the other secondaries).
     ///
     /// # Locking
     /// Mmap lock shared; the aging hooks run with it held.
@@ -26,6 +28,7 @@ impl Mm {
             return Err(MmError::Exited);
         }
         let mut young = 0;
+        let mut failed = None;
         st.pt.for_each_entry(r.start(), r.end(), |a, e, raw| {
             if !matches!(Pte::decode(raw), Pte::Present(_)) {
                 return;
@@ -35,26 +38,36 @@ impl Mm {
                     (v & bits::PRESENT != 0 && v & bits::YOUNG != 0).then_some(v & !bits::YOUNG)
                 })
                 .unwrap_or(0);
-            let mut y = old & bits::YOUNG != 0;
-            y |= if flush {
+            let secondary = if flush {
                 self.notifiers().clear_flush_young(a, a + PAGE_SIZE)
             } else {
                 self.notifiers().clear_young(a, a + PAGE_SIZE)
             };
+            let y = old & bits::YOUNG != 0 || secondary.as_ref().is_ok_and(|y| *y);
+            if let Err(e) = secondary {
+                failed.get_or_insert(e);
+            }
             young += usize::from(y);
         });
-        Ok(young)
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(young),
+        }
     }
 
     /// Whether the page at `addr` is young in the primary or any secondary
     /// (`mmu_notifier_test_young`); nothing is cleared.
-    pub fn test_young(&self, addr: u64) -> bool {
+    ///
+    /// # Errors
+    /// [`MmError::Notifier`] when a subscriber's `test_young` panicked (it
+    /// is failed).
+    pub fn test_young(&self, addr: u64) -> Result<bool, MmError> {
         let addr = addr & !crate::addr::PAGE_MASK;
         let st = self.state.read();
         let young = Pte::decode(st.pt.get(addr))
             .present()
             .is_some_and(|p| p.young);
         drop(st);
-        young | self.notifiers().test_young(addr)
+        Ok(self.notifiers().test_young(addr)? | young)
     }
 }

@@ -112,6 +112,14 @@ pub enum MmError {
     /// changed.
     #[error("a subscriber refused the invalidation; nothing changed")]
     Again,
+    /// The frame holds no reference the caller could use or give back:
+    /// `insert_page` of a free frame, or `put_page` of a free frame or of
+    /// one whose every reference belongs to a page table.
+    #[error("frame {pfn:#x} holds no reference of the caller")]
+    FrameNotHeld {
+        /// The frame.
+        pfn: u64,
+    },
     /// The notifier machinery failed.
     #[error("notifier error")]
     Notifier(#[source] NotifierError),

@@ -142,11 +142,11 @@ impl Mm {
             }
             VmaKind::PfnMap | VmaKind::MixedMap => Err(MmError::Bus { addr }),
             VmaKind::Special(sm) => {
-                // Seed 002: the offset relative to the mapping. The mapping
-                // is installed at pgoff 0 and a split advances the upper
-                // part's pgoff, so `linear_pgoff` stays relative to the
-                // whole mapping.
-                let pgoff = vma.linear_pgoff(addr);
+                // Seed 002: `pgoff = vmf->pgoff - vma->vm_pgoff`, the
+                // offset relative to the VMA that faults (after a split,
+                // relative to that part), for the page list and the
+                // callback alike.
+                let pgoff = (addr - vma.start) >> crate::PAGE_SHIFT;
                 let pfn = match &sm.source {
                     SpecialSource::Pages(list) => usize::try_from(pgoff)
                         .ok()
@@ -297,12 +297,12 @@ impl Mm {
                 self.mem.unmap_page(p.pfn);
                 br.defer_put(p.pfn);
             }
-            br.end();
+            br.end()
         } else {
-            br.end();
+            let ended = br.end();
             self.mem.put_page(new);
+            ended
         }
-        Ok(())
     }
 
     /// Fault in every page of `[start, end)` (`populate` / `mlock`): write

@@ -104,6 +104,16 @@ impl FileObj {
         Ok(pfn)
     }
 
+    /// The page index of cached frame `pfn` (the kernel's `page->index`),
+    /// if the cache holds it. Linear in the cache size: only reclaim and
+    /// zap of nonlinear mappings ask.
+    pub(crate) fn index_of(&self, pfn: Pfn) -> Option<u64> {
+        self.cache
+            .lock()
+            .iter()
+            .find_map(|(i, p)| (*p == pfn).then_some(*i))
+    }
+
     /// The cached frame of `pgoff`, if any.
     pub fn cached(&self, pgoff: u64) -> Option<Pfn> {
         self.cache.lock().get(&pgoff).copied()

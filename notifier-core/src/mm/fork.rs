@@ -28,15 +28,15 @@ impl Mm {
         {
             let mut cst = child.state.write();
             for v in st.vmas.values() {
-                let mut cv = v.clone();
-                cv.flags = cv.flags.without(VmFlags::LOCKED);
-                cv.open();
                 let cow = v.flags.is_cow_mapping();
                 let br = if cow {
                     Some(self.begin(v.start, v.end, Event::ProtectionPage)?)
                 } else {
                     None
                 };
+                let mut cv = v.clone();
+                cv.flags = cv.flags.without(VmFlags::LOCKED);
+                cv.open();
                 st.pt.for_each_entry(v.start, v.end, |a, e, raw| {
                     let mut craw = raw;
                     match Pte::decode(raw) {
@@ -55,10 +55,9 @@ impl Mm {
                     let ce = cst.pt.leaf_alloc(a).entry(a);
                     child.set_pte(&cv, ce, a, 0, craw);
                 });
-                if let Some(br) = br {
-                    br.end();
-                }
+                let ended = br.map_or(Ok(()), |br| br.end());
                 cst.vmas.insert(cv.start, cv);
+                ended?;
             }
         }
         Ok(child)

@@ -60,6 +60,11 @@ impl Mm {
         let valid = self.mem.frames.pfn_valid(pfn);
         if page {
             check_insert_page(v, addr, pfn, valid)?;
+            // The caller lends its reference's frame: a free frame (no
+            // metadata) would be mapped and handed out again by the store.
+            if pfn != self.mem.zero && self.mem.info(pfn).is_none() {
+                return Err(MmError::FrameNotHeld { pfn: pfn.0 });
+            }
         } else {
             check_insert_pfn(v, addr, pfn, valid)?;
         }

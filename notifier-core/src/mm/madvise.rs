@@ -64,6 +64,9 @@ impl Mm {
         {
             let (s, e) = (v.start.max(start), v.end.min(end));
             match advice {
+                Advice::DontNeed if v.flags.contains(VmFlags::NONLINEAR) => {
+                    self.zap_range_nonlinear(&st, v, s, e, &mut br)
+                }
                 Advice::DontNeed => self.zap_range(&st, v, s, e, &mut br),
                 Advice::Free => st.pt.for_each_entry(s, e, |addr, entry, raw| {
                     let Pte::Present(p) = Pte::decode(raw) else {
@@ -82,7 +85,6 @@ impl Mm {
                 }),
             }
         }
-        br.end();
-        Ok(())
+        br.end()
     }
 }

@@ -95,10 +95,10 @@ impl Mm {
                     moved += 1;
                 });
         }
-        br.end();
+        let ended = br.end();
         match err {
             Some(e) => Err(e.into()),
-            None => Ok(moved),
+            None => ended.map(|()| moved),
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::file::{FileObj, FileOptions};
 use super::pte::{PresentPte, PTE_PFN_MAX};
-use super::vma::{PageArray, PagesRef, Prot, SpecialMapping, VmFlags, Vma, VmaKind};
+use super::vma::{PageArray, PagesRef, Prot, SpecialMapping, SpecialSource, VmFlags, Vma, VmaKind};
 use super::{page_len, pages, user_range, Mm, MmError, MmState, TASK_SIZE};
 use crate::frame::Pfn;
 use crate::notifier::Event;
@@ -180,6 +180,14 @@ impl Mm {
             }
             VmaKind::PfnMap => flags = flags.union(VmFlags::PFNMAP | VmFlags::IO),
             VmaKind::MixedMap => flags = flags.union(VmFlags::MIXEDMAP),
+            // A fault callback may install valid frames (refcounted) or raw
+            // PFNs (I/O memory, the vvar/hpet case): the kernel gives such
+            // mappings VM_PFNMAP/VM_MIXEDMAP so `vm_normal_page` classifies
+            // the raw ones without a bad-PTE report; MIXEDMAP keeps the
+            // valid frames refcounted.
+            VmaKind::Special(sm) if matches!(sm.source, SpecialSource::Fault(_)) => {
+                flags = flags.union(VmFlags::MIXEDMAP)
+            }
             _ => {}
         }
         let mut st = self.state.write();

@@ -297,8 +297,17 @@ impl Bracket<'_> {
     }
 
     /// End the bracket, then release.
-    pub(crate) fn end(mut self) {
+    ///
+    /// # Errors
+    /// [`MmError::Notifier`] with
+    /// [`NotifierError::SubscriberPanicked`](crate::notifier::NotifierError::SubscriberPanicked)
+    /// when a subscriber panicked in a hook of this bracket (`clear`, the
+    /// TLB hook or `invalidate_range_end`): the bracket ended and the
+    /// frames were released all the same; the operation's change is made.
+    pub(crate) fn end(mut self) -> Result<(), MmError> {
+        let r = self.inv.take().map_or(Ok(()), Invalidation::try_end);
         self.finish();
+        Ok(r?)
     }
 
     fn finish(&mut self) {
@@ -415,8 +424,18 @@ impl Mm {
     }
 
     /// Drop a reference taken by [`Mm::alloc_page`].
-    pub fn put_page(&self, pfn: Pfn) {
-        self.mem.put_page(pfn);
+    ///
+    /// # Errors
+    /// [`MmError::FrameNotHeld`] when the frame is free, or when every
+    /// reference it holds belongs to a PTE that maps it (a second
+    /// `put_page` after `insert_page`: freeing it would leave the PTE
+    /// pointing at a frame the store hands out again); nothing changes.
+    /// Raw PFNs and the zero page are not refcounted: `Ok` and nothing.
+    pub fn put_page(&self, pfn: Pfn) -> Result<(), MmError> {
+        if self.mem.counted(pfn) && !self.mem.put_unmapped_ref(pfn) {
+            return Err(MmError::FrameNotHeld { pfn: pfn.0 });
+        }
+        Ok(())
     }
 
     /// The refcount and mapcount of a valid frame (`None` for raw PFNs, the

@@ -66,7 +66,7 @@ impl Mm {
             }
         }
         if let Some(br) = br {
-            br.end();
+            br.end()?;
         }
         Ok(())
     }

@@ -127,9 +127,9 @@ impl Mm {
             let e = st.pt.leaf_alloc(a).entry(a);
             self.set_pte(&v, e, a, 0, raw);
         }
-        br.end();
+        let ended = br.end();
         st.vmas.insert(dst, v);
         st.pt.free_empty(os, oe);
-        Ok(())
+        ended
     }
 }

@@ -44,14 +44,14 @@ impl Mm {
             let v = &st.vmas[k];
             self.zap_range(st, v, v.start, v.end, &mut br);
         }
-        br.end();
+        let ended = br.end();
         for k in keys {
             if let Some(v) = st.vmas.remove(&k) {
                 v.close();
             }
         }
         st.pt.free_empty(start, end);
-        Ok(())
+        ended
     }
 }
 

@@ -153,6 +153,31 @@ impl Memory {
         }
     }
 
+    /// Drop a reference that no PTE holds (the caller's own); false, and
+    /// nothing changes, when the frame is free or every reference it has
+    /// belongs to a mapping.
+    pub(crate) fn put_unmapped_ref(&self, pfn: Pfn) -> bool {
+        let free = {
+            let mut m = self.shard(pfn).lock();
+            match m.get_mut(&pfn.0) {
+                Some(i) if i.refcount <= i.mapcount => return false,
+                Some(i) if i.refcount > 1 => {
+                    i.refcount -= 1;
+                    false
+                }
+                Some(_) => {
+                    m.remove(&pfn.0);
+                    true
+                }
+                None => return false,
+            }
+        };
+        if free {
+            self.frames.free(pfn);
+        }
+        true
+    }
+
     /// A new PTE maps the frame: reference and mapcount
     /// (`get_page` + `page_add_*_rmap`).
     #[inline]

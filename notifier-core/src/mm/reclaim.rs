@@ -6,8 +6,10 @@
 //! |---------------------------------------|--------------|
 //! | anonymous, dirty                      | contents saved to a swap slot, swap PTE |
 //! | anonymous, clean (after `MADV_FREE`)  | discarded: PTE none, reads back zeros |
-//! | page cache                            | PTE none; the cache keeps the frame |
+//! | page cache, linear                    | PTE none; the cache keeps the frame |
+//! | page cache in a nonlinear VMA, index not linear | file PTE with the page's index |
 //! | raw PFN, zero page, page-array page, locked VMA | left alone |
+//! | driver page (`insert_page`, special-mapping page) | left alone: no fault handler could bring it back |
 
 use super::pte::Pte;
 use super::vma::VmFlags;
@@ -74,6 +76,12 @@ impl Mm {
                     let Some(info) = self.mem.info(p.pfn) else {
                         return;
                     };
+                    // Only pages reclaim can bring back: anonymous (swap)
+                    // and page cache (the fault reads it again). A driver's
+                    // page is on no LRU in the kernel.
+                    if !info.anon && v.kind.file().is_none() {
+                        return;
+                    }
                     let new = if info.anon && p.dirty {
                         match self.mem.swap_out(p.pfn) {
                             Ok(slot) => {
@@ -90,7 +98,7 @@ impl Mm {
                         0
                     } else {
                         stats.unmapped += 1;
-                        0
+                        self.nonlinear_leftover(v, a, p.pfn)
                     };
                     // try_to_unmap_one: the clear notifier before the PTE goes.
                     br.clear(a);
@@ -99,10 +107,10 @@ impl Mm {
                     br.defer_put(p.pfn);
                 });
         }
-        br.end();
+        let ended = br.end();
         match err {
             Some(e) => Err(e.into()),
-            None => Ok(stats),
+            None => ended.map(|()| stats),
         }
     }
 }

@@ -21,14 +21,19 @@
 //! (`mlock_vma_pages_range` for a locked VMA, `make_pages_present`
 //! otherwise).
 //!
+//! The window survives what unmaps its pages without removing the VMA:
+//! reclaim and `madvise(DONTNEED)` leave a file PTE with the page's index
+//! where it differs from the linear one (see `nonlinear_leftover`).
+//!
 //! Not modelled: the `vm_private_data` swap-out cursor check and the
 //! dirty-accounting emulation through `mmap_region` (our files do no dirty
 //! accounting).
 
 use super::pte::{Pte, PTE_FILE_MAX_BITS};
-use super::vma::VmFlags;
-use super::{Mm, MmError};
+use super::vma::{VmFlags, Vma};
+use super::{Bracket, Mm, MmError, MmState};
 use crate::addr::PAGE_MASK;
+use crate::frame::Pfn;
 use crate::notifier::Event;
 use crate::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -36,6 +41,47 @@ use crate::{PAGE_SHIFT, PAGE_SIZE};
 pub const MAP_NONBLOCK: u64 = 0x10000;
 
 impl Mm {
+    /// What unmapping the present page-cache page `pfn` at `addr` leaves in
+    /// the PTE: in a nonlinear VMA, a file PTE carrying the page's index
+    /// when it differs from the linear one (`try_to_unmap_one`, and
+    /// `zap_pte_range` with `details->nonlinear_vma`), so the next fault
+    /// reads the same page; otherwise none.
+    pub(crate) fn nonlinear_leftover(&self, v: &Vma, addr: u64, pfn: Pfn) -> u64 {
+        if !v.flags.contains(VmFlags::NONLINEAR) {
+            return 0;
+        }
+        match v.kind.file().and_then(|f| f.index_of(pfn)) {
+            Some(index) if index != v.linear_pgoff(addr) => Pte::File { pgoff: index }.encode(),
+            _ => 0,
+        }
+    }
+
+    /// `madvise(DONTNEED)` of a nonlinear VMA (`zap_page_range` with
+    /// `details.nonlinear_vma`): present pages become file PTEs carrying
+    /// their index (none when linear); non-present entries (file PTEs)
+    /// stay, so the window survives.
+    pub(crate) fn zap_range_nonlinear(
+        &self,
+        st: &MmState,
+        v: &Vma,
+        start: u64,
+        end: u64,
+        br: &mut Bracket<'_>,
+    ) {
+        st.pt.for_each_entry(start, end, |addr, e, raw| {
+            let Pte::Present(p) = Pte::decode(raw) else {
+                return;
+            };
+            br.clear(addr);
+            let left = self.nonlinear_leftover(v, addr, p.pfn);
+            self.set_pte(v, e, addr, raw, left);
+            if self.holds_ref(v, addr, p) {
+                self.mem.unmap_page(p.pfn);
+                br.defer_put(p.pfn);
+            }
+        });
+    }
+
     /// `remap_file_pages(start, size, prot, pgoff, flags)`. See the module
     /// docs for the checks and their errors.
     ///
@@ -107,11 +153,11 @@ impl Mm {
             a += PAGE_SIZE;
             off += 1;
         }
-        br.end();
+        let ended = br.end();
         if flags & MAP_NONBLOCK == 0 {
             // Locked or not, the range is made present now.
             self.populate(&st, start, end)?;
         }
-        Ok(())
+        ended
     }
 }

@@ -55,6 +55,8 @@ use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 pub(crate) const NOT_IN_TREE: u32 = u32::MAX;
 pub(crate) const LIVE: u8 = 0;
 pub(crate) const DEAD: u8 = 1;
+/// One of its callbacks panicked: removed, no further callback.
+pub(crate) const FAILED: u8 = 2;
 
 /// The part of an interval subscription the machinery and the reader share.
 /// Callbacks receive it to call [`IntervalNotifier::set_seq`].
@@ -69,8 +71,9 @@ pub struct IntervalNotifier {
     /// Index of the node in the interval tree, or `NOT_IN_TREE` while an
     /// insert is deferred. Only touched under the subscriptions lock.
     pub(crate) node: AtomicU32,
-    /// `LIVE` or `DEAD`; DEAD once unsubscribe or release started: no new
-    /// callback starts after that.
+    /// `LIVE`, `DEAD` or `FAILED`; DEAD once unsubscribe or release
+    /// started, FAILED once a callback panicked: no new callback starts
+    /// after either.
     pub(crate) state: AtomicU8,
     pub(crate) subs: Arc<NotifierSubscriptions>,
 }
@@ -154,6 +157,14 @@ impl IntervalNotifier {
     #[inline]
     pub fn is_live(&self) -> bool {
         self.state.load(Ordering::Acquire) == LIVE
+    }
+
+    /// Whether one of its callbacks panicked. A failed subscription was
+    /// removed at that moment and hears of no later invalidation: its owner
+    /// must drop every translation it holds.
+    #[inline]
+    pub fn has_failed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FAILED
     }
 }
 

@@ -1,7 +1,7 @@
 //! What an invalidation announces: the range, why, and whether the caller
 //! may sleep.
 
-use crate::addr::PageRange;
+use crate::addr::{PageRange, RangeError};
 
 /// Why a range is being invalidated (the kernel's `enum mmu_notifier_event`).
 ///
@@ -67,17 +67,15 @@ impl Event {
 }
 
 /// One invalidation: the kernel's `struct mmu_notifier_range`.
+///
+/// Built only from a checked [`PageRange`] ([`InvalidateRange::new`] or
+/// [`InvalidateRange::from_bounds`]), so `start < end`, both page aligned,
+/// holds in every build; the fields are read through accessors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidateRange {
-    /// First byte (page aligned).
-    pub start: u64,
-    /// One past the last byte (page aligned).
-    pub end: u64,
-    /// Why.
-    pub event: Event,
-    /// Whether subscribers may sleep. When false a subscriber that would have
-    /// to block answers [`Again`] instead.
-    pub blockable: bool,
+    range: PageRange,
+    event: Event,
+    blockable: bool,
 }
 
 impl InvalidateRange {
@@ -85,11 +83,19 @@ impl InvalidateRange {
     #[inline]
     pub const fn new(range: PageRange, event: Event) -> Self {
         Self {
-            start: range.start(),
-            end: range.end(),
+            range,
             event,
             blockable: true,
         }
+    }
+
+    /// A blockable invalidation of `[start, end)`.
+    ///
+    /// # Errors
+    /// [`RangeError`] for an empty, misaligned or wrapping range.
+    #[inline]
+    pub fn from_bounds(start: u64, end: u64, event: Event) -> Result<Self, RangeError> {
+        Ok(Self::new(PageRange::from_bounds(start, end)?, event))
     }
 
     /// The same invalidation in a context that may not sleep (the OOM
@@ -100,16 +106,41 @@ impl InvalidateRange {
         self
     }
 
+    /// First byte (page aligned).
+    #[inline]
+    pub const fn start(&self) -> u64 {
+        self.range.start()
+    }
+
+    /// One past the last byte (page aligned, greater than `start`).
+    #[inline]
+    pub const fn end(&self) -> u64 {
+        self.range.end()
+    }
+
+    /// Why.
+    #[inline]
+    pub const fn event(&self) -> Event {
+        self.event
+    }
+
+    /// Whether subscribers may sleep. When false a subscriber that would
+    /// have to block answers [`Again`] instead.
+    #[inline]
+    pub const fn blockable(&self) -> bool {
+        self.blockable
+    }
+
     /// Whether `[start, end)` shares a byte with this range.
     #[inline]
     pub const fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.start < end && start < self.end
+        self.range.overlaps(start, end)
     }
 
-    /// The range as a checked [`PageRange`].
-    pub fn page_range(&self) -> PageRange {
-        PageRange::from_bounds(self.start, self.end)
-            .expect("InvalidateRange is built from a PageRange")
+    /// The range as a [`PageRange`].
+    #[inline]
+    pub const fn page_range(&self) -> PageRange {
+        self.range
     }
 }
 

@@ -37,38 +37,45 @@
 //! two-phase counters, an SRCU analogue: each bracket or hook call counts
 //! itself in `inflight[phase]`; `synchronize` flips `phase` and waits until
 //! the old phase drains, so new readers never starve it.
+//!
+//! # Panicking subscribers
+//!
+//! Every callback runs under a panic guard (see `guard.rs`): the bracket
+//! and the hook sections end whatever a subscriber does, so `S` never stays
+//! odd and no section stays counted. The subscriber that panicked is
+//! failed (unsubscribed without waiting); the operation gets
+//! [`NotifierError::SubscriberPanicked`]. A panic in a start-side hook
+//! (`invalidate`, `invalidate_range_start`) abandons the bracket like a
+//! refusal: the caller must change nothing.
 
 use std::sync::Arc;
 
+use super::bracket::Invalidation;
+use super::guard::{guarded, FirstPanic};
 use super::interval::{
-    DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, LIVE, NOT_IN_TREE,
+    DynEntry, IntervalEntry, IntervalNotifier, IntervalSubscription, DEAD, FAILED, LIVE,
+    NOT_IN_TREE,
 };
 use super::interval_tree::IntervalTree;
 use super::ops::{Hooks, IntervalNotifierOps, MmuNotifierOps};
 use super::range::{Again, InvalidateRange};
-use super::{EventGate, NotifierError};
+use super::range_sub::{MmuNotifier, RangeEntry};
+use super::{EventGate, Hook, NotifierError};
 use crate::addr::PageRange;
 use crate::sync::{
-    self, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex,
-    MutexGuard, Ordering,
+    self, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, CallbackScope, Condvar, Mutex, MutexGuard,
+    Ordering,
 };
 
 /// The initial `S`: even, and `S - 1` is a valid odd start for new entries.
 const INITIAL_SEQ: u64 = 2;
-
-pub(crate) struct RangeEntry {
-    ops: Arc<dyn MmuNotifierOps>,
-    hooks: Hooks,
-    /// Set by unregister/release: no new callback starts.
-    dead: AtomicBool,
-}
 
 enum Deferred {
     Insert(Arc<DynEntry>),
     Remove(Arc<DynEntry>),
 }
 
-struct State {
+pub(super) struct State {
     itree: IntervalTree<Arc<DynEntry>>,
     /// `S`; mirrored in `NotifierSubscriptions::seq` for lock-free readers.
     seq: u64,
@@ -76,10 +83,10 @@ struct State {
     active: u32,
     deferred: Vec<Deferred>,
     /// Copy-on-write snapshot of the range subscribers; `None` when empty.
-    ranges: Option<Arc<[Arc<RangeEntry>]>>,
+    pub(super) ranges: Option<Arc<[Arc<RangeEntry>]>>,
     /// Grace-period phase and the bracket/hook sections counted in each.
-    phase: usize,
-    inflight: [u32; 2],
+    pub(super) phase: usize,
+    pub(super) inflight: [u32; 2],
     syncing: bool,
     released: bool,
 }
@@ -97,14 +104,14 @@ impl State {
 /// the primary calls the writer side (`invalidate_range_start`, the aging
 /// hooks, `release`), secondaries subscribe.
 pub struct NotifierSubscriptions {
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// `S` for lock-free readers; written only under `state` (Release).
     pub(crate) seq: AtomicU64,
     /// Threads sleeping on `wq`; `end` skips the wake-up when zero.
     waiters: AtomicUsize,
     wq: Condvar,
     /// Number of range subscribers, so hook calls skip the lock when zero.
-    nr_ranges: AtomicU32,
+    pub(super) nr_ranges: AtomicU32,
     /// The application's order for primaries that report after the fact.
     gate: EventGate,
 }
@@ -207,7 +214,7 @@ impl NotifierSubscriptions {
 
     /// Wake sleepers after a state change made under the lock (now dropped).
     #[inline]
-    fn wake(&self) {
+    pub(super) fn wake(&self) {
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.wq.notify_all();
         }
@@ -247,8 +254,9 @@ impl NotifierSubscriptions {
     ///
     /// # Errors
     /// [`NotifierError::Again`] when `!range.blockable` and a subscriber
-    /// refused: every subscriber that had accepted was ended and the caller
-    /// must not change anything.
+    /// refused, [`NotifierError::SubscriberPanicked`] when a subscriber
+    /// panicked (it is failed): every subscriber that had accepted was ended
+    /// and the caller must not change anything.
     ///
     /// # Locking
     /// Takes the subscriptions lock twice, briefly; callbacks run unlocked.
@@ -260,7 +268,6 @@ impl NotifierSubscriptions {
         &self,
         range: &InvalidateRange,
     ) -> Result<Invalidation<'_>, NotifierError> {
-        debug_assert!(range.start < range.end);
         let mut hits = Hits::new();
         let (cur_seq, ranges, phase, counted);
         {
@@ -271,7 +278,7 @@ impl NotifierSubscriptions {
                 phase = st.phase;
                 st.inflight[phase] += 1;
                 st.itree
-                    .for_each_overlap(range.start, range.end - 1, |_, e| hits.push(e.clone()));
+                    .for_each_overlap(range.start(), range.end() - 1, |_, e| hits.push(e.clone()));
                 if !hits.is_empty() && !st.invalidating() {
                     st.seq |= 1;
                     self.seq.store(st.seq, Ordering::Release);
@@ -291,16 +298,28 @@ impl NotifierSubscriptions {
             phase,
             counted,
             ended: false,
+            panicked: FirstPanic::new(),
         };
         let _scope = CallbackScope::enter();
         for e in hits.iter() {
             if e.hdr.state.load(Ordering::Acquire) != LIVE {
                 continue;
             }
-            if e.ops.invalidate(&e.hdr, range, cur_seq).is_err() && !range.blockable {
+            match guarded(|| e.ops.invalidate(&e.hdr, range, cur_seq)) {
+                Some(Ok(())) => {}
+                Some(Err(Again)) if range.blockable() => {}
                 // No range subscriber was started; end the interval part.
-                inv.finish();
-                return Err(NotifierError::Again);
+                Some(Err(Again)) => {
+                    inv.finish();
+                    return Err(NotifierError::Again);
+                }
+                None => {
+                    self.fail_interval(e);
+                    inv.finish();
+                    return Err(NotifierError::SubscriberPanicked {
+                        hook: Hook::Invalidate,
+                    });
+                }
             }
         }
         if let Some(rs) = inv.ranges.clone() {
@@ -309,10 +328,22 @@ impl NotifierSubscriptions {
                 if !r.hooks.contains(Hooks::START) || r.dead.load(Ordering::Acquire) {
                     continue;
                 }
-                if r.ops.invalidate_range_start(range).is_err() && !range.blockable {
-                    // Subscribers [0, i) accepted: end them; i refused.
-                    inv.finish();
-                    return Err(NotifierError::Again);
+                // Subscribers [0, i) accepted: on refusal or panic end them;
+                // i refused or failed and gets no end.
+                match guarded(|| r.ops.invalidate_range_start(range)) {
+                    Some(Ok(())) => {}
+                    Some(Err(Again)) if range.blockable() => {}
+                    Some(Err(Again)) => {
+                        inv.finish();
+                        return Err(NotifierError::Again);
+                    }
+                    None => {
+                        self.fail_range(r);
+                        inv.finish();
+                        return Err(NotifierError::SubscriberPanicked {
+                            hook: Hook::InvalidateRangeStart,
+                        });
+                    }
                 }
             }
             inv.started = rs.len();
@@ -320,7 +351,7 @@ impl NotifierSubscriptions {
         Ok(inv)
     }
 
-    fn end_bracket(&self, phase: usize) {
+    pub(crate) fn end_bracket(&self, phase: usize) {
         {
             let mut st = sync::lock(&self.state);
             st.active -= 1;
@@ -344,66 +375,6 @@ impl NotifierSubscriptions {
             }
         }
         self.wake();
-    }
-
-    // ----------------------------------------------------------------------
-    // Stand-alone hooks (aging, TLB).
-
-    /// Run `f` over the live range subscribers that have `hook`, inside a
-    /// grace-period section.
-    #[inline]
-    fn for_each_range(&self, hook: Hooks, mut f: impl FnMut(&dyn MmuNotifierOps)) {
-        if self.nr_ranges.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let (ranges, phase) = {
-            let mut st = sync::lock(&self.state);
-            let Some(r) = st.ranges.clone() else { return };
-            let phase = st.phase;
-            st.inflight[phase] += 1;
-            (r, phase)
-        };
-        {
-            let _scope = CallbackScope::enter();
-            for r in ranges.iter() {
-                if r.hooks.contains(hook) && !r.dead.load(Ordering::Acquire) {
-                    f(&*r.ops);
-                }
-            }
-        }
-        let mut st = sync::lock(&self.state);
-        st.inflight[phase] -= 1;
-        drop(st);
-        self.wake();
-    }
-
-    /// Age the secondaries' accessed bits in `[start, end)` and flush
-    /// (`mmu_notifier_clear_flush_young`); true if any subscriber saw a
-    /// young page.
-    pub fn clear_flush_young(&self, start: u64, end: u64) -> bool {
-        let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.clear_flush_young(start, end));
-        young
-    }
-
-    /// Like [`Self::clear_flush_young`] without the flush (`mmu_notifier_clear_young`).
-    pub fn clear_young(&self, start: u64, end: u64) -> bool {
-        let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.clear_young(start, end));
-        young
-    }
-
-    /// Whether any secondary has the page at `addr` young (`mmu_notifier_test_young`).
-    pub fn test_young(&self, addr: u64) -> bool {
-        let mut young = false;
-        self.for_each_range(Hooks::AGING, |o| young |= o.test_young(addr));
-        young
-    }
-
-    /// The primary flushed its TLB for `[start, end)`
-    /// (`mmu_notifier_arch_invalidate_secondary_tlbs`).
-    pub fn invalidate_secondary_tlbs(&self, start: u64, end: u64) {
-        self.for_each_range(Hooks::TLB, |o| o.invalidate_secondary_tlbs(start, end));
     }
 
     // ----------------------------------------------------------------------
@@ -433,11 +404,7 @@ impl NotifierSubscriptions {
         if hooks.contains(Hooks::MAY_REFUSE) && hooks.contains(Hooks::END) {
             return Err(NotifierError::RefusingSubscriberWithEnd);
         }
-        let entry = Arc::new(RangeEntry {
-            ops,
-            hooks,
-            dead: AtomicBool::new(false),
-        });
+        let entry = Arc::new(RangeEntry::new(ops, hooks));
         {
             let mut st = sync::lock(&self.state);
             if st.released {
@@ -458,7 +425,7 @@ impl NotifierSubscriptions {
         })
     }
 
-    fn unregister(&self, entry: &Arc<RangeEntry>) -> Result<(), NotifierError> {
+    pub(crate) fn unregister(&self, entry: &Arc<RangeEntry>) -> Result<(), NotifierError> {
         {
             let mut st = sync::lock(&self.state);
             if entry.dead.swap(true, Ordering::AcqRel) {
@@ -544,9 +511,29 @@ impl NotifierSubscriptions {
     }
 
     pub(crate) fn interval_remove(&self, e: &Arc<DynEntry>) -> Result<(), NotifierError> {
+        if let Some(seq) = self.detach_interval(e, DEAD)? {
+            if !sync::in_callback() {
+                self.wait_seq_change(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark `e` `state` (DEAD or FAILED) and take it out of the index, or
+    /// defer that to the end of the running invalidation; returns the `S`
+    /// to wait out in the deferred case.
+    pub(super) fn detach_interval(
+        &self,
+        e: &Arc<DynEntry>,
+        state: u8,
+    ) -> Result<Option<u64>, NotifierError> {
         let wait_for = {
             let mut st = sync::lock(&self.state);
-            if e.hdr.state.swap(DEAD, Ordering::AcqRel) != LIVE {
+            if e.hdr
+                .state
+                .compare_exchange(LIVE, state, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
                 return Err(if st.released {
                     NotifierError::Released
                 } else {
@@ -569,12 +556,7 @@ impl NotifierSubscriptions {
                 None
             }
         };
-        if let Some(seq) = wait_for {
-            if !sync::in_callback() {
-                self.wait_seq_change(seq);
-            }
-        }
-        Ok(())
+        Ok(wait_for)
     }
 
     /// Number of live interval subscriptions in the index (deferred inserts
@@ -636,10 +618,20 @@ impl NotifierSubscriptions {
     /// Takes the subscriptions lock; sleeps for in-flight invalidations
     /// (except from inside a callback, where it cannot wait).
     pub fn release(&self) {
+        let _ = self.try_release();
+    }
+
+    /// [`Self::release`], reporting a subscriber whose `release` panicked
+    /// (it is marked failed; every other subscriber was still released and
+    /// the teardown completed).
+    ///
+    /// # Errors
+    /// [`NotifierError::SubscriberPanicked`] with [`Hook::Release`].
+    pub fn try_release(&self) -> Result<(), NotifierError> {
         let (ranges, intervals) = {
             let mut st = sync::lock(&self.state);
             if st.released {
-                return;
+                return Ok(());
             }
             st.released = true;
             let ranges = st.ranges.take();
@@ -653,16 +645,24 @@ impl NotifierSubscriptions {
             }
             (ranges, v)
         };
+        let panicked = FirstPanic::new();
         {
             let _scope = CallbackScope::enter();
             for r in ranges.iter().flat_map(|r| r.iter()) {
-                if !r.dead.swap(true, Ordering::AcqRel) && r.hooks.contains(Hooks::RELEASE) {
-                    r.ops.release();
+                if !r.dead.swap(true, Ordering::AcqRel)
+                    && r.hooks.contains(Hooks::RELEASE)
+                    && guarded(|| r.ops.release()).is_none()
+                {
+                    panicked.record(Hook::Release);
+                    r.failed.store(true, Ordering::Release);
                 }
             }
             for e in &intervals {
-                if e.hdr.state.swap(DEAD, Ordering::AcqRel) == LIVE {
-                    e.ops.release(&e.hdr);
+                if e.hdr.state.swap(DEAD, Ordering::AcqRel) == LIVE
+                    && guarded(|| e.ops.release(&e.hdr)).is_none()
+                {
+                    panicked.record(Hook::Release);
+                    e.hdr.state.store(FAILED, Ordering::Release);
                 }
             }
         }
@@ -682,146 +682,18 @@ impl NotifierSubscriptions {
         }
         drop(st);
         self.wake();
-    }
-}
-
-/// An open invalidation bracket, returned by
-/// [`NotifierSubscriptions::invalidate_range_start`].
-///
-/// # Pairing
-/// Ends with [`Invalidation::end`] or on drop (so a panicking primary does
-/// not leave readers waiting forever).
-#[must_use = "the bracket ends when this is dropped; change the PTEs first"]
-pub struct Invalidation<'a> {
-    subs: &'a NotifierSubscriptions,
-    range: InvalidateRange,
-    ranges: Option<Arc<[Arc<RangeEntry>]>>,
-    /// Range subscribers `[0, started)` of the snapshot got a start.
-    started: usize,
-    phase: usize,
-    /// Whether this bracket is counted in `active` (false after release).
-    counted: bool,
-    ended: bool,
-}
-
-impl Invalidation<'_> {
-    /// The range being invalidated.
-    #[inline]
-    pub fn range(&self) -> &InvalidateRange {
-        &self.range
-    }
-
-    /// Seed 003's per-PTE hook: the present PTE at `addr` is about to be
-    /// cleared. Call it before clearing, inside the bracket.
-    #[inline]
-    pub fn clear(&self, addr: u64) {
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in rs.iter() {
-                if r.hooks.contains(Hooks::CLEAR) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.clear(addr);
-                }
-            }
-        }
-    }
-
-    /// The primary flushed its TLB for `[start, end)` inside this bracket.
-    #[inline]
-    pub fn invalidate_secondary_tlbs(&self, start: u64, end: u64) {
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in rs.iter() {
-                if r.hooks.contains(Hooks::TLB) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.invalidate_secondary_tlbs(start, end);
-                }
-            }
-        }
-    }
-
-    /// End the bracket (`mmu_notifier_invalidate_range_end`): range
-    /// subscribers get their end, `S` becomes even when this was the last
-    /// overlapping invalidation, deferred subscriptions are applied and
-    /// waiting readers wake.
-    #[inline]
-    pub fn end(mut self) {
-        self.finish();
-    }
-
-    fn finish(&mut self) {
-        if self.ended {
-            return;
-        }
-        self.ended = true;
-        if let Some(rs) = &self.ranges {
-            let _scope = CallbackScope::enter();
-            for r in &rs[..self.started] {
-                if r.hooks.contains(Hooks::END) && !r.dead.load(Ordering::Acquire) {
-                    r.ops.invalidate_range_end(&self.range);
-                }
-            }
-        }
-        self.ranges = None;
-        if self.counted {
-            self.subs.end_bracket(self.phase);
-        }
-    }
-}
-
-impl Drop for Invalidation<'_> {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-/// A registered range subscriber: the owner's handle.
-pub struct MmuNotifier {
-    subs: Arc<NotifierSubscriptions>,
-    entry: Arc<RangeEntry>,
-}
-
-impl MmuNotifier {
-    /// Unregister (`mmu_notifier_unregister`). When it returns no callback
-    /// of this subscriber runs or will start (from inside a callback: no new
-    /// one starts once the current one returns).
-    ///
-    /// # Errors
-    /// [`NotifierError::NotSubscribed`] on a second call,
-    /// [`NotifierError::Released`] after release.
-    ///
-    /// # Locking
-    /// Takes the subscriptions lock; may sleep for the grace period.
-    pub fn unregister(&self) -> Result<(), NotifierError> {
-        self.subs.unregister(&self.entry)
-    }
-
-    /// Whether still registered.
-    pub fn is_registered(&self) -> bool {
-        !self.entry.dead.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for MmuNotifier {
-    /// Dropping the handle unregisters the subscriber (errors ignored: it
-    /// may already be unregistered or released).
-    fn drop(&mut self) {
-        if self.is_registered() {
-            let _ = self.subs.unregister(&self.entry);
-        }
-    }
-}
-
-impl core::fmt::Debug for MmuNotifier {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MmuNotifier")
-            .field("hooks", &self.entry.hooks)
-            .field("registered", &self.is_registered())
-            .finish()
+        panicked.result()
     }
 }
 
 /// Convenience: run `f` between start and end of a blockable invalidation.
 impl NotifierSubscriptions {
-    /// Bracket `f` with a blockable invalidation of `range` for `event`.
+    /// Bracket `f` with an invalidation of `range`.
+    ///
+    /// # Errors
+    /// As [`Self::invalidate_range_start`] (then `f` did not run), and
+    /// [`NotifierError::SubscriberPanicked`] for a hook that panicked after
+    /// `f` started (then `f` ran and its result is lost).
     pub fn with_invalidation<R>(
         &self,
         range: &InvalidateRange,
@@ -829,7 +701,7 @@ impl NotifierSubscriptions {
     ) -> Result<R, NotifierError> {
         let inv = self.invalidate_range_start(range)?;
         let r = f(&inv);
-        inv.end();
+        inv.try_end()?;
         Ok(r)
     }
 }

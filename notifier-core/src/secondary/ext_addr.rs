@@ -4,6 +4,19 @@
 //! physical address, or plainly the primary's virtual address) to frames.
 //! [`ExternalAddress`] makes the toolkit generic over which one.
 
+/// One past the highest external address (the 48-bit space the external
+/// page table translates).
+pub const EXT_ADDR_LIMIT: u64 = 1 << 48;
+
+/// Whether `[base, base + len)` lies inside the external space (no wrap).
+#[inline]
+pub const fn ext_span_fits(base: u64, len: u64) -> bool {
+    match base.checked_add(len) {
+        Some(end) => end <= EXT_ADDR_LIMIT,
+        None => false,
+    }
+}
+
 /// An address in a secondary's own space.
 pub trait ExternalAddress: Copy + Eq + core::fmt::Debug + Send + Sync + 'static {
     /// The raw value.

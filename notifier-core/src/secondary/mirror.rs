@@ -307,28 +307,28 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
         range: &InvalidateRange,
         cur_seq: u64,
     ) -> Result<(), Again> {
-        if self.inject.skips(range.event) {
+        if self.inject.skips(range.event()) {
             return Ok(());
         }
-        let _g = if range.blockable {
+        let _g = if range.blockable() {
             self.lock.write()
         } else {
             self.lock.try_write().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
-        let start = range.start.max(self.cfg.start);
-        let end = range.end.min(self.cfg.start + self.cfg.len);
+        let start = range.start().max(self.cfg.start);
+        let end = range.end().min(self.cfg.start + self.cfg.len);
         if start >= end {
             return Ok(());
         }
         if let Some(c) = &self.check {
-            c.on_invalidate_begin(start, end, range.event);
+            c.on_invalidate_begin(start, end, range.event());
         }
         let mut batch = FlushBatch::new(self.cfg.flush_batch);
         let n = self.ept.unmap_range(
             A::from_raw(self.ext(start)),
             A::from_raw(self.ext(end)),
-            range.event.keeps_readable(),
+            range.event().keeps_readable(),
             |a, len| batch.add(a, len, |p| self.shootdown(p)),
         );
         batch.finish(|p| self.shootdown(p));
@@ -337,7 +337,7 @@ impl<A: ExternalAddress> IntervalNotifierOps for MirrorShared<A> {
             .invalidated_pages
             .fetch_add(n, Ordering::Relaxed);
         if let Some(c) = &self.check {
-            c.on_invalidate(start, end, range.event);
+            c.on_invalidate(start, end, range.event());
         }
         Ok(())
     }
@@ -386,12 +386,17 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
     /// access hook (the coherence oracle) or `None`.
     ///
     /// # Errors
-    /// [`MirrorError::Notifier`] for a bad range or a released primary.
+    /// [`MirrorError::Notifier`] for a bad range or a released primary;
+    /// [`MirrorError::OutOfRange`] when `ext_base + len` passes the 48-bit
+    /// external space.
     pub fn new(
         primary: Arc<P>,
         cfg: MirrorConfig,
         check: Option<Arc<dyn AccessCheck>>,
     ) -> Result<Self, MirrorError> {
+        if !super::ext_addr::ext_span_fits(cfg.ext_base, cfg.len) {
+            return Err(MirrorError::OutOfRange(cfg.ext_base));
+        }
         let devices = (0..cfg.devices.max(1))
             .map(|_| {
                 crossbeam_utils::CachePadded::new(Mutex::new(Device {
@@ -749,16 +754,29 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
         }
     }
 
-    /// Stop mirroring: unsubscribe. Afterwards the mirror's callbacks never
-    /// run again.
+    /// Stop mirroring: unsubscribe, then drop every translation (external
+    /// table, device TLBs, queued flushes), since no invalidation reaches
+    /// them any more. Afterwards the mirror's callbacks never run again.
     ///
     /// # Errors
     /// [`MirrorError::Notifier`] if already detached.
     pub fn detach(&self) -> Result<(), MirrorError> {
         self.sub.0.unsubscribe()?;
-        if let Some(h) = &self.end_hook {
-            h.unregister()?;
+        let unhooked = self
+            .end_hook
+            .as_ref()
+            .map_or(Ok(()), MmuNotifier::unregister);
+        let sh = self.sub.0.ops();
+        let (s, e) = (sh.ext(sh.cfg.start), sh.ext(sh.cfg.start) + sh.cfg.len);
+        let _g = sh.lock.write();
+        sh.ept
+            .unmap_range(A::from_raw(s), A::from_raw(e), false, |_, _| {});
+        sh.at_end.lock().clear();
+        for d in sh.devices.iter() {
+            let mut d = d.lock();
+            d.deferred.clear();
+            d.tlb.flush_all();
         }
-        Ok(())
+        Ok(unhooked?)
     }
 }

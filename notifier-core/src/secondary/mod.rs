@@ -16,9 +16,9 @@ mod mirror;
 mod tlb;
 
 pub use ept::{EptError, ExtEntry, ExternalPageTable, HUGE_PAGES, HUGE_SIZE};
-pub use ext_addr::{ExternalAddress, Gpa, Iova, Perm, Va};
+pub use ext_addr::{ext_span_fits, ExternalAddress, Gpa, Iova, Perm, Va, EXT_ADDR_LIMIT};
 pub use mirror::{
     AccessCheck, FaultMode, FlushPolicy, Mirror, MirrorConfig, MirrorError, MirrorInject,
     MirrorShared, MirrorStats,
 };
-pub use tlb::{FlushBatch, Tlb, TlbConfig, TlbEntry, TlbStats};
+pub use tlb::{FlushBatch, Tlb, TlbConfig, TlbEntry, TlbError, TlbStats};

@@ -96,10 +96,43 @@ impl core::fmt::Debug for Tlb {
     }
 }
 
+/// A TLB geometry [`Tlb::try_new`] refuses.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TlbError {
+    /// More sets than [`Tlb::MAX_SETS`].
+    #[error("{sets} TLB sets: at most {max}", max = Tlb::MAX_SETS)]
+    TooManySets {
+        /// The sets asked for.
+        sets: usize,
+    },
+}
+
 impl Tlb {
-    /// A TLB of the given geometry. `sets` is rounded up to a power of two;
-    /// `ways` is at least 1 and at most 255.
+    /// The most sets a TLB may have (2^20: with 255 ways, 4 GiB of tags and
+    /// data, beyond any device TLB).
+    pub const MAX_SETS: usize = 1 << 20;
+
+    /// A TLB of the given geometry. `sets` is rounded up to a power of two
+    /// and capped at [`Self::MAX_SETS`]; `ways` is at least 1 and at most
+    /// 255. Use [`Self::try_new`] to have a huge `sets` refused instead.
     pub fn new(cfg: TlbConfig) -> Self {
+        Self::build(cfg.sets.min(Self::MAX_SETS), cfg.ways)
+    }
+
+    /// A TLB of the given geometry, checked.
+    ///
+    /// # Errors
+    /// [`TlbError::TooManySets`] above [`Self::MAX_SETS`].
+    pub fn try_new(cfg: TlbConfig) -> Result<Self, TlbError> {
+        if cfg.sets > Self::MAX_SETS {
+            return Err(TlbError::TooManySets { sets: cfg.sets });
+        }
+        Ok(Self::build(cfg.sets, cfg.ways))
+    }
+
+    fn build(sets: usize, ways: usize) -> Self {
+        let cfg = TlbConfig { sets, ways };
         let sets = cfg.sets.max(1).next_power_of_two();
         let ways = cfg.ways.clamp(1, 255);
         Self {

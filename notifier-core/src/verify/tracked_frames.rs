@@ -48,15 +48,20 @@ impl<F: FrameStore> FrameStore for TrackedFrames<F> {
         self.inner.alloc()
     }
     fn free(&self, pfn: Pfn) {
+        let _ = self.try_free(pfn);
+    }
+    fn try_free(&self, pfn: Pfn) -> Result<(), FrameError> {
         if let Some(g) = pfn
             .0
             .checked_sub(self.base)
             .and_then(|i| self.gens.get(i as usize))
         {
             // Release: a checker that sees the new generation sees the free.
+            // Bumped before the free so no reuse runs under the old
+            // generation (a refused double free bumps it too: conservative).
             g.fetch_add(1, Ordering::Release);
         }
-        self.inner.free(pfn)
+        self.inner.try_free(pfn)
     }
     fn pfn_valid(&self, pfn: Pfn) -> bool {
         self.inner.pfn_valid(pfn)

@@ -61,11 +61,13 @@ impl MmuNotifierOps for Recorder {
         Hooks::START_END | Hooks::CLEAR | Hooks::AGING | Hooks::RELEASE
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        self.log.lock().push(Ev::Start(r.start, r.end, r.event));
+        self.log
+            .lock()
+            .push(Ev::Start(r.start(), r.end(), r.event()));
         Ok(())
     }
     fn invalidate_range_end(&self, r: &InvalidateRange) {
-        self.log.lock().push(Ev::End(r.start, r.end, r.event));
+        self.log.lock().push(Ev::End(r.start(), r.end(), r.event()));
     }
     fn clear(&self, addr: u64) {
         self.log.lock().push(Ev::Clear(addr));

@@ -265,13 +265,13 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
         range: &InvalidateRange,
         cur_seq: u64,
     ) -> Result<(), Again> {
-        let mut ix = if range.blockable {
+        let mut ix = if range.blockable() {
             self.shared.index.lock()
         } else {
             self.shared.index.try_lock().ok_or(Again)?
         };
         sub.set_seq(cur_seq);
-        let (a, b) = (range.start.max(sub.start()), range.end.min(sub.end()));
+        let (a, b) = (range.start().max(sub.start()), range.end().min(sub.end()));
         ix.record(a, b);
         let mine = |r: &Region<M>| core::ptr::eq(r.notifier(), sub);
         let Index {
@@ -296,8 +296,8 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
                     r,
                     a,
                     b,
-                    range.event,
-                    range.blockable,
+                    range.event(),
+                    range.blockable(),
                     queue,
                     invalidations,
                 ));
@@ -311,8 +311,8 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
                         r,
                         a,
                         b,
-                        range.event,
-                        range.blockable,
+                        range.event(),
+                        range.blockable(),
                         queue,
                         invalidations,
                     ));
@@ -325,8 +325,8 @@ impl<M: ProviderMr> IntervalNotifierOps for ChunkOps<M> {
                     r,
                     a,
                     b,
-                    range.event,
-                    range.blockable,
+                    range.event(),
+                    range.blockable(),
                     queue,
                     invalidations,
                 ));

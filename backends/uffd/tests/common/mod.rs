@@ -50,7 +50,7 @@ impl MmuNotifierOps for Rec {
         Hooks::START_END
     }
     fn invalidate_range_start(&self, r: &InvalidateRange) -> Result<(), Again> {
-        self.log.lock().push((r.event, r.start, r.end));
+        self.log.lock().push((r.event(), r.start(), r.end()));
         Ok(())
     }
 }
@@ -70,7 +70,7 @@ impl IntervalNotifierOps for IRec {
     ) -> Result<(), Again> {
         let mut log = self.log.lock();
         sub.set_seq(cur_seq);
-        log.push((r.event, r.start, r.end));
+        log.push((r.event(), r.start(), r.end()));
         Ok(())
     }
 }
