@@ -172,7 +172,10 @@ unsafe extern "C" fn notify_hook(arg: *mut c_void, addr: *mut c_void, len: usize
 
 /// Create a libfabric memory monitor driven by `m`, to import with
 /// `fi_import(FI_VERSION(1, 13), "mr_cache", NULL, 0, 0, (struct fid *)mon, NULL)`
-/// (libfabric then uses it for every MR cache of the process). `*out`
+/// (libfabric then uses it for every MR cache of the process), after
+/// libfabric initialised itself (any `fi_getinfo` call: before it, its
+/// import monitor's list of caches is not set up and `notify` crashes in
+/// libfabric 1.17). `*out`
 /// receives a `struct fid_mem_monitor *` (`rdma/fi_ext.h`) as `void *`.
 /// Its `subscribe` watches the range on `m`; an invalidation of watched
 /// memory calls libfabric's `notify` from the monitor's thread; `valid`
