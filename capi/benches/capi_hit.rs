@@ -39,7 +39,8 @@ fn bench(c: &mut Criterion) {
     };
     let _thread = m.spawn().expect("handler thread");
     let region = Region::anon(BUF as u64).expect("mmap");
-    m.register(&region, RegisterMode::MISSING).expect("register");
+    m.register(&region, RegisterMode::MISSING)
+        .expect("register");
     let prim = Arc::new(UffdPrimary::new(&m).expect("pagemap"));
     let nic = SoftNic::new(prim.clone());
     let mut reg = Registry::new(&*prim, nic, RegistryConfig::default());
@@ -70,11 +71,19 @@ fn bench(c: &mut Criterion) {
     // SAFETY: valid out pointers.
     unsafe {
         assert_eq!(notifier_monitor_create(0, &mut cm), NOTIFIER_OK);
-        assert_eq!(notifier_registry_create(cm, core::ptr::null(), &mut cr), NOTIFIER_OK);
+        assert_eq!(
+            notifier_registry_create(cm, core::ptr::null(), &mut cr),
+            NOTIFIER_OK
+        );
     }
-    let bufs: Vec<Region> = (0..THREADS).map(|_| Region::anon(BUF as u64).unwrap()).collect();
+    let bufs: Vec<Region> = (0..THREADS)
+        .map(|_| Region::anon(BUF as u64).unwrap())
+        .collect();
     for b in &bufs {
-        assert_eq!(notifier_monitor_watch(cm, b.addr() as *const c_void, BUF), NOTIFIER_OK);
+        assert_eq!(
+            notifier_monitor_watch(cm, b.addr() as *const c_void, BUF),
+            NOTIFIER_OK
+        );
     }
     let flags = NOTIFIER_ACCESS_LOCAL_WRITE;
     let getput = |p: *const c_void| {

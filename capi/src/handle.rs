@@ -142,7 +142,9 @@ fn bad(kind: Kind, id: u64) -> Failure {
         if id == 0 {
             format!("null {kind:?} handle")
         } else {
-            format!("{id:#x} is not a live {kind:?} handle (never issued, destroyed, or another kind)")
+            format!(
+                "{id:#x} is not a live {kind:?} handle (never issued, destroyed, or another kind)"
+            )
         },
     )
 }

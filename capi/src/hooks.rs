@@ -132,7 +132,10 @@ impl Shared {
     /// until [`Self::remove_hook`] returns.
     pub(crate) fn add_hook(&self, hook: RawHook, arg: usize) -> Res<u32> {
         for (i, s) in self.hooks.iter().enumerate() {
-            if s.state.compare_exchange(FREE, SETTING, SeqCst, Relaxed).is_ok() {
+            if s.state
+                .compare_exchange(FREE, SETTING, SeqCst, Relaxed)
+                .is_ok()
+            {
                 s.hook.store(sys::hook_addr(hook), Relaxed);
                 s.arg.store(arg, Relaxed);
                 // Release: publishes `hook` and `arg` to the dispatcher's load of `state`.
@@ -162,8 +165,14 @@ impl Shared {
         let Some(s) = self.hooks.get(id as usize) else {
             return Err(Failure::new(NOTIFIER_EINVAL, format!("no hook {id}")));
         };
-        if s.state.compare_exchange(LIVE, REMOVING, SeqCst, Relaxed).is_err() {
-            return Err(Failure::new(NOTIFIER_EINVAL, format!("hook {id} is not live")));
+        if s.state
+            .compare_exchange(LIVE, REMOVING, SeqCst, Relaxed)
+            .is_err()
+        {
+            return Err(Failure::new(
+                NOTIFIER_EINVAL,
+                format!("hook {id} is not live"),
+            ));
         }
         // SeqCst: pairs with the dispatcher's increment of `active` before
         // its load of `state` (see the module docs).

@@ -324,7 +324,12 @@ pub unsafe extern "C" fn notifier_registry_dma(
             crate::NOTIFIER_DMA_OP_LOCAL_WRITE => nic.local_write(key, addr, buf)?,
             crate::NOTIFIER_DMA_OP_REMOTE_READ => nic.remote_read(key, addr, buf)?,
             crate::NOTIFIER_DMA_OP_REMOTE_WRITE => nic.remote_write(key, addr, buf)?,
-            _ => return Err(Failure::new(NOTIFIER_EINVAL, format!("unknown DMA op {op}"))),
+            _ => {
+                return Err(Failure::new(
+                    NOTIFIER_EINVAL,
+                    format!("unknown DMA op {op}"),
+                ))
+            }
         }
         Ok(())
     })

@@ -335,7 +335,7 @@ pub(crate) fn describe(code: i32) -> &'static core::ffi::CStr {
         NOTIFIER_DMA_FRAME => c"frame access failed",
         NOTIFIER_UFFD_UNAVAILABLE => c"userfaultfd is not available (see notifier_last_error for the fallback)",
         NOTIFIER_UFFD_MISSING_FEATURES => c"the kernel lacks required userfaultfd features",
-        NOTIFIER_UFFD_RANGE => c"bad range",
+        NOTIFIER_UFFD_RANGE => c"bad range to watch",
         NOTIFIER_UFFD_OVERLAP => c"range overlaps a watched range",
         NOTIFIER_UFFD_NOT_REGISTERED => c"range is not watched",
         NOTIFIER_UFFD_OUTSIDE_MAPPING => c"range is outside the mapping",
@@ -347,4 +347,33 @@ pub(crate) fn describe(code: i32) -> &'static core::ffi::CStr {
         NOTIFIER_UFFD_ALREADY_RUNNING => c"a handler thread already drives this monitor",
     }
     c"unknown status code"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_userfaultfd_names_the_fallback() {
+        let e = UffdError::Unavailable {
+            device: std::io::Error::from_raw_os_error(libc::EACCES),
+            syscall: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let f = Failure::from(e);
+        assert_eq!(f.code, NOTIFIER_UFFD_UNAVAILABLE);
+        assert!(f.msg.contains("fallback"), "{}", f.msg);
+        assert!(f.msg.contains("FI_MR_CACHE_MONITOR=memhooks"), "{}", f.msg);
+    }
+
+    #[test]
+    fn codes_are_distinct_and_described() {
+        let mut seen = std::collections::HashSet::new();
+        for c in -600..=0 {
+            if describe(c) != c"unknown status code" {
+                assert!(seen.insert(describe(c)), "{c}: description shared");
+            }
+        }
+        // OK, 9 ABI codes, 13 RegError, 4 ProviderError, 8 DmaError, 12 UffdError.
+        assert_eq!(seen.len(), 1 + 9 + 13 + 4 + 8 + 12);
+    }
 }

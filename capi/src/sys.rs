@@ -96,7 +96,14 @@ pub(crate) unsafe fn call_hook(addr: usize, arg: usize, start: u64, len: u64, ev
     // (function pointers and usize have one size on every Linux target).
     let f: RawHook = unsafe { core::mem::transmute::<usize, RawHook>(addr) };
     // SAFETY: the owner's contract (see the hook registration docs).
-    unsafe { f(arg as *mut c_void, start as *mut c_void, len as usize, event) }
+    unsafe {
+        f(
+            arg as *mut c_void,
+            start as *mut c_void,
+            len as usize,
+            event,
+        )
+    }
 }
 
 // The registry's handle crosses the boundary as its raw bytes. `MrHandle`

@@ -43,7 +43,9 @@ pub fn dispatcher(
     let shared = std::sync::Arc::new(crate::hooks::Shared::default());
     shared.add_hook(hook, 0).map_err(|f| f.msg)?;
     let sub = subs
-        .register(std::sync::Arc::new(crate::hooks::Dispatcher(shared.clone())))
+        .register(std::sync::Arc::new(crate::hooks::Dispatcher(
+            shared.clone(),
+        )))
         .map_err(|e| e.to_string())?;
     Ok(TestDispatcher { shared, _sub: sub })
 }

@@ -135,10 +135,8 @@ fn bad_handles_are_errors_never_crashes() {
     );
     // NULL out pointers.
     // SAFETY: NULL is allowed and must be reported.
-    assert_eq!(
-        unsafe { notifier_monitor_create(0, core::ptr::null_mut()) },
-        NOTIFIER_ENULL
-    );
+    let st = unsafe { notifier_monitor_create(0, core::ptr::null_mut()) };
+    assert_eq!(st, NOTIFIER_ENULL);
 }
 
 #[test]
@@ -147,7 +145,8 @@ fn registry_through_the_abi() {
     let mut r = notifier_registry { id: 0 };
     let cfg = notifier_registry_config::default();
     // SAFETY: valid pointers.
-    assert_eq!(unsafe { notifier_registry_create(m, &cfg, &mut r) }, NOTIFIER_OK);
+    let st = unsafe { notifier_registry_create(m, &cfg, &mut r) };
+    assert_eq!(st, NOTIFIER_OK);
     // A monitor handle is not a registry handle, and the other way round.
     let as_reg = notifier_registry { id: m.id };
     assert_eq!(notifier_registry_destroy(as_reg), NOTIFIER_EBADHANDLE);
@@ -166,7 +165,8 @@ fn registry_through_the_abi() {
     let mid = unsafe { base.cast::<u8>().add(5000) }.cast::<c_void>();
     assert_eq!(notifier_monitor_watch(m, mid, 3), NOTIFIER_OK);
 
-    let rw = NOTIFIER_ACCESS_LOCAL_WRITE | NOTIFIER_ACCESS_REMOTE_READ | NOTIFIER_ACCESS_REMOTE_WRITE;
+    let rw =
+        NOTIFIER_ACCESS_LOCAL_WRITE | NOTIFIER_ACCESS_REMOTE_READ | NOTIFIER_ACCESS_REMOTE_WRITE;
     let (mut a, mut b) = (notifier_mr::default(), notifier_mr::default());
     // Any alignment: an unaligned malloc-like pointer.
     // SAFETY: valid out pointers.
@@ -178,7 +178,10 @@ fn registry_through_the_abi() {
     let (mut s, mut e) = (0u64, 0u64);
     // SAFETY: valid pointers.
     unsafe { assert_eq!(notifier_registry_bounds(r, &a, &mut s, &mut e), NOTIFIER_OK) };
-    assert!(s <= mid as u64 && e >= mid as u64 + 100 && s % 4096 == 0, "{s:#x}..{e:#x}");
+    assert!(
+        s <= mid as u64 && e >= mid as u64 + 100 && s % 4096 == 0,
+        "{s:#x}..{e:#x}"
+    );
 
     // DMA through the rkey reaches the process's memory.
     let mut msg = *b"through the C ABI";
@@ -193,7 +196,10 @@ fn registry_through_the_abi() {
             msg.len(),
         );
         assert_eq!(st, NOTIFIER_OK, "{}", last_error());
-        assert_eq!(core::slice::from_raw_parts(mid.cast::<u8>(), msg.len()), &msg);
+        assert_eq!(
+            core::slice::from_raw_parts(mid.cast::<u8>(), msg.len()),
+            &msg
+        );
     }
 
     // Typed errors, one code each.
@@ -253,9 +259,17 @@ fn registry_through_the_abi() {
     assert_eq!(stats.invalidations, 1, "{stats:?}");
 
     assert_eq!(notifier_registry_destroy(r), NOTIFIER_OK);
-    assert_eq!(notifier_registry_destroy(r), NOTIFIER_EBADHANDLE, "double destroy");
+    assert_eq!(
+        notifier_registry_destroy(r),
+        NOTIFIER_EBADHANDLE,
+        "double destroy"
+    );
     assert_eq!(notifier_monitor_destroy(m), NOTIFIER_OK);
-    assert_eq!(notifier_monitor_destroy(m), NOTIFIER_EBADHANDLE, "double destroy");
+    assert_eq!(
+        notifier_monitor_destroy(m),
+        NOTIFIER_EBADHANDLE,
+        "double destroy"
+    );
 }
 
 static HOOK_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -329,21 +343,16 @@ fn panics_never_cross_the_boundary() {
     let Some(m) = monitor() else { return };
     let mut r = notifier_registry { id: 0 };
     // SAFETY: valid out pointer.
-    assert_eq!(
-        unsafe { notifier_registry_create(m, core::ptr::null(), &mut r) },
-        NOTIFIER_OK
-    );
+    let st = unsafe { notifier_registry_create(m, core::ptr::null(), &mut r) };
+    assert_eq!(st, NOTIFIER_OK);
     assert_eq!(
         notifier::testing::notifier_testing_panic_in_registry(r),
         NOTIFIER_EPANIC
     );
     let mut s = notifier_stats::default();
     // SAFETY: valid out pointer.
-    assert_eq!(
-        unsafe { notifier_registry_stats(r, &mut s) },
-        NOTIFIER_EPANIC,
-        "a poisoned registry answers EPANIC"
-    );
+    let st = unsafe { notifier_registry_stats(r, &mut s) };
+    assert_eq!(st, NOTIFIER_EPANIC, "a poisoned registry answers EPANIC");
     assert_eq!(notifier_registry_destroy(r), NOTIFIER_OK);
     assert_eq!(notifier_monitor_destroy(m), NOTIFIER_OK);
 }

@@ -43,7 +43,12 @@ static A: Counting = Counting;
 
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
-unsafe extern "C" fn hook(_arg: *mut core::ffi::c_void, _a: *mut core::ffi::c_void, _l: usize, _e: u32) {
+unsafe extern "C" fn hook(
+    _arg: *mut core::ffi::c_void,
+    _a: *mut core::ffi::c_void,
+    _l: usize,
+    _e: u32,
+) {
     CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -71,5 +76,8 @@ fn dispatch_and_valid_allocate_nothing() {
     }
     let n = allocs() - before;
     assert_eq!(CALLS.load(Ordering::Relaxed), 1001);
-    assert_eq!(n, 0, "{n} allocations on the notify path over 1000 invalidations");
+    assert_eq!(
+        n, 0,
+        "{n} allocations on the notify path over 1000 invalidations"
+    );
 }
