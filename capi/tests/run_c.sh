@@ -72,5 +72,5 @@ run ucx_external_events capi/tests/c/ucx_external_events.c "$ucx_flags" \
     UCX_MEM_MALLOC_HOOKS=no UCX_MEM_MMAP_HOOK_MODE=none
 run fi_import_monitor capi/tests/c/fi_import_monitor.c "$fab_flags"
 run use_from_c capi/examples/use_from_c.c ""
-echo "c tests: $passed passed, $failed failed, $skipped skipped"
+echo "capi-c: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
