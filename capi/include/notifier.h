@@ -362,7 +362,10 @@ notifier_status notifier_monitor_sync(struct notifier_monitor m);
 // called concurrently with any call of the application. It must not
 // block on anything the application may hold while it unmaps memory,
 // and should not allocate (a thread in `free()` may hold a malloc lock
-// while it waits for this event). `*id_out` receives the hook's id.
+// while it waits for this event). It must not call `notifier_registry_*`
+// functions: a registry call may be waiting, under the registry's lock,
+// for the monitor's thread to serve a page fault. `*id_out` receives the
+// hook's id.
 //
 // Thread safety: any thread.
 //
@@ -508,12 +511,16 @@ notifier_status notifier_registry_destroy(struct notifier_registry r);
 #if defined(NOTIFIER_TESTING)
 // An entry point whose body panics: the panic must come back as
 // `NOTIFIER_EPANIC`, never unwind into C.
+//
+// Thread safety: any thread.
 notifier_status notifier_testing_panic(void);
 #endif
 
 #if defined(NOTIFIER_TESTING)
 // Panic while holding `r`'s slot: later calls on `r` must answer
 // `NOTIFIER_EPANIC` (poisoned), destroy must still free it.
+//
+// Thread safety: any thread (serialised per registry).
 notifier_status notifier_testing_panic_in_registry(struct notifier_registry r);
 #endif
 

@@ -316,7 +316,10 @@ pub extern "C" fn notifier_monitor_sync(m: notifier_monitor) -> notifier_status 
 /// called concurrently with any call of the application. It must not
 /// block on anything the application may hold while it unmaps memory,
 /// and should not allocate (a thread in `free()` may hold a malloc lock
-/// while it waits for this event). `*id_out` receives the hook's id.
+/// while it waits for this event). It must not call `notifier_registry_*`
+/// functions: a registry call may be waiting, under the registry's lock,
+/// for the monitor's thread to serve a page fault. `*id_out` receives the
+/// hook's id.
 ///
 /// Thread safety: any thread.
 ///

@@ -6,6 +6,8 @@ use crate::status::notifier_status;
 
 /// An entry point whose body panics: the panic must come back as
 /// `NOTIFIER_EPANIC`, never unwind into C.
+///
+/// Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn notifier_testing_panic() -> notifier_status {
     crate::guard(|| panic!("injected by notifier_testing_panic"))
@@ -13,6 +15,8 @@ pub extern "C" fn notifier_testing_panic() -> notifier_status {
 
 /// Panic while holding `r`'s slot: later calls on `r` must answer
 /// `NOTIFIER_EPANIC` (poisoned), destroy must still free it.
+///
+/// Thread safety: any thread (serialised per registry).
 #[no_mangle]
 pub extern "C" fn notifier_testing_panic_in_registry(r: notifier_registry) -> notifier_status {
     crate::registry::panic_inside(r)
