@@ -46,17 +46,6 @@ pub(crate) struct Table<T: 'static> {
     slots: [Mutex<Slot<T>>; SLOTS],
 }
 
-/// Marks the slot poisoned if the call unwinds while it is held.
-struct PoisonOnUnwind<'a, T>(&'a mut Slot<T>);
-
-impl<T> Drop for PoisonOnUnwind<'_, T> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.poisoned = true;
-        }
-    }
-}
-
 impl<T: Send + 'static> Table<T> {
     pub(crate) const fn new(kind: Kind) -> Self {
         Self {
@@ -113,9 +102,12 @@ impl<T: Send + 'static> Table<T> {
                 "an earlier call on this handle panicked; destroy it",
             ));
         }
-        let g = PoisonOnUnwind(&mut s);
-        let obj = g.0.obj.as_deref_mut().expect("checked above");
-        f(obj)
+        // Poisoned unless `f` returns (a panic unwinds past the reset).
+        let Slot { obj, poisoned, .. } = &mut *s;
+        *poisoned = true;
+        let r = f(obj.as_deref_mut().expect("checked above"));
+        *poisoned = false;
+        r
     }
 
     /// Take the object of `id` out (its handle dies now); the caller drops
