@@ -143,6 +143,12 @@ enum notifier_status
   // `RegError::Provider` with a provider error of a variant added later
   // (the known ones have their own codes, `NOTIFIER_PROVIDER_*`).
   NOTIFIER_REG_PROVIDER = -212,
+  // `RegError::ForeignHandle`: the handle was issued by another registry.
+  NOTIFIER_REG_FOREIGN_HANDLE = -213,
+  // `RegError::Unavailable`: the calling thread's cache cannot be used
+  // now (called from one of the registry's own callbacks, or while the
+  // thread exits).
+  NOTIFIER_REG_UNAVAILABLE = -214,
   // `ProviderError::NoDevice`: no RDMA device available.
   NOTIFIER_PROVIDER_NO_DEVICE = -300,
   // `ProviderError::Verbs`: a verbs call failed.

@@ -76,6 +76,12 @@ pub enum notifier_status {
     /// `RegError::Provider` with a provider error of a variant added later
     /// (the known ones have their own codes, `NOTIFIER_PROVIDER_*`).
     NOTIFIER_REG_PROVIDER = -212,
+    /// `RegError::ForeignHandle`: the handle was issued by another registry.
+    NOTIFIER_REG_FOREIGN_HANDLE = -213,
+    /// `RegError::Unavailable`: the calling thread's cache cannot be used
+    /// now (called from one of the registry's own callbacks, or while the
+    /// thread exits).
+    NOTIFIER_REG_UNAVAILABLE = -214,
 
     /// `ProviderError::NoDevice`: no RDMA device available.
     NOTIFIER_PROVIDER_NO_DEVICE = -300,
@@ -190,6 +196,8 @@ pub(crate) fn reg_code(e: &RegError) -> notifier_status {
         RegError::Invalidated => NOTIFIER_REG_INVALIDATED,
         RegError::Fault(_) => NOTIFIER_REG_FAULT,
         RegError::Notifier(_) => NOTIFIER_REG_NOTIFIER,
+        RegError::ForeignHandle => NOTIFIER_REG_FOREIGN_HANDLE,
+        RegError::Unavailable => NOTIFIER_REG_UNAVAILABLE,
         RegError::Provider(p) => provider_code(p),
         _ => NOTIFIER_EUNKNOWN,
     }
@@ -321,6 +329,8 @@ pub(crate) fn describe(code: i32) -> &'static core::ffi::CStr {
         NOTIFIER_REG_FAULT => c"page fault failed",
         NOTIFIER_REG_NOTIFIER => c"notifier subscription failed",
         NOTIFIER_REG_PROVIDER => c"provider failed",
+        NOTIFIER_REG_FOREIGN_HANDLE => c"registration handle of another registry",
+        NOTIFIER_REG_UNAVAILABLE => c"the thread's registration cache is unavailable here",
         NOTIFIER_PROVIDER_NO_DEVICE => c"no RDMA device available",
         NOTIFIER_PROVIDER_VERBS => c"a verbs call failed",
         NOTIFIER_PROVIDER_KEYS_EXHAUSTED => c"out of memory keys",
@@ -373,7 +383,7 @@ mod tests {
                 assert!(seen.insert(describe(c)), "{c}: description shared");
             }
         }
-        // OK, 9 ABI codes, 13 RegError, 4 ProviderError, 8 DmaError, 12 UffdError.
-        assert_eq!(seen.len(), 1 + 9 + 13 + 4 + 8 + 12);
+        // OK, 9 ABI codes, 15 RegError, 4 ProviderError, 8 DmaError, 12 UffdError.
+        assert_eq!(seen.len(), 1 + 9 + 15 + 4 + 8 + 12);
     }
 }

@@ -111,6 +111,7 @@ pub struct Stats {
 /// handle that outlived its region is rejected with a typed error. The
 /// region's bounds are [`Registry::bounds`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub struct MrHandle {
     /// `registry id << SLOT_BITS | slot index`: a handle of another
     /// registry is recognised (see [`RegError::ForeignHandle`]).
