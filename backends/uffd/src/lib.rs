@@ -156,10 +156,13 @@ mod handler;
 mod memory;
 mod monitor;
 mod open;
+mod order;
 mod registry;
 mod stats;
 mod sys;
+mod sys_vm;
 mod thread;
+mod watch;
 
 pub use error::UffdError;
 pub use handler::{FaultError, FaultHandler, Fill, PageBuf, PageFault, ZeroHandler};

@@ -183,7 +183,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         applied.store(true, Ordering::Release);
         drop(b);
-        assert!(t.join().unwrap(), "the reader returned before the batch ended");
+        assert!(
+            t.join().unwrap(),
+            "the reader returned before the batch ended"
+        );
         assert_eq!(g.seq(), 2);
     }
 
