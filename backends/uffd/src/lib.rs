@@ -157,6 +157,7 @@ mod memory;
 mod monitor;
 mod open;
 mod order;
+mod process;
 mod registry;
 mod stats;
 mod sys;
@@ -169,6 +170,7 @@ pub use handler::{FaultError, FaultHandler, Fill, PageBuf, PageFault, ZeroHandle
 pub use memory::{RealMemory, UffdPrimary};
 pub use monitor::{ForkPolicy, MonitorBuilder, UffdMonitor};
 pub use open::OpenPath;
+pub use process::ProcessScan;
 pub use registry::{RegisterMode, Registration};
 pub use stats::Stats;
 pub use sys::{drop_privileges, geteuid, peak_rss_kib, run_in_child, Advice, ChildExit, Region};

@@ -153,6 +153,9 @@ pub(crate) struct Inner {
     /// The SIGBUS userfaultfd holding a retired monitor's fault-serving
     /// ranges.
     pub(crate) sigbus: Mutex<Option<userfaultfd::Uffd>>,
+    /// An address on the handler thread's stack (0: none), which the
+    /// process-wide scan must not watch.
+    pub(crate) monitor_stack: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Inner {
@@ -238,6 +241,7 @@ impl UffdMonitor {
             announced: Announced::default(),
             retired: AtomicBool::new(false),
             sigbus: Mutex::new(None),
+            monitor_stack: std::sync::atomic::AtomicU64::new(0),
         };
         Self {
             inner: Arc::new(inner),

@@ -19,9 +19,10 @@ use crate::{sys, sys_vm};
 /// and runs the event loop (`handle_pending`) whenever messages arrive.
 ///
 /// # Stopping retires the monitor
-/// [`HandlerThread::stop`] (or dropping it) signals the eventfd, joins the
-/// thread and then **retires** the monitor for good, so that nothing that
-/// touches its memory can hang once nobody reads its events:
+/// [`HandlerThread::stop`] (or dropping it) signals the eventfd and joins
+/// the thread, which **retires** the monitor for good before it exits (its
+/// own exit frees memory that the process-wide mode watches), so that
+/// nothing that touches the memory can hang once nobody reads its events:
 ///
 /// 1. the events already queued are read and applied;
 /// 2. the ranges registered for MISSING or MINOR faults are handed to a
@@ -75,17 +76,21 @@ impl UffdMonitor {
             .spawn(move || {
                 // Finish thread start-up (and its allocations) before `spawn`
                 // returns: see the fork hazard in `ForkPolicy`.
+                let here = 0u8;
+                inner
+                    .monitor_stack
+                    .store(&here as *const u8 as u64, Ordering::Release);
                 let _ = up_tx.send(());
                 drop(up_tx);
                 let r = catch_unwind(AssertUnwindSafe(|| run(&inner)));
-                match r {
-                    Ok(Exit::Stopped) => {}
-                    Ok(Exit::Died) => inner.retire(),
-                    Err(_) => {
-                        inner.report("handler thread panicked".into());
-                        inner.retire();
-                    }
+                // Retire on this thread, before it exits: its exit frees
+                // memory (thread locals, its malloc arena), which in the
+                // process-wide mode is watched memory whose REMOVE or
+                // UNMAP only this thread would read.
+                if r.is_err() {
+                    inner.report("handler thread panicked".into());
                 }
+                inner.retire();
             });
         match spawned {
             Ok(join) => {

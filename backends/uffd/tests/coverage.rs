@@ -169,7 +169,10 @@ fn events_only_watch_raises_no_fault_and_still_reports_changes() {
     let log = sub.ops().log.lock().clone();
     let a = region.addr();
     assert!(log.contains(&(Event::Clear, a, a + 4 * P)), "{log:?}");
-    assert!(log.contains(&(Event::Unmap, a + 8 * P, a + 16 * P)), "{log:?}");
+    assert!(
+        log.contains(&(Event::Unmap, a + 8 * P, a + 16 * P)),
+        "{log:?}"
+    );
 }
 
 #[test]

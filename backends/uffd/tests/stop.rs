@@ -125,3 +125,72 @@ fn a_fault_after_stop_raises_sigbus_instead_of_hanging() {
     });
     expect(r, ChildExit::Signaled(libc::SIGBUS));
 }
+
+/// Process-wide mode: a malloc'd buffer that existed at the scan is
+/// watched and its `free` (an `munmap` of the chunk) is reported; one
+/// allocated after the scan is covered on demand by `ensure_covered`.
+#[test]
+fn process_wide_mode_watches_malloc_chunks() {
+    use notifier_core::notifier::Event;
+    use notifier_core::primary::Primary;
+    let r = child(|m| {
+        let _t = m.spawn().unwrap();
+        let before = vec![1u8; 1 << 20]; // above M_MMAP_THRESHOLD: mmap'd
+        let (a, len) = (before.as_ptr() as u64, before.len() as u64);
+        let scan = match m.watch_process() {
+            Ok(s) => s,
+            Err(_) => return 2,
+        };
+        eprintln!(
+            "scan: {} watched, {} skipped, {} refused",
+            scan.watched,
+            scan.skipped.len(),
+            scan.refused.len()
+        );
+        if scan.watched == 0 || !m.is_watched(a, len) {
+            return 3;
+        }
+        if scan
+            .skipped
+            .iter()
+            .all(|(_, why)| *why != "the monitor thread's stack")
+        {
+            return 4;
+        }
+        let (pa, pe) = (a & !(P - 1), (a + len + P - 1) & !(P - 1));
+        let Ok(sub) = m
+            .notifiers()
+            .interval_subscribe(pa, pe - pa, common::IRec::default())
+        else {
+            return 9;
+        };
+        drop(before);
+        m.sync();
+        if !sub
+            .ops()
+            .log
+            .lock()
+            .iter()
+            .any(|&(e, _, _)| e == Event::Unmap)
+        {
+            return 5;
+        }
+        let after = vec![2u8; 1 << 20];
+        let (b, blen) = (after.as_ptr() as u64, after.len() as u64);
+        if m.is_watched(b, blen) {
+            return 6; // made after the scan: not covered yet
+        }
+        let prim = notifier_uffd::UffdPrimary::new(&m).unwrap();
+        if prim.ensure_covered(b, blen).is_err() || !m.is_watched(b, blen) {
+            return 7;
+        }
+        // A second scan registers nothing it already watches.
+        match m.watch_process() {
+            Ok(s) if s.already > 0 => {}
+            _ => return 8,
+        }
+        drop(after);
+        0
+    });
+    expect(r, ChildExit::Exited(0));
+}
