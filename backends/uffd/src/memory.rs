@@ -6,11 +6,10 @@
 //! # Frame numbers
 //! A "pfn" here is the host **virtual** page number: `pfn = va >> 12`. A
 //! secondary reaching a frame through it accesses the process's memory at
-//! that virtual address with atomic word accesses, exactly as a CPU thread
-//! would: copy-on-write, the zero page and write protection are all
-//! handled by the CPU MMU, and a missing page is faulted in and served by
-//! the monitor's handler (so a monitor must be driven, e.g. by
-//! [`UffdMonitor::spawn`]).
+//! that virtual address through the kernel (below): copy-on-write, the
+//! zero page and write protection are handled by the kernel's fault path,
+//! and a missing page of a MISSING range is served by the monitor's
+//! handler (so a monitor must be driven, e.g. by [`UffdMonitor::spawn`]).
 //!
 //! # Accesses never fault in this process
 //! A device access ([`FrameStore::load`], [`FrameStore::store`],

@@ -91,7 +91,9 @@ impl MonitorBuilder {
         self
     }
 
-    /// Feed this notifier set instead of a new one.
+    /// Feed this notifier set instead of a new one. One monitor per set:
+    /// the monitor is the only writer of the set's event gate (see the
+    /// `order` module), so two monitors must not feed one set.
     pub fn notifiers(mut self, subs: Arc<NotifierSubscriptions>) -> Self {
         self.subs = Some(subs);
         self
