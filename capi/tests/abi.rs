@@ -210,7 +210,10 @@ fn registry_through_the_abi() {
         assert_eq!(notifier_registry_put(r, &b), NOTIFIER_REG_PUT_WITHOUT_GET);
         let mut forged = a;
         forged.handle = [u32::MAX; 4];
-        assert_eq!(notifier_registry_put(r, &forged), NOTIFIER_REG_FOREIGN_HANDLE);
+        assert_eq!(
+            notifier_registry_put(r, &forged),
+            NOTIFIER_REG_FOREIGN_HANDLE
+        );
         // This registry's id with a slot never issued: stale.
         let mut stale = a;
         stale.handle[0] = (a.handle[0] & 0xff00_0000) | 0x00ff_fff0;

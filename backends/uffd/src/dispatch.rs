@@ -15,7 +15,8 @@
 //!                                 apply its changes (step 1), ask the
 //!                                 handler again, retry
 //!        fill ioctl == EEXIST  -> populated meanwhile: UFFDIO_WAKE
-//!        page not registered   -> (unmapped meanwhile) UFFDIO_WAKE
+//!        page not registered   -> (unmapped meanwhile) UFFDIO_WAKE; a
+//!                                 missing page still mapped: zero page
 //!        handler fails/panics  -> UFFDIO_POISON + wake (SIGBUS)
 //! ```
 //!
@@ -145,12 +146,20 @@ impl UffdMonitor {
     /// memory (it would wait for itself).
     ///
     /// # Errors
-    /// [`UffdError::Read`] when reading the userfaultfd fails.
+    /// [`UffdError::Read`] when reading the userfaultfd fails,
+    /// [`UffdError::Stopped`] once the monitor was retired.
     ///
     /// # Locking
     /// Takes the monitor's loop lock: one driver at a time.
     pub fn handle_pending(&self) -> Result<usize, UffdError> {
         let mut st = self.inner.looper.lock();
+        if self
+            .inner
+            .retired
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(UffdError::Stopped);
+        }
         self.inner.pump(&mut st)
     }
 }
@@ -183,6 +192,11 @@ impl Inner {
             ..
         } = st;
         let batch = *batch;
+        // The application's order (see `notifier_core::notifier::EventGate`):
+        // the gate is odd from before the read that releases an unmapping
+        // thread until every change read has been applied. A non-blocking
+        // read with nothing queued keeps it odd for one system call only.
+        let gate = self.begin_batch();
         let events = self.uffd.read_events(buf).map_err(UffdError::Read)?;
         let mut co = Coalescer::default();
         let mut n = 0;
@@ -245,6 +259,7 @@ impl Inner {
             }
         }
         co.flush(self);
+        drop(gate);
         for child in forks.drain(..) {
             self.fork_event(child, batch);
         }
@@ -296,8 +311,17 @@ impl Inner {
         let fd = self.uffd.as_fd();
         loop {
             let Some(reg) = self.registry.read().lookup(page) else {
+                // Unmapped meanwhile (the wake lets the thread see that),
+                // or registered in the kernel while our registry lost it
+                // (see `watch`: an UNMAP of older memory at this address
+                // applied after the new memory was registered): serve it as
+                // ordinary memory, a zero page, so the thread never
+                // refaults forever.
                 Counters::inc(&self.counters.stale_faults);
-                let _ = sys::wake(fd, page, PAGE_SIZE);
+                if f.kind != FaultKind::Missing || sys::zeropage(fd, page, PAGE_SIZE, true).is_err()
+                {
+                    let _ = sys::wake(fd, page, PAGE_SIZE);
+                }
                 return;
             };
             let pf = PageFault {

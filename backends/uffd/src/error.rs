@@ -84,6 +84,10 @@ pub enum UffdError {
     /// The monitor is already driven by a handler thread.
     #[error("a handler thread already drives this monitor")]
     AlreadyRunning,
+    /// The monitor was stopped for good (its handler thread stopped or
+    /// died): its memory is no longer watched.
+    #[error("the monitor has stopped")]
+    Stopped,
 }
 
 impl UffdError {

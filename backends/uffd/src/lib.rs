@@ -46,10 +46,40 @@
 //!   told first: see *Zapping memory that devices use* below.
 //! - **UNMAP / REMAP**: the memory is **already gone** when subscribers hear
 //!   of it. A secondary must never touch a range except between its
-//!   registration and the invalidation that removes it, and the application
-//!   must not unmap a range while a secondary is accessing it; a secondary
-//!   that does touches an unmapped page (SIGSEGV) or, after `MAP_FIXED`,
-//!   the new mapping's memory.
+//!   registration and the invalidation that removes it; a device access
+//!   through [`RealMemory`] that races the unmap gets a typed error (the
+//!   access goes through `process_vm_readv`/`writev`, never a CPU load),
+//!   or, after `MAP_FIXED`, reaches the new mapping's memory.
+//!
+//! # The application's order
+//!
+//! Once `munmap`, `mremap` or `madvise` of watched memory has returned in
+//! any thread, every monitor query that starts afterwards
+//! ([`UffdMonitor::registration`], [`UffdMonitor::is_watched`],
+//! [`UffdMonitor::sync`], [`UffdMonitor::watch`], `UffdPrimary::fault_page`
+//! and `ensure_covered`) sees it applied: the monitor brackets every batch
+//! it reads with the notifier set's event gate
+//! ([`EventGate`](notifier_core::notifier::EventGate)) and queries wait on
+//! it (one load when nothing is pending). See docs/DESIGN.md, "Real
+//! memory: the application's order", for the diagram per event kind.
+//!
+//! # Coverage and the events-only mode
+//!
+//! [`UffdMonitor::watch`] watches byte ranges of any alignment, uniting
+//! them with what is watched (no `Overlap` for a buffer sharing a page),
+//! [`UffdMonitor::unwatch`] undoes it; [`RegisterMode::EVENTS`] reports
+//! REMOVE, UNMAP and REMAP without any fault, so first touches run at
+//! kernel speed. [`UffdPrimary`] implements `Primary::ensure_covered` with
+//! it, and [`UffdMonitor::watch_process`] watches every anonymous mapping
+//! of the process (see its docs for what it cannot cover).
+//!
+//! # Stopping never hangs
+//!
+//! Stopping the [`HandlerThread`] retires the monitor: its fault-serving
+//! ranges move to a `UFFD_FEATURE_SIGBUS` userfaultfd (a fault there
+//! raises SIGBUS instead of sleeping), its descriptor is closed in place
+//! (every thread sleeping in a fault or an unmap wakes), its registrations
+//! are dropped with invalidations and the event gate is closed.
 //! - Hole punching a memfd (`fallocate(PUNCH_HOLE)`) raises **no** event; use
 //!   `madvise(MADV_REMOVE)` on the mapping.
 //!
@@ -116,8 +146,9 @@
 //! never leaves the faulting thread asleep: the page is poisoned with
 //! `UFFDIO_POISON` and the thread woken, so its access raises **SIGBUS**
 //! (without `UFFD_FEATURE_POISON`, SIGBUS is sent to the faulting thread
-//! with `tgkill`). We do not use `UFFD_FEATURE_SIGBUS`: it turns *every*
-//! missing fault into SIGBUS and would stop fault serving altogether. A
+//! with `tgkill`). The monitor's own descriptor does not use
+//! `UFFD_FEATURE_SIGBUS` (it turns *every* missing fault into SIGBUS); a
+//! retired monitor hands its ranges to a second descriptor that does. A
 //! subscriber that panics during an invalidation is caught too; the
 //! bracket still ends and the registry is still updated. Every failure is
 //! counted ([`Stats`]) and the last one kept ([`UffdMonitor::last_error`]).
@@ -143,7 +174,8 @@
 //!
 //! # Unsafe
 //!
-//! Only in the `sys` module, every block with a `SAFETY` comment.
+//! Only in the `sys` and `sys_vm` modules, every block with a `SAFETY`
+//! comment.
 //!
 //! Guide (repository `docs/guide/rdma-real-memory.md`): the monitor
 //! driving an RDMA registration cache over real memory.
@@ -167,16 +199,21 @@ mod handler;
 mod memory;
 mod monitor;
 mod open;
+mod order;
+mod process;
 mod registry;
 mod stats;
 mod sys;
+mod sys_vm;
 mod thread;
+mod watch;
 
 pub use error::UffdError;
 pub use handler::{FaultError, FaultHandler, Fill, PageBuf, PageFault, ZeroHandler};
 pub use memory::{RealMemory, UffdPrimary};
 pub use monitor::{ForkPolicy, MonitorBuilder, UffdMonitor};
 pub use open::OpenPath;
+pub use process::ProcessScan;
 pub use registry::{RegisterMode, Registration};
 pub use stats::Stats;
 pub use sys::{drop_privileges, geteuid, peak_rss_kib, run_in_child, Advice, ChildExit, Region};

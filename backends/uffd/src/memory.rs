@@ -6,18 +6,30 @@
 //! # Frame numbers
 //! A "pfn" here is the host **virtual** page number: `pfn = va >> 12`. A
 //! secondary reaching a frame through it accesses the process's memory at
-//! that virtual address with atomic word accesses, exactly as a CPU thread
-//! would: copy-on-write, the zero page and write protection are all
-//! handled by the CPU MMU, and a missing page is faulted in and served by
-//! the monitor's handler (so a monitor must be driven, e.g. by
-//! [`UffdMonitor::spawn`]).
+//! that virtual address through the kernel (below): copy-on-write, the
+//! zero page and write protection are handled by the kernel's fault path,
+//! and a missing page of a MISSING range is served by the monitor's
+//! handler (so a monitor must be driven, e.g. by [`UffdMonitor::spawn`]).
 //!
-//! # Hazard
-//! UNMAP is announced after the unmap. A secondary that touches a frame of
-//! a range the application unmaps concurrently faults (SIGSEGV), like a
-//! device DMA to an unmapped IOVA. Translations must only be used between a
-//! registration and the invalidation that removes it, and the application
-//! must not unmap memory a secondary is accessing at that very moment.
+//! # Accesses never fault in this process
+//! A device access ([`FrameStore::load`], [`FrameStore::store`],
+//! [`FrameStore::fetch_add`]) goes through the kernel:
+//! `process_vm_readv` / `process_vm_writev` on this very process. A page
+//! the application unmapped meanwhile (UNMAP is announced only after the
+//! fact) gives a typed error ([`FrameError::InvalidPfn`], the frame is not
+//! one of this store any more) instead of SIGSEGV, and a page not yet
+//! populated is faulted in by the kernel, through the monitor's handler
+//! when the range is registered for MISSING faults (as an ODP device's
+//! page request would be). One access costs a system call (see
+//! docs/BENCHMARKS.md, `real_memory`).
+//!
+//! `fetch_add` reads and writes through the same path under a striped
+//! lock: it is atomic with respect to every other `fetch_add` of this
+//! process's `RealMemory` stores (the word's stripe), **not** with
+//! respect to a CPU thread storing to the same word at the same time.
+//! That is the guarantee RDMA gives its atomics with `IBV_ATOMIC_HCA`
+//! (atomic among the HCA's own atomics only); a CPU that must race a
+//! device's atomics uses atomics itself on memory nobody unmaps.
 //!
 //! A `madvise` zap of pages a secondary is accessing must be announced
 //! ([`UffdMonitor::madvise`]): unannounced, a device access under its lock
@@ -37,7 +49,10 @@ use notifier_core::{PAGE_SHIFT, PAGE_SIZE};
 use crate::handler::{Fill, PageFault};
 use crate::monitor::{Inner, UffdMonitor};
 use crate::registry::RegisterMode;
-use crate::sys;
+use crate::{sys, sys_vm};
+
+/// The stripes serialising `fetch_add` (per word address hash).
+static ATOMICS: [parking_lot::Mutex<()>; 64] = [const { parking_lot::Mutex::new(()) }; 64];
 
 /// The process's own pages as frames: `pfn = va >> 12`, valid when inside
 /// a range registered on the monitor.
@@ -87,14 +102,19 @@ impl FrameStore for RealMemory {
             .is_some_and(|a| self.inner.registry.read().lookup(a).is_some())
     }
     fn load(&self, pfn: Pfn, off: usize) -> Result<u64, FrameError> {
-        Ok(sys::load_word(self.word_addr(pfn, off)?))
+        sys_vm::read_word(self.word_addr(pfn, off)?).map_err(|_| FrameError::InvalidPfn(pfn.0))
     }
     fn store(&self, pfn: Pfn, off: usize, val: u64) -> Result<(), FrameError> {
-        sys::store_word(self.word_addr(pfn, off)?, val);
-        Ok(())
+        sys_vm::write_word(self.word_addr(pfn, off)?, val)
+            .map_err(|_| FrameError::InvalidPfn(pfn.0))
     }
     fn fetch_add(&self, pfn: Pfn, off: usize, val: u64) -> Result<u64, FrameError> {
-        Ok(sys::fetch_add_word(self.word_addr(pfn, off)?, val))
+        let addr = self.word_addr(pfn, off)?;
+        let _stripe = ATOMICS[((addr >> 3) as usize) % ATOMICS.len()].lock();
+        let old = sys_vm::read_word(addr).map_err(|_| FrameError::InvalidPfn(pfn.0))?;
+        sys_vm::write_word(addr, old.wrapping_add(val))
+            .map_err(|_| FrameError::InvalidPfn(pfn.0))?;
+        Ok(old)
     }
     fn allocated(&self) -> usize {
         0
@@ -105,13 +125,21 @@ impl FrameStore for RealMemory {
 ///
 /// `fault_page` populates the page (asking the handler directly for a
 /// missing page, `UFFDIO_CONTINUE` for a minor one, un-write-protecting
-/// for a write to a tracked page, which logs it dirty) and then touches it;
+/// for a write to a tracked page, which logs it dirty; in an events-only
+/// range through the kernel, `MADV_POPULATE_READ` / `WRITE`) and then
+/// makes the kernel fault it in for the access (never a CPU access, so a
+/// racing `munmap` gives [`PrimaryFault::NoMapping`], not SIGSEGV);
 /// `lookup_page` reads the present and uffd-wp bits of `/proc/self/pagemap`
 /// (readable unprivileged: only the PFN field is hidden) without faulting.
+///
+/// `ensure_covered` watches the range ([`UffdMonitor::watch`]) with the
+/// primary's watch mode ([`RegisterMode::EVENTS`] unless
+/// [`Self::with_watch_mode`] says otherwise).
 pub struct UffdPrimary {
     monitor: UffdMonitor,
     frames: RealMemory,
     pagemap: File,
+    watch_mode: RegisterMode,
 }
 
 impl core::fmt::Debug for UffdPrimary {
@@ -135,7 +163,16 @@ impl UffdPrimary {
             monitor: monitor.clone(),
             frames: RealMemory::new(monitor),
             pagemap: File::open("/proc/self/pagemap")?,
+            watch_mode: RegisterMode::EVENTS,
         })
+    }
+
+    /// The mode `ensure_covered` watches new ranges with (default
+    /// [`RegisterMode::EVENTS`]; [`RegisterMode::MISSING`] sends first
+    /// touches to the monitor's handler).
+    pub fn with_watch_mode(mut self, mode: RegisterMode) -> Self {
+        self.watch_mode = mode;
+        self
     }
 
     /// The monitor.
@@ -196,6 +233,8 @@ impl Primary for UffdPrimary {
         let page = addr & !(PAGE_SIZE - 1);
         let inner = &self.monitor.inner;
         for _ in 0..16 {
+            // In the application's order: a page unmapped before this call
+            // has no registration any more.
             let Some(reg) = self.monitor.registration(page) else {
                 return Err(PrimaryFault::NoMapping(addr));
             };
@@ -224,18 +263,30 @@ impl Primary for UffdPrimary {
                 inner.registry.write().mark_dirty(page);
                 let _ = sys::writeprotect(fd, page, PAGE_SIZE, false, true);
             }
-            if write {
-                sys::fetch_add_word(page, 0);
-            } else {
-                sys::load_word(page);
+            // The kernel faults the page in for the access (events-only
+            // ranges: their first touch; others: what the steps above left,
+            // e.g. COW on a write to the zero page). EFAULT / ENOMEM: the
+            // page is not mapped (any more).
+            match sys_vm::populate(page, PAGE_SIZE, write) {
+                Ok(()) | Err(libc::EINTR) | Err(libc::EAGAIN) => {}
+                Err(libc::EFAULT) | Err(libc::ENOMEM) => return Err(PrimaryFault::NoMapping(addr)),
+                Err(_) => return Err(PrimaryFault::Bus(addr)),
             }
         }
         Err(PrimaryFault::NotPresent(addr))
     }
 
+    fn ensure_covered(&self, start: u64, len: u64) -> Result<(), PrimaryFault> {
+        self.monitor
+            .watch(start, len, self.watch_mode)
+            .map(drop)
+            .map_err(|_| PrimaryFault::Unwatchable(start))
+    }
+
     fn lookup_page(&self, addr: u64) -> Option<Translation> {
         let page = addr & !(PAGE_SIZE - 1);
-        self.monitor.registration(page)?;
+        // No wait on the event gate: called under device locks.
+        self.monitor.inner.registry.read().lookup(page)?;
         let pm = self.pagemap_entry(page);
         (pm & PM_PRESENT != 0).then_some(Translation {
             pfn: Pfn(page >> PAGE_SHIFT),

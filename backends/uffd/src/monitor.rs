@@ -91,7 +91,9 @@ impl MonitorBuilder {
         self
     }
 
-    /// Feed this notifier set instead of a new one.
+    /// Feed this notifier set instead of a new one. One monitor per set:
+    /// the monitor is the only writer of the set's event gate (see the
+    /// `order` module), so two monitors must not feed one set.
     pub fn notifiers(mut self, subs: Arc<NotifierSubscriptions>) -> Self {
         self.subs = Some(subs);
         self
@@ -148,11 +150,20 @@ pub(crate) struct Inner {
     pub(crate) stop: OwnedFd,
     /// Announced zaps in progress (see `announce`).
     pub(crate) announced: Announced,
+    /// Stopped for good (see `HandlerThread`): nothing is watched any more.
+    pub(crate) retired: AtomicBool,
+    /// The SIGBUS userfaultfd holding a retired monitor's fault-serving
+    /// ranges.
+    pub(crate) sigbus: Mutex<Option<userfaultfd::Uffd>>,
+    /// An address on the handler thread's stack (0: none), which the
+    /// process-wide scan must not watch.
+    pub(crate) monitor_stack: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // The watched address space goes away for our subscribers.
+        self.subs.event_gate().close();
         self.subs.release();
     }
 }
@@ -230,6 +241,9 @@ impl UffdMonitor {
             running: AtomicBool::new(false),
             stop,
             announced: Announced::default(),
+            retired: AtomicBool::new(false),
+            sigbus: Mutex::new(None),
+            monitor_stack: std::sync::atomic::AtomicU64::new(0),
         };
         Self {
             inner: Arc::new(inner),
@@ -298,6 +312,13 @@ impl UffdMonitor {
             ));
         }
         let mut reg = self.inner.registry.write();
+        if self
+            .inner
+            .retired
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(UffdError::Stopped);
+        }
         reg.insert(range, mode)?;
         if let Err(e) = self.inner.uffd.register_with_mode(
             range.start() as *mut libc::c_void,
@@ -334,13 +355,27 @@ impl UffdMonitor {
         Ok(())
     }
 
-    /// The registered ranges, in address order.
+    /// The registered ranges, in address order, in the application's order
+    /// (see [`Self::registration`]).
     pub fn registered(&self) -> Vec<Registration> {
+        self.inner.wait_applied();
         self.inner.registry.read().all()
     }
 
     /// The registration containing `addr`.
+    ///
+    /// In the application's order: every `munmap`, `mremap` or `madvise`
+    /// that returned (in any thread) before this call is reflected, since
+    /// the call first waits for the monitor to apply the events it has read
+    /// ([`Self::sync`]; one load when nothing is pending). So a lookup right
+    /// after `munmap` returned sees the registration cut.
+    ///
+    /// # Locking
+    /// Must not be called while holding a lock that the monitor's
+    /// subscribers take in their invalidation callbacks (it may wait for
+    /// the monitor); a subscriber's callback itself may call it.
     pub fn registration(&self, addr: u64) -> Option<Registration> {
+        self.inner.wait_applied();
         self.inner.registry.read().lookup(addr)
     }
 

@@ -87,3 +87,17 @@ pub(crate) fn open(
     })?;
     Ok((fd, path, want))
 }
+
+/// `UFFD_FEATURE_SIGBUS`: every fault of a registered range raises SIGBUS
+/// instead of being queued.
+const FEATURE_SIGBUS: u64 = 1 << 7;
+
+/// A userfaultfd (same path as the monitor's) whose faults all raise
+/// SIGBUS and that asks for no events: the ranges of a stopped monitor are
+/// handed to it, so a fault there fails at once instead of hanging, and a
+/// `munmap` there never waits for a reader.
+pub(crate) fn open_sigbus(path: OpenPath) -> std::io::Result<userfaultfd::Uffd> {
+    let fd = open_fd(path)?;
+    sys::api(fd.as_fd(), FEATURE_SIGBUS)?;
+    Ok(sys::uffd_from_owned(fd))
+}

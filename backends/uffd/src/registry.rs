@@ -22,10 +22,19 @@ impl RegisterMode {
     pub const MINOR: RegisterMode = RegisterMode(2);
     /// Write-protect faults, for dirty tracking.
     pub const WP: RegisterMode = RegisterMode(4);
+    /// Events only (REMOVE, UNMAP, REMAP), no fault: the kernel's WP mode
+    /// on a range that is never write-protected. First touches run at
+    /// kernel speed; see the `watch` module.
+    pub const EVENTS: RegisterMode = RegisterMode::WP;
 
     /// Whether every mode of `other` is in `self`.
     pub const fn contains(self, other: RegisterMode) -> bool {
         self.0 & other.0 == other.0
+    }
+
+    /// Whether `self` and `other` share a mode.
+    pub const fn intersects(self, other: RegisterMode) -> bool {
+        self.0 & other.0 != 0
     }
 
     /// Whether no mode is set.
@@ -105,6 +114,11 @@ impl Registry {
             mode,
             pgoff,
         })
+    }
+
+    /// The start of the first registration at or after `addr`.
+    pub(crate) fn next_start(&self, addr: u64) -> Option<u64> {
+        self.ranges.range(addr..).next().map(|(&s, _)| s)
     }
 
     /// Whether any registration overlaps `[s, e)`.

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use parking_lot::RwLock;
 
@@ -358,39 +358,6 @@ pub fn tgkill(tid: i32, sig: i32) -> io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// Word access to registered memory (RealMemory, Primary::fault_page).
-
-/// Atomically load the u64 at `addr`.
-///
-/// Callers pass only 8-aligned addresses inside a range registered on a
-/// monitor (checked against its registry). Such memory is never a Rust
-/// object: it is reached only through these atomic accessors, so threads
-/// and the kernel (UFFDIO_COPY) may touch it concurrently without a data
-/// race. The one hazard is the application unmapping the range while a
-/// secondary still uses it: the access then faults (SIGSEGV), as a
-/// device's DMA to an unmapped IOVA would; see the crate docs on UNMAP.
-pub(crate) fn load_word(addr: u64) -> u64 {
-    debug_assert!(addr % 8 == 0);
-    // SAFETY: see the function docs: `addr` is 8-aligned, inside registered
-    // (mapped) memory that is only ever accessed atomically.
-    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.load(Ordering::Relaxed)
-}
-
-/// Atomically store the u64 at `addr`. Same contract as [`load_word`].
-pub(crate) fn store_word(addr: u64, val: u64) {
-    debug_assert!(addr % 8 == 0);
-    // SAFETY: as in `load_word`.
-    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.store(val, Ordering::Relaxed)
-}
-
-/// Atomically add to the u64 at `addr`. Same contract as [`load_word`].
-pub(crate) fn fetch_add_word(addr: u64, val: u64) -> u64 {
-    debug_assert!(addr % 8 == 0);
-    // SAFETY: as in `load_word`.
-    unsafe { AtomicU64::from_ptr(addr as *mut u64) }.fetch_add(val, Ordering::Relaxed)
-}
-
-// ---------------------------------------------------------------------------
 // Owned mappings.
 
 /// Advice for [`Region::madvise`].
@@ -625,20 +592,17 @@ impl Region {
     }
 
     /// `munmap` `[off, off + len)` (page aligned); later accesses there fail
-    /// with `EFAULT` instead of faulting.
+    /// with `EFAULT` instead of faulting. Only the pages this region still
+    /// maps are unmapped: a hole it left earlier may hold another mapping
+    /// by now, which must survive.
     pub fn munmap(&self, off: u64, len: u64) -> io::Result<()> {
         let mut bits = self.mapped.write();
         self.check(off, len)?;
         if off % PAGE != 0 || len % PAGE != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // Only the runs of pages this region still maps: a hole it left
-        // may hold another thread's mapping by now (a registration cache's
-        // arrays, a thread stack), which a munmap of the whole range would
-        // destroy under that thread.
         let is_mapped = |bits: &[u64], p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
-        let (first, end) = (off / PAGE, (off + len) / PAGE);
-        let mut p = first;
+        let (mut p, end) = (off / PAGE, (off + len) / PAGE);
         while p < end {
             if !is_mapped(&bits, p) {
                 p += 1;
@@ -648,14 +612,10 @@ impl Region {
             while p < end && is_mapped(&bits, p) {
                 p += 1;
             }
-            // SAFETY: a run of pages this region maps (its bitmap says so,
-            // under its write lock), which hold no Rust object.
-            cvt(unsafe {
-                libc::munmap(
-                    (self.addr + s * PAGE) as *mut libc::c_void,
-                    ((p - s) * PAGE) as usize,
-                )
-            })?;
+            let (a, n) = (self.addr + s * PAGE, (p - s) * PAGE);
+            // SAFETY: a run of pages this region still maps (checked),
+            // whose memory holds no Rust object.
+            cvt(unsafe { libc::munmap(a as *mut libc::c_void, n as usize) })?;
             for x in s..p {
                 bits[(x / 64) as usize] &= !(1 << (x % 64));
             }

@@ -26,6 +26,15 @@
 //!   address (mremap, after checking the old mirrors kept no translation).
 //!   One anonymous region is the one that moves and is never munmapped:
 //!   the kernel refuses to move a range spanning several VMAs.
+//!   A hole (munmap until the map back) and a move exclude each other (the
+//!   `holes` lock): the kernel picks the move's destination, and when it
+//!   picked another region's hole (next to the gap a former move left),
+//!   the moved region's registration covered that hole, the munmapping
+//!   thread waited in vain for its registration to go, gave up after
+//!   `APPLY_TIMEOUT` and let devices back into memory that now belonged
+//!   to the moving region: a SIGSEGV when that moved again (and a stall
+//!   of every thread meanwhile, the reported hang). Found with
+//!   `diagnose`, which prints the registration and `/proc/self/maps`.
 //! - CPU writes of random words (missing faults served by the monitor).
 //!
 //! # Fault injection
@@ -106,6 +115,11 @@ pub struct UffdWorld {
     stale_after_remap: AtomicU64,
     /// Counters of mirrors dropped after an mremap.
     retired: Mutex<MirrorStats>,
+    /// Held while a region has a hole (munmap until mapped back) and while
+    /// one moves (mremap, whose destination the kernel picks): the
+    /// destination must never be another region's hole. Taken before a
+    /// slot lock.
+    holes: Mutex<()>,
     thread: Option<HandlerThread>,
 }
 
@@ -153,6 +167,7 @@ impl UffdWorld {
             counters: Counters::default(),
             stale_after_remap: AtomicU64::new(0),
             retired: Mutex::new(MirrorStats::default()),
+            holes: Mutex::new(()),
             thread: Some(thread),
         };
         for (pages, shared) in [
@@ -208,6 +223,7 @@ impl UffdWorld {
     }
 
     fn munmap_remap(&self, i: usize, first: u64, pages: u64) -> bool {
+        let _holes = self.holes.lock();
         let slot = self.slots[i].write();
         let (off, len) = (first * PAGE_SIZE, pages * PAGE_SIZE);
         let addr = slot.region.addr() + off;
@@ -218,6 +234,7 @@ impl UffdWorld {
         // The UNMAP was read; the registration is cut after every
         // subscriber ran for it.
         if !Self::wait_applied(|| self.monitor.registration(addr).is_none()) {
+            self.diagnose("munmap", addr, len);
             return false;
         }
         slot.region.map_fixed_over(off, len).is_ok()
@@ -227,7 +244,36 @@ impl UffdWorld {
                 .is_ok()
     }
 
+    /// Why the monitor did not apply an event in time (stderr, once per
+    /// failed operation): what it holds and what the kernel maps there.
+    fn diagnose(&self, op: &str, addr: u64, len: u64) {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let near: Vec<&str> = maps
+            .lines()
+            .filter(|l| {
+                let Some((a, b)) = l.split(' ').next().and_then(|r| r.split_once('-')) else {
+                    return false;
+                };
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).unwrap_or(0),
+                    u64::from_str_radix(b, 16).unwrap_or(0),
+                );
+                a < addr + len + (1 << 20) && addr < b + (1 << 20)
+            })
+            .collect();
+        eprintln!(
+            "uffd stress: {op} of [{addr:#x}, {:#x}) not applied after {APPLY_TIMEOUT:?}: \
+             registration {:?}, stats {:?}, last error {:?}, maps near:\n{}",
+            addr + len,
+            self.monitor.registration(addr),
+            self.monitor.stats(),
+            self.monitor.last_error(),
+            near.join("\n")
+        );
+    }
+
     fn mremap(&self, i: usize) -> bool {
+        let _holes = self.holes.lock();
         let mut slot = self.slots[i].write();
         let old = slot.region.addr();
         let len = slot.region.len();
@@ -236,6 +282,7 @@ impl UffdWorld {
             return false;
         };
         if !Self::wait_applied(|| self.monitor.registration(new).is_some()) {
+            self.diagnose("mremap", new, len);
             return false;
         }
         // The REMAP's invalidation ran: the old mirrors must hold nothing.
