@@ -199,6 +199,8 @@ enum notifier_status
   NOTIFIER_UFFD_NOTIFIER = -510,
   // `UffdError::AlreadyRunning`: a handler thread already runs.
   NOTIFIER_UFFD_ALREADY_RUNNING = -511,
+  // `UffdError::Stopped`: the monitor was stopped (retired for good).
+  NOTIFIER_UFFD_STOPPED = -512,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -347,8 +349,9 @@ notifier_status notifier_monitor_watch(struct notifier_monitor m, const void *ad
 notifier_status notifier_monitor_unwatch(struct notifier_monitor m, const void *addr, size_t len);
 
 // The process-wide mode (every anonymous mapping of the process watched,
-// no per-allocation call). Not in notifier-uffd yet: answers
-// `NOTIFIER_ENOTSUP`; watch ranges with `notifier_monitor_watch`.
+// no per-allocation call). notifier-uffd has it (`watch_process`), but
+// its path through this ABI is not proven yet: answers `NOTIFIER_ENOTSUP`;
+// watch ranges with `notifier_monitor_watch`.
 //
 // Thread safety: any thread.
 notifier_status notifier_monitor_watch_process(struct notifier_monitor m, uint32_t flags);

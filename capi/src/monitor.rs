@@ -205,8 +205,12 @@ impl Monitor {
             t.stop();
         }
         // Events queued before the unwatch: their unmappers sleep until
-        // they are read.
-        self.uffd.handle_pending()?;
+        // they are read. (Stopping the handler thread retired the monitor,
+        // which applied them already: `Stopped` then.)
+        match self.uffd.handle_pending() {
+            Ok(_) | Err(UffdError::Stopped) => {}
+            Err(e) => return Err(e.into()),
+        }
         if let Some(s) = self.sub.lock().take() {
             let _ = s.unregister();
         }
@@ -278,8 +282,9 @@ pub extern "C" fn notifier_monitor_unwatch(
 }
 
 /// The process-wide mode (every anonymous mapping of the process watched,
-/// no per-allocation call). Not in notifier-uffd yet: answers
-/// `NOTIFIER_ENOTSUP`; watch ranges with `notifier_monitor_watch`.
+/// no per-allocation call). notifier-uffd has it (`watch_process`), but
+/// its path through this ABI is not proven yet: answers `NOTIFIER_ENOTSUP`;
+/// watch ranges with `notifier_monitor_watch`.
 ///
 /// Thread safety: any thread.
 #[no_mangle]
@@ -292,8 +297,8 @@ pub extern "C" fn notifier_monitor_watch_process(
         let _ = flags;
         Err(Failure::new(
             NOTIFIER_ENOTSUP,
-            "the process-wide mode is not available in this build (notifier-uffd \
-             has no process-wide watch yet); watch each range with notifier_monitor_watch",
+            "the process-wide mode is not available through the C ABI yet; \
+             watch each range with notifier_monitor_watch",
         ))
     })
 }

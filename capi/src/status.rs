@@ -135,6 +135,8 @@ pub enum notifier_status {
     NOTIFIER_UFFD_NOTIFIER = -510,
     /// `UffdError::AlreadyRunning`: a handler thread already runs.
     NOTIFIER_UFFD_ALREADY_RUNNING = -511,
+    /// `UffdError::Stopped`: the monitor was stopped (retired for good).
+    NOTIFIER_UFFD_STOPPED = -512,
 }
 
 pub use notifier_status::*;
@@ -233,6 +235,7 @@ pub(crate) fn uffd_code(e: &UffdError) -> notifier_status {
         UffdError::Io(_) => NOTIFIER_UFFD_IO,
         UffdError::Notifier(_) => NOTIFIER_UFFD_NOTIFIER,
         UffdError::AlreadyRunning => NOTIFIER_UFFD_ALREADY_RUNNING,
+        UffdError::Stopped => NOTIFIER_UFFD_STOPPED,
         _ => NOTIFIER_EUNKNOWN,
     }
 }
@@ -355,6 +358,7 @@ pub(crate) fn describe(code: i32) -> &'static core::ffi::CStr {
         NOTIFIER_UFFD_IO => c"a system call around the userfaultfd failed",
         NOTIFIER_UFFD_NOTIFIER => c"notifier error",
         NOTIFIER_UFFD_ALREADY_RUNNING => c"a handler thread already drives this monitor",
+        NOTIFIER_UFFD_STOPPED => c"the monitor was retired by stopping its handler thread",
     }
     c"unknown status code"
 }
@@ -383,7 +387,7 @@ mod tests {
                 assert!(seen.insert(describe(c)), "{c}: description shared");
             }
         }
-        // OK, 9 ABI codes, 15 RegError, 4 ProviderError, 8 DmaError, 12 UffdError.
-        assert_eq!(seen.len(), 1 + 9 + 15 + 4 + 8 + 12);
+        // OK, 9 ABI codes, 15 RegError, 4 ProviderError, 8 DmaError, 13 UffdError.
+        assert_eq!(seen.len(), 1 + 9 + 15 + 4 + 8 + 13);
     }
 }
