@@ -122,8 +122,12 @@ unsafe extern "C" fn fi_stop(m: *mut FidMemMonitor) {
 unsafe extern "C" fn fi_subscribe(m: *mut FidMemMonitor, addr: *const c_void, len: usize) -> i32 {
     // SAFETY: libfabric passes the monitor it imported.
     let e = unsafe { export(m) };
+    // libfabric holds its mm_lock here, and our notify (on the monitor's
+    // thread, inside a batch) takes it: never wait for that batch.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        e.monitor.watch(addr as u64, len as u64)
+        e.monitor
+            .uffd
+            .without_order(|| e.monitor.watch(addr as u64, len as u64))
     }));
     match r {
         Ok(Ok(())) => 0,

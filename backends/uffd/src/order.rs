@@ -98,4 +98,22 @@ impl UffdMonitor {
     pub fn sync(&self) {
         self.inner.wait_applied();
     }
+
+    /// Run `f` with this monitor's queries on this thread not waiting for
+    /// the application's order: for callers that hold a lock the monitor's
+    /// subscribers take in their callbacks (libfabric calls its monitor's
+    /// `subscribe` with `mm_lock` held, and its `notify` takes `mm_lock`:
+    /// waiting there would deadlock). Queries inside `f` may miss events
+    /// the monitor has read but not yet applied; `watch` still covers new
+    /// memory (it registers again what its records say is covered).
+    pub fn without_order<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(usize);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                DRIVING.with(|d| d.set(self.0));
+            }
+        }
+        let _restore = Restore(DRIVING.with(|d| d.replace(self.inner.key())));
+        f()
+    }
 }
