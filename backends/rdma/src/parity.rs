@@ -18,10 +18,10 @@ use notifier_core::{PageRange, PAGE_SIZE};
 use crate::testing::{ModelError, ModelPrimary};
 use crate::{Access, RegError, Registry, RegistryConfig, SoftNic};
 
-const REGION: u64 = 64 << 10;
-const STRIDE: u64 = 128 << 10;
-const BASE: u64 = 0x1000_0000_0000;
-const ACCESS: Access = Access::from_bits(
+pub(crate) const REGION: u64 = 64 << 10;
+pub(crate) const STRIDE: u64 = 128 << 10;
+pub(crate) const BASE: u64 = 0x1000_0000_0000;
+pub(crate) const ACCESS: Access = Access::from_bits(
     Access::LOCAL_READ.bits()
         | Access::LOCAL_WRITE.bits()
         | Access::REMOTE_READ.bits()
@@ -168,7 +168,7 @@ fn fresh(arena: u64) -> Result<Bench, ParityError> {
 }
 
 #[inline]
-fn addr(i: u32) -> u64 {
+pub(crate) fn addr(i: u32) -> u64 {
     BASE + u64::from(i) * STRIDE
 }
 

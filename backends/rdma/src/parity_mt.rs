@@ -17,24 +17,9 @@ use std::io::Write;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
-use crate::parity::{Metric, ParityConfig, ParityError};
+use crate::parity::{addr, Metric, ParityConfig, ParityError, ACCESS, BASE, REGION, STRIDE};
 use crate::testing::ModelPrimary;
-use crate::{Access, RegError, RegistryConfig, SharedRegistry, SoftNic};
-
-const REGION: u64 = 64 << 10;
-const STRIDE: u64 = 128 << 10;
-const BASE: u64 = 0x1000_0000_0000;
-const ACCESS: Access = Access::from_bits(
-    Access::LOCAL_READ.bits()
-        | Access::LOCAL_WRITE.bits()
-        | Access::REMOTE_READ.bits()
-        | Access::REMOTE_WRITE.bits(),
-);
-
-#[inline]
-fn addr(i: u32) -> u64 {
-    BASE + u64::from(i) * STRIDE
-}
+use crate::{RegError, RegistryConfig, SharedRegistry, SoftNic};
 
 /// Run `mt_hit_getput_r4096` and `mt_hit_getput_r1` for each thread count
 /// in `threads`, printing `name VALUE Mops` lines (after a `# threads N`
