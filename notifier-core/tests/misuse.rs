@@ -167,5 +167,8 @@ fn detach_drops_every_translation() {
             assert_eq!(m.translate(0, i * PAGE), None, "{flush:?}: TLB flushed");
         }
         assert!(m.detach().is_err(), "second detach");
+        // A detached mirror never fills again: nothing would invalidate it.
+        assert!(m.read_u64(0, PAGE).is_err(), "{flush:?}: fill after detach");
+        assert_eq!(m.ept().mapped_pages(), 0, "{flush:?}: nothing installed");
     }
 }

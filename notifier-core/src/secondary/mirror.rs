@@ -498,6 +498,12 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
                 core::hint::spin_loop();
             }
             let g = sh.lock.read();
+            // Detached (or failed) meanwhile: no invalidation would ever
+            // remove what this fill installs. `detach` unsubscribes before
+            // it takes the lock to clear, so a fill under the lock sees it.
+            if !self.sub.0.is_live() {
+                return Err(MirrorError::Notifier(NotifierError::NotSubscribed));
+            }
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
             {
                 drop(g);
@@ -587,6 +593,9 @@ impl<P: Primary + ?Sized, A: ExternalAddress> Mirror<P, A> {
             // Exclusive: the huge entry replaces 512 entries that 4 KiB
             // fault-ins (under the read lock) could be writing.
             let g = sh.lock.write();
+            if !self.sub.0.is_live() {
+                return Err(MirrorError::Notifier(NotifierError::NotSubscribed));
+            }
             if sh.inject.skip_read_retry.load(Ordering::Relaxed) == 0 && self.sub.0.read_retry(seq)
             {
                 drop(g);
